@@ -1,0 +1,82 @@
+//! Message types: short lowercase names such as `ping` or `task_delegate`.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A message type name: 1 to 64 bytes of `a-z`, `0-9`, `_` and `.`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MsgType(Box<str>);
+
+/// Longest message type name, in bytes.
+pub const MAX_LEN: usize = 64;
+
+/// Why a string is not a message type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a msg_type is 1 to 64 characters of a-z, 0-9, '_' and '.', got {0:?}")]
+pub struct ParseMsgTypeError(pub String);
+
+impl MsgType {
+    /// Liveness probe; answered with [`MsgType::PONG`].
+    pub const PING: &'static str = "ping";
+    /// Answer to a ping.
+    pub const PONG: &'static str = "pong";
+    /// A rejection; its payload carries the error code.
+    pub const ERROR: &'static str = "error";
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `s` is a valid message type name.
+    pub fn is_valid(s: &str) -> bool {
+        (1..=MAX_LEN).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+    }
+}
+
+impl FromStr for MsgType {
+    type Err = ParseMsgTypeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if Self::is_valid(s) {
+            Ok(Self(s.into()))
+        } else {
+            Err(ParseMsgTypeError(s.to_owned()))
+        }
+    }
+}
+
+impl PartialEq<str> for MsgType {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl fmt::Display for MsgType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for MsgType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MsgType({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_protocol_names_and_rejects_others() {
+        for ok in ["ping", "task_delegate", "app.chat", "a", &"x".repeat(64)] {
+            assert!(ok.parse::<MsgType>().is_ok(), "{ok}");
+        }
+        for bad in ["", "Ping", "a b", "é", &"x".repeat(65)] {
+            assert!(bad.parse::<MsgType>().is_err(), "{bad}");
+        }
+    }
+}
