@@ -1,1 +1,259 @@
-fn main() {}
+//! `peer`: run a Peer Protocol v1.2 node, and talk to a running one.
+//!
+//! `init`, `id`, `run` and `config show` work on the data directory; every other
+//! command is a thin client of the running node's local HTTP API.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use peer_node::{Config, data_dir};
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(name = "peer", version, about = "Peer Protocol v1.2 node and client")]
+struct Cli {
+    /// Data directory (identity, token, database). Default: $HOME/.peer
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Configuration file (TOML). Default: <data-dir>/config.toml if it exists.
+    #[arg(long, global = true, value_name = "FILE", env = "PEER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Base URL of the node's API for client commands.
+    /// Default: the address in <data-dir>/api.addr written by `peer run`.
+    #[arg(long, global = true, value_name = "URL")]
+    api_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the identity and API token in the data directory.
+    Init,
+    /// Print this node's entity id and peer id.
+    Id,
+    /// Run the node and its local API until Ctrl-C.
+    Run {
+        /// Address to listen on for peers (repeatable), e.g. /ip4/0.0.0.0/tcp/7400.
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<String>,
+        /// Address of the local API, e.g. 127.0.0.1:7401 (port 0: any free port).
+        #[arg(long, value_name = "HOST:PORT")]
+        api: Option<String>,
+        /// Peer to dial at start (repeatable).
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<String>,
+    },
+    /// Show the running node's health, addresses and counters.
+    Status,
+    /// List connected and remembered peers.
+    Peers,
+    /// Connect to a peer.
+    Connect {
+        /// The peer's address, e.g. /ip4/127.0.0.1/tcp/7400.
+        addr: String,
+    },
+    /// Send a signed message and wait for the recipient to accept it.
+    Send {
+        /// Recipient entity id (64 hex digits).
+        entity_id: String,
+        /// Message type, e.g. message, task_delegate, ping.
+        msg_type: String,
+        /// JSON payload, e.g. '{"text":"hi"}'.
+        payload: String,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults, file, PEER_* variables, flags).
+    Show,
+}
+
+fn overrides(cli: &Cli) -> toml::Table {
+    let mut t = toml::Table::new();
+    if let Some(d) = &cli.data_dir {
+        t.insert("data_dir".into(), d.display().to_string().into());
+    }
+    if let Command::Run {
+        listen,
+        api,
+        bootstrap,
+    } = &cli.command
+    {
+        let mut network = toml::Table::new();
+        if !listen.is_empty() {
+            network.insert("listen".into(), listen.clone().into());
+        }
+        if !bootstrap.is_empty() {
+            network.insert("bootstrap".into(), bootstrap.clone().into());
+        }
+        if !network.is_empty() {
+            t.insert("network".into(), network.into());
+        }
+        if let Some(api) = api {
+            let mut a = toml::Table::new();
+            a.insert("listen".into(), api.clone().into());
+            t.insert("api".into(), a.into());
+        }
+    }
+    t
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(cli.config.as_deref(), overrides(&cli))?;
+    let dir = config.data_dir.clone();
+    match &cli.command {
+        Command::Init => {
+            let s = data_dir::init(&dir, peer_node::fresh_secrets)?;
+            let verb = if s.created {
+                "created"
+            } else {
+                "already initialised"
+            };
+            println!("{verb}: {}", dir.display());
+            print_id(&s.identity);
+            println!("api token: {}", dir.join(data_dir::TOKEN_FILE).display());
+            Ok(())
+        }
+        Command::Id => {
+            let (identity, _) = data_dir::load(&dir)?;
+            print_id(&identity);
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+        Command::Run { .. } => run_node(config),
+        Command::Status => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            let mut health = c.get("/v1/health")?;
+            health["stats"] = c.get("/v1/stats")?;
+            print_json(&health)
+        }
+        Command::Peers => print_json(&Client::new(&dir, cli.api_url.as_deref())?.get("/v1/peers")?),
+        Command::Connect { addr } => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            print_json(&c.post("/v1/peers", &serde_json::json!({ "addr": addr }))?)
+        }
+        Command::Send {
+            entity_id,
+            msg_type,
+            payload,
+        } => {
+            let payload: Value = serde_json::from_str(payload).with_context(|| {
+                format!("the payload {payload:?} is not JSON; quote it, e.g. '{{\"text\":\"hi\"}}'")
+            })?;
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            let body =
+                serde_json::json!({"to": entity_id, "msg_type": msg_type, "payload": payload});
+            print_json(&c.post("/v1/messages", &body)?)
+        }
+    }
+}
+
+fn print_id(identity: &peer_core::Identity) {
+    let key = peer_node::net::keypair(identity.secret_bytes());
+    println!("entity id: {}", identity.entity_id());
+    println!("peer id: {}", key.public().to_peer_id());
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run_node(config: Config) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(peer_node::run(config, async {
+        _ = tokio::signal::ctrl_c().await;
+    }))?;
+    Ok(())
+}
+
+/// A blocking client of the local API.
+struct Client {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Client {
+    fn new(dir: &Path, api_url: Option<&str>) -> Result<Self> {
+        let token = data_dir::read_token(dir)?;
+        let base = match api_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => {
+                let f = dir.join(data_dir::API_ADDR_FILE);
+                let addr = std::fs::read_to_string(&f).map_err(|_| {
+                    anyhow!(
+                        "no running node found for {} ({} is missing); start one with `peer run --data-dir {}` or pass --api-url",
+                        dir.display(),
+                        f.display(),
+                        dir.display()
+                    )
+                })?;
+                format!("http://{}", addr.trim())
+            }
+        };
+        Ok(Self {
+            base,
+            token,
+            http: reqwest::blocking::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()?,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        self.finish(self.http.get(format!("{}{path}", self.base)))
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.finish(self.http.post(format!("{}{path}", self.base)).json(body))
+    }
+
+    fn finish(&self, req: reqwest::blocking::RequestBuilder) -> Result<Value> {
+        let resp = req.bearer_auth(&self.token).send().with_context(|| {
+            format!(
+                "cannot reach the node's API at {}; is `peer run` running?",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let body: Value = resp
+            .json()
+            .context("the API answered with something that is not JSON")?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        let code = body["error"]["code"].as_str().unwrap_or("ERROR");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        bail!("{code}: {message} (HTTP {status})")
+    }
+}

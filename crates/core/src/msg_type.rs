@@ -23,6 +23,23 @@ impl MsgType {
     /// A rejection; its payload carries the error code.
     pub const ERROR: &'static str = "error";
 
+    /// Message types delivered to the local agent (over `/v1/events`) once verified.
+    /// Every other type is handled by the node itself or refused with
+    /// `UNSUPPORTED_MSG_TYPE`.
+    pub const APPLICATION: [&'static str; 6] = [
+        "message",
+        "status_report",
+        "capability_query",
+        "capability_response",
+        "wake_up",
+        "task_delegate",
+    ];
+
+    /// Whether this type goes to the local agent.
+    pub fn is_application(&self) -> bool {
+        Self::APPLICATION.contains(&self.as_str())
+    }
+
     /// The name.
     pub fn as_str(&self) -> &str {
         &self.0

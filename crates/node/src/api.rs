@@ -1,0 +1,237 @@
+//! The local HTTP API (axum). Every route but `/v1/health` needs
+//! `Authorization: Bearer <token>`, the token in `<data_dir>/api-token`.
+//! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`.
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::Stream;
+use futures::StreamExt;
+use peer_core::{EntityId, MsgType};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::{NodeError, NodeHandle};
+
+#[derive(Clone)]
+struct AppState {
+    node: NodeHandle,
+    token: String,
+    stopping: CancellationToken,
+}
+
+/// The API router over `node`, guarded by `token`. Event streams end when
+/// `stopping` is cancelled, so a graceful shutdown does not wait on them.
+pub fn router(node: NodeHandle, token: String, stopping: CancellationToken) -> Router {
+    let state = AppState {
+        node,
+        token,
+        stopping,
+    };
+    let private = Router::new()
+        .route("/v1/peers", get(list_peers).post(connect))
+        .route("/v1/messages", axum::routing::post(send))
+        .route("/v1/events", get(events))
+        .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(private)
+        .with_state(state)
+}
+
+/// An API error: HTTP status, a stable code and a message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: String,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match e {
+            NodeError::Rejected { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            NodeError::NotConnected(_) => (StatusCode::NOT_FOUND, "NOT_CONNECTED".into()),
+            NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()),
+            NodeError::Dial(_) => (StatusCode::BAD_GATEWAY, "DIAL_FAILED".into()),
+            NodeError::Transport(_) => (StatusCode::GATEWAY_TIMEOUT, "DELIVERY_FAILED".into()),
+            NodeError::Busy(_) | NodeError::Stopped => {
+                (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE".into())
+            }
+        };
+        Self {
+            status,
+            code,
+            message,
+        }
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same_token(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "send `Authorization: Bearer <token>`; the token is in <data-dir>/api-token",
+        )
+        .into_response(),
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn health(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let addrs = s.node.listen_addrs().await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "entity_id": s.node.entity_id(),
+        "peer_id": s.node.peer_id().to_string(),
+        "listen_addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": peer_core::PROTOCOL_VERSION,
+    })))
+}
+
+#[derive(Deserialize)]
+struct ConnectBody {
+    addr: String,
+}
+
+async fn connect(
+    State(s): State<AppState>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: ConnectBody = parse_json(&body)?;
+    let addr = body.addr.parse().map_err(|e| {
+        ApiError::bad_request(format!("addr {:?} is not a multiaddr: {e}", body.addr))
+    })?;
+    let peer = s.node.connect(addr).await?;
+    Ok(Json(
+        serde_json::to_value(peer).map_err(|e| ApiError::bad_request(e.to_string()))?,
+    ))
+}
+
+async fn list_peers(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let peers = s.node.peers().await?;
+    Ok(Json(json!(peers)))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    to: String,
+    msg_type: String,
+    payload: serde_json::Value,
+}
+
+async fn send(State(s): State<AppState>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: SendBody = parse_json(&body)?;
+    let to: EntityId = body
+        .to
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("to: {e}")))?;
+    let msg_type: MsgType = body
+        .msg_type
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("msg_type: {e}")))?;
+    let delivered = s
+        .node
+        .send(to, msg_type, body.payload.to_string().into_bytes())
+        .await?;
+    Ok(Json(json!(delivered)))
+}
+
+async fn events(
+    State(s): State<AppState>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream = BroadcastStream::new(s.node.subscribe()).map(|item| {
+        let data = match item {
+            Ok(event) => json!(event),
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                json!({"type": "lagged", "missed": missed})
+            }
+        };
+        Ok(SseEvent::default().data(data.to_string()))
+    });
+    let stream = stream.take_until(s.stopping.cancelled_owned());
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn stats(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!(s.node.stats().await?)))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.node.metrics().encode(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_token;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_token(b"abc", b"abc"));
+        assert!(!same_token(b"abc", b"abd"));
+        assert!(!same_token(b"abc", b"abcd"));
+        assert!(!same_token(b"", b"a"));
+    }
+}

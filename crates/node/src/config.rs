@@ -1,0 +1,246 @@
+//! Node configuration: built-in defaults, then a TOML file, then `PEER_*`
+//! environment variables, then command-line flags (each overriding the last).
+//!
+//! Environment variables name a key by its path with `__` between levels:
+//! `PEER_PROTOCOL__MAX_ENVELOPE_SIZE=65536`, `PEER_API__LISTEN=127.0.0.1:9000`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the node keeps its identity, token and database.
+    pub data_dir: PathBuf,
+    /// Peer-to-peer networking.
+    pub network: NetworkConfig,
+    /// Inbound message checks.
+    pub protocol: ProtocolConfig,
+    /// The local HTTP API.
+    pub api: ApiConfig,
+}
+
+/// Peer-to-peer networking settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Addresses to listen on (TCP and QUIC multiaddrs).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Time allowed for a dial or a request to complete, in seconds (default 10).
+    pub connection_timeout_secs: u64,
+    /// A connection with no open stream is closed after this many seconds (default 300).
+    pub max_idle_secs: u64,
+    /// Most connections to one peer (default 3).
+    pub max_connections_per_peer: u32,
+    /// Most established connections in all (default 1,024).
+    pub max_connections: u32,
+    /// Most incoming connections still being set up (default 128).
+    pub max_pending_incoming: u32,
+    /// Most requests in flight on one connection, each way (default 256).
+    pub max_concurrent_streams: usize,
+    /// Most messages this node waits on answers for at once (default 4,096).
+    pub max_outbound_in_flight: usize,
+    /// Most peers remembered in the database; the least recently seen is forgotten
+    /// first (default 10,000).
+    pub max_known_peers: usize,
+}
+
+/// Inbound message checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// Largest encoded envelope accepted, in bytes (default 1 MiB).
+    pub max_envelope_size: usize,
+    /// Timestamp tolerance either way, in seconds (default 60).
+    pub timestamp_tolerance_secs: u64,
+    /// How long a nonce is remembered, in seconds (default 300).
+    pub replay_window_secs: u64,
+    /// Most nonces remembered; see `docs/SECURITY.md` for what happens when full
+    /// (default 1,000,000).
+    pub replay_capacity: usize,
+    /// Most peers with their own row in `/v1/stats`; later ones share the row
+    /// `other` (default 10,000).
+    pub max_stats_peers: usize,
+}
+
+/// Local HTTP API settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the local API (default 127.0.0.1:7401). Port 0 picks a free port;
+    /// the address bound is written to `<data_dir>/api.addr`.
+    pub listen: SocketAddr,
+    /// Events kept for a slow `/v1/events` reader before it misses some (default 1,024).
+    pub event_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            network: NetworkConfig::default(),
+            protocol: ProtocolConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        let addr = |s: &str| s.parse().expect("built-in multiaddr is valid");
+        Self {
+            listen: vec![
+                addr("/ip4/0.0.0.0/tcp/7400"),
+                addr("/ip4/0.0.0.0/udp/7400/quic-v1"),
+            ],
+            bootstrap: Vec::new(),
+            connection_timeout_secs: 10,
+            max_idle_secs: 300,
+            max_connections_per_peer: 3,
+            max_connections: 1024,
+            max_pending_incoming: 128,
+            max_concurrent_streams: 256,
+            max_outbound_in_flight: 4096,
+            max_known_peers: 10_000,
+        }
+    }
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        let core = peer_core::inbound::Config::default();
+        Self {
+            max_envelope_size: core.max_envelope_size,
+            timestamp_tolerance_secs: core.replay.tolerance_ms / 1000,
+            replay_window_secs: core.replay.window_ms / 1000,
+            replay_capacity: core.replay.capacity,
+            max_stats_peers: 10_000,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            event_buffer: 1024,
+        }
+    }
+}
+
+/// `$HOME/.peer`, or `./.peer` without a home directory.
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".peer")
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+impl Config {
+    /// Loads defaults ← `file` (if given, it must exist; else `<data_dir>/config.toml`
+    /// if present) ← `PEER_*` variables ← `overrides` (flags, as a partial TOML tree).
+    pub fn load(file: Option<&Path>, overrides: toml::Table) -> Result<Self, ConfigError> {
+        let overrides = Serialized::defaults(overrides);
+        let base = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Env::prefixed("PEER_").split("__").ignore(&["config"]))
+            .merge(overrides.clone());
+        let file = match file {
+            Some(f) => Some(f.to_path_buf()),
+            None => {
+                let data_dir: PathBuf = base.extract_inner("data_dir").map_err(Box::new)?;
+                Some(data_dir.join("config.toml")).filter(|p| p.exists())
+            }
+        };
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        fig.merge(Env::prefixed("PEER_").split("__").ignore(&["config"]))
+            .merge(overrides)
+            .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
+    }
+
+    /// The core's inbound settings derived from this configuration.
+    pub fn inbound(&self) -> peer_core::inbound::Config {
+        peer_core::inbound::Config {
+            max_envelope_size: self.protocol.max_envelope_size,
+            replay: peer_core::replay::Config {
+                tolerance_ms: self.protocol.timestamp_tolerance_secs * 1000,
+                window_ms: self.protocol.replay_window_secs * 1000,
+                capacity: self.protocol.replay_capacity,
+            },
+        }
+    }
+
+    /// The dial and request timeout.
+    pub fn connection_timeout(&self) -> Duration {
+        Duration::from_secs(self.network.connection_timeout_secs)
+    }
+
+    /// The configuration as TOML, for `peer config show`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("Config serialises to TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_protocol_parameters() {
+        let c = Config::default();
+        assert_eq!(c.protocol.timestamp_tolerance_secs, 60);
+        assert_eq!(c.protocol.replay_window_secs, 300);
+        assert_eq!(c.network.max_connections_per_peer, 3);
+        assert_eq!(c.network.max_idle_secs, 300);
+        assert_eq!(c.network.connection_timeout_secs, 10);
+        assert!(c.api.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn file_then_flags_override_defaults_and_toml_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("peer.toml");
+        std::fs::write(
+            &file,
+            "[protocol]\nmax_envelope_size = 4096\n[api]\nevent_buffer = 7\n",
+        )
+        .expect("write");
+        let mut flags = toml::Table::new();
+        flags.insert("data_dir".into(), dir.path().display().to_string().into());
+        let mut api = toml::Table::new();
+        api.insert("event_buffer".into(), 9.into());
+        flags.insert("api".into(), api.into());
+        let c = Config::load(Some(&file), flags).expect("loads");
+        assert_eq!(c.protocol.max_envelope_size, 4096);
+        assert_eq!(c.api.event_buffer, 9);
+        assert_eq!(c.data_dir, dir.path());
+        let back: Config = toml::from_str(&c.to_toml()).expect("parses");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("peer.toml");
+        std::fs::write(&file, "[protocol]\nmax_envelope_sise = 1\n").expect("write");
+        let err = Config::load(Some(&file), toml::Table::new()).expect_err("typo");
+        assert!(err.to_string().contains("max_envelope_sise"), "{err}");
+    }
+}

@@ -1,0 +1,108 @@
+//! libp2p networking: the composed behaviour and the swarm that carries envelopes.
+//! Protocol decisions are made by the node actor, never here.
+
+pub mod codec;
+
+use std::time::Duration;
+
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    PeerId, Swarm, SwarmBuilder, connection_limits, identify, identity, noise, ping,
+    request_response, tcp, yamux,
+};
+use peer_core::{EntityId, PublicKey};
+
+use crate::config::Config;
+
+mod behaviour {
+    // The derive generates an event enum without docs.
+    #![allow(missing_docs)]
+    use super::*;
+
+    /// Every libp2p protocol the node speaks.
+    #[derive(NetworkBehaviour)]
+    pub struct Behaviour {
+        /// Bounds on connection counts.
+        pub limits: connection_limits::Behaviour,
+        /// Exchanges listen addresses and protocol lists.
+        pub identify: identify::Behaviour,
+        /// Liveness and round-trip time.
+        pub ping: ping::Behaviour,
+        /// `/peer-protocol/1.2.0`: envelopes.
+        pub envelopes: request_response::Behaviour<codec::Codec>,
+    }
+}
+pub use behaviour::{Behaviour, BehaviourEvent};
+
+/// A libp2p keypair from the entity's Ed25519 secret, so that the PeerId and the
+/// entity id come from the same key.
+pub fn keypair(secret: [u8; 32]) -> identity::Keypair {
+    let mut secret = secret;
+    identity::Keypair::ed25519_from_bytes(&mut secret).expect("32 bytes is a valid ed25519 secret")
+}
+
+/// The entity id of a peer, read from its PeerId (Ed25519 PeerIds embed the key).
+/// `None` for peers with other key types.
+pub fn entity_of(peer: &PeerId) -> Option<EntityId> {
+    let mh = peer.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    let key = identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    let key = key.try_into_ed25519().ok()?;
+    Some(EntityId::of(&PublicKey(key.to_bytes())))
+}
+
+/// Builds the swarm (TCP + Noise + Yamux, and QUIC) for `config`.
+pub fn build_swarm(
+    key: identity::Keypair,
+    config: &Config,
+) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
+    let net = &config.network;
+    let timeout = config.connection_timeout();
+    let max_size = config.protocol.max_envelope_size;
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established_per_peer(Some(net.max_connections_per_peer))
+        .with_max_established(Some(net.max_connections))
+        .with_max_pending_incoming(Some(net.max_pending_incoming));
+    let rr_config = request_response::Config::default()
+        .with_request_timeout(timeout)
+        .with_max_concurrent_streams(net.max_concurrent_streams);
+    let idle = Duration::from_secs(net.max_idle_secs);
+    let swarm = SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_behaviour(|key| Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/peer-protocol/id/1.2.0".into(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::default(),
+            envelopes: request_response::Behaviour::with_codec(
+                codec::Codec { max_size },
+                [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
+                rr_config,
+            ),
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+    Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_id_and_entity_id_come_from_the_same_key() {
+        let me = peer_core::Identity::from_secret(&[3; 32]);
+        let kp = keypair(me.secret_bytes());
+        assert_eq!(entity_of(&kp.public().to_peer_id()), Some(me.entity_id()));
+    }
+}

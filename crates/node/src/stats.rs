@@ -1,0 +1,211 @@
+//! Per-peer message counters (for `/v1/stats`) and Prometheus metrics (for `/metrics`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use peer_core::{EntityId, ErrorCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// Counters of one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerCounters {
+    /// Messages this node sent that the peer accepted.
+    pub sent: u64,
+    /// Messages from the peer that this node accepted.
+    pub received: u64,
+    /// Messages from the peer that this node rejected, by error code.
+    pub rejected: BTreeMap<String, u64>,
+    /// Messages this node sent that the peer rejected, by error code.
+    pub refused_by_peer: BTreeMap<String, u64>,
+}
+
+/// The `/v1/stats` document.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StatsView {
+    /// Counters per peer entity id.
+    pub peers: BTreeMap<String, PeerCounters>,
+    /// Peers beyond `max_stats_peers`, counted together.
+    pub other: PeerCounters,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// The Prometheus metrics of a node.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    sent: Counter,
+    received: Counter,
+    rejected: Family<CodeLabel, Counter>,
+    refused: Family<CodeLabel, Counter>,
+    connected: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("peer");
+        let sent = Counter::default();
+        let received = Counter::default();
+        let rejected = Family::<CodeLabel, Counter>::default();
+        let refused = Family::<CodeLabel, Counter>::default();
+        let connected = Gauge::default();
+        registry.register(
+            "messages_sent",
+            "Messages accepted by their recipient",
+            sent.clone(),
+        );
+        registry.register(
+            "messages_received",
+            "Messages received and accepted",
+            received.clone(),
+        );
+        registry.register(
+            "messages_rejected",
+            "Inbound messages rejected, by error code",
+            rejected.clone(),
+        );
+        registry.register(
+            "messages_refused",
+            "Outbound messages refused by the peer, by error code",
+            refused.clone(),
+        );
+        registry.register(
+            "connected_peers",
+            "Peers with an open connection",
+            connected.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            sent,
+            received,
+            rejected,
+            refused,
+            connected,
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Counters kept by the node actor. At most `max_peers` peers get their own row.
+#[derive(Debug)]
+pub struct Stats {
+    peers: HashMap<EntityId, PeerCounters>,
+    other: PeerCounters,
+    max_peers: usize,
+    metrics: Metrics,
+}
+
+impl Stats {
+    /// Empty counters with room for `max_peers` rows.
+    pub fn new(max_peers: usize) -> Self {
+        Self {
+            peers: HashMap::new(),
+            other: PeerCounters::default(),
+            max_peers,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// The metrics, to serve `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    fn row(&mut self, peer: Option<EntityId>) -> &mut PeerCounters {
+        match peer {
+            Some(p) if self.peers.contains_key(&p) || self.peers.len() < self.max_peers => {
+                self.peers.entry(p).or_default()
+            }
+            _ => &mut self.other,
+        }
+    }
+
+    /// A message to `peer` was accepted.
+    pub fn sent(&mut self, peer: EntityId) {
+        self.row(Some(peer)).sent += 1;
+        self.metrics.sent.inc();
+    }
+
+    /// A message from `peer` was accepted.
+    pub fn received(&mut self, peer: EntityId) {
+        self.row(Some(peer)).received += 1;
+        self.metrics.received.inc();
+    }
+
+    /// A message from `peer` was rejected with `code`.
+    pub fn rejected(&mut self, peer: Option<EntityId>, code: ErrorCode) {
+        *self.row(peer).rejected.entry(code.to_string()).or_default() += 1;
+        let label = CodeLabel {
+            code: code.to_string(),
+        };
+        self.metrics.rejected.get_or_create(&label).inc();
+    }
+
+    /// `peer` refused a message with `code` (a string: it may be one we do not know).
+    pub fn refused(&mut self, peer: EntityId, code: &str) {
+        *self
+            .row(Some(peer))
+            .refused_by_peer
+            .entry(code.to_owned())
+            .or_default() += 1;
+        let label = CodeLabel {
+            code: code.to_owned(),
+        };
+        self.metrics.refused.get_or_create(&label).inc();
+    }
+
+    /// The number of connected peers changed.
+    pub fn set_connected(&self, n: usize) {
+        self.metrics
+            .connected
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The counters as served by `/v1/stats`.
+    pub fn view(&self) -> StatsView {
+        StatsView {
+            peers: self
+                .peers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            other: self.other.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_beyond_the_bound_share_the_other_row() {
+        let mut s = Stats::new(2);
+        for b in 0..5u8 {
+            s.received(EntityId([b; 32]));
+        }
+        s.rejected(None, ErrorCode::MalformedMessage);
+        let v = s.view();
+        assert_eq!(v.peers.len(), 2);
+        assert_eq!(v.other.received, 3);
+        assert_eq!(v.other.rejected.get("MALFORMED_MESSAGE"), Some(&1));
+        let text = s.metrics().encode();
+        assert!(text.contains("peer_messages_received_total 5"), "{text}");
+        assert!(text.contains("code=\"MALFORMED_MESSAGE\""), "{text}");
+    }
+}
