@@ -3,10 +3,12 @@
 //! `init`, `id`, `run` and `config show` work on the data directory; every other
 //! command is a thin client of the running node's local HTTP API.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
+use peer_node::libp2p::Multiaddr;
 use peer_node::{Config, data_dir};
 use serde_json::Value;
 
@@ -37,13 +39,13 @@ enum Command {
     Run {
         /// Address to listen on for peers (repeatable), e.g. /ip4/0.0.0.0/tcp/7400.
         #[arg(long, value_name = "MULTIADDR")]
-        listen: Vec<String>,
+        listen: Vec<Multiaddr>,
         /// Address of the local API, e.g. 127.0.0.1:7401 (port 0: any free port).
         #[arg(long, value_name = "HOST:PORT")]
-        api: Option<String>,
+        api: Option<SocketAddr>,
         /// Peer to dial at start (repeatable).
         #[arg(long, value_name = "MULTIADDR")]
-        bootstrap: Vec<String>,
+        bootstrap: Vec<Multiaddr>,
     },
     /// Show the running node's health, addresses and counters.
     Status,
@@ -88,18 +90,19 @@ fn overrides(cli: &Cli) -> toml::Table {
     } = &cli.command
     {
         let mut network = toml::Table::new();
+        let strings = |v: &[Multiaddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         if !listen.is_empty() {
-            network.insert("listen".into(), listen.clone().into());
+            network.insert("listen".into(), strings(listen).into());
         }
         if !bootstrap.is_empty() {
-            network.insert("bootstrap".into(), bootstrap.clone().into());
+            network.insert("bootstrap".into(), strings(bootstrap).into());
         }
         if !network.is_empty() {
             t.insert("network".into(), network.into());
         }
         if let Some(api) = api {
             let mut a = toml::Table::new();
-            a.insert("listen".into(), api.clone().into());
+            a.insert("listen".into(), api.to_string().into());
             t.insert("api".into(), a.into());
         }
     }

@@ -148,7 +148,7 @@ fn default_data_dir() -> PathBuf {
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
-pub struct ConfigError(#[from] Box<figment::Error>);
+pub struct ConfigError(Box<figment::Error>);
 
 impl Config {
     /// Loads defaults ← `file` (if given, it must exist; else `<data_dir>/config.toml`
@@ -161,7 +161,9 @@ impl Config {
         let file = match file {
             Some(f) => Some(f.to_path_buf()),
             None => {
-                let data_dir: PathBuf = base.extract_inner("data_dir").map_err(Box::new)?;
+                let data_dir: PathBuf = base
+                    .extract_inner("data_dir")
+                    .map_err(|e| ConfigError(Box::new(e)))?;
                 Some(data_dir.join("config.toml")).filter(|p| p.exists())
             }
         };

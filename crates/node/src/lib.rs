@@ -13,6 +13,8 @@ pub mod stats;
 pub mod store;
 
 pub use config::Config;
+/// The libp2p version the node is built on, for embedders that need its types.
+pub use libp2p;
 pub use node::{NodeError, NodeHandle};
 
 pub mod api;

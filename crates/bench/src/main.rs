@@ -1,0 +1,188 @@
+//! `peer-load`: starts two real nodes in this process, connected over
+//! 127.0.0.1 (TCP or QUIC), and measures signed-message throughput with many
+//! messages in flight, or latency at a fixed send rate.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use peer_node::config::NetworkConfig;
+use peer_node::node::{self, NodeHandle};
+use peer_node::store::Store;
+use peer_node::{Config, data_dir};
+
+#[derive(Parser, Debug)]
+#[command(about = "Measure two Peer Protocol nodes on one machine")]
+struct Args {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "throughput")]
+    mode: Mode,
+    /// Transport between the nodes.
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: Transport,
+    /// Messages to send (throughput mode).
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Messages in flight at once (throughput mode).
+    #[arg(long, default_value_t = 256)]
+    in_flight: usize,
+    /// Messages per second (latency mode).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Seconds to run (latency mode).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Size of each JSON payload in bytes.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// Tokio worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    Throughput,
+    Latency,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Transport {
+    Tcp,
+    Quic,
+}
+
+async fn start(
+    dir: &std::path::Path,
+    transport: Transport,
+    in_flight: usize,
+) -> Result<NodeHandle> {
+    let listen = match transport {
+        Transport::Tcp => "/ip4/127.0.0.1/tcp/0",
+        Transport::Quic => "/ip4/127.0.0.1/udp/0/quic-v1",
+    };
+    let config = Config {
+        data_dir: dir.to_path_buf(),
+        network: NetworkConfig {
+            listen: vec![listen.parse()?],
+            max_concurrent_streams: in_flight.max(256),
+            max_outbound_in_flight: in_flight.max(4096),
+            ..NetworkConfig::default()
+        },
+        ..Config::default()
+    };
+    let secrets = data_dir::init(dir, peer_node::fresh_secrets)?;
+    let store = Store::open(&dir.join(data_dir::DB_FILE))?;
+    Ok(node::start(config, secrets.identity, store)?)
+}
+
+async fn listen_addr(h: &NodeHandle) -> Result<peer_node::libp2p::Multiaddr> {
+    for _ in 0..500 {
+        if let Some(a) = h.listen_addrs().await?.first() {
+            return Ok(a.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("the receiving node did not start listening")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let sender = start(&tmp.path().join("a"), args.transport, args.in_flight).await?;
+    let receiver = start(&tmp.path().join("b"), args.transport, args.in_flight).await?;
+    sender
+        .connect(listen_addr(&receiver).await?)
+        .await
+        .context("connect")?;
+    let mut events = receiver.subscribe();
+    // Drain the receiver's event stream as an agent would.
+    tokio::spawn(async move { while events.recv().await.is_ok() || !events.is_empty() {} });
+    let payload = Arc::new(
+        format!(
+            "{{\"pad\":\"{}\"}}",
+            "x".repeat(args.payload_bytes.saturating_sub(10))
+        )
+        .into_bytes(),
+    );
+    let to = receiver.entity_id();
+    let send = move |s: NodeHandle, p: Arc<Vec<u8>>| async move {
+        let started = Instant::now();
+        s.send(to, "message".parse().expect("valid type"), p.to_vec())
+            .await
+            .map(|_| started.elapsed())
+    };
+    println!(
+        "mode={:?} transport={:?} payload={}B threads={} cores={}",
+        args.mode,
+        args.transport,
+        payload.len(),
+        args.threads,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let mut hist = Histogram::<u64>::new(3)?;
+    let started = Instant::now();
+    let mut failed = 0u64;
+    match args.mode {
+        Mode::Throughput => {
+            let mut inflight = FuturesUnordered::new();
+            let mut issued = 0;
+            while issued < args.messages || !inflight.is_empty() {
+                while issued < args.messages && inflight.len() < args.in_flight {
+                    inflight.push(tokio::spawn(send(sender.clone(), payload.clone())));
+                    issued += 1;
+                }
+                match inflight.next().await {
+                    Some(Ok(Ok(lat))) => hist.record(lat.as_micros() as u64)?,
+                    _ => failed += 1,
+                }
+            }
+        }
+        Mode::Latency => {
+            let total = args.rate * args.seconds;
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut inflight = FuturesUnordered::new();
+            let mut issued = 0;
+            while issued < total || !inflight.is_empty() {
+                tokio::select! {
+                    _ = tick.tick(), if issued < total => {
+                        inflight.push(tokio::spawn(send(sender.clone(), payload.clone())));
+                        issued += 1;
+                    }
+                    Some(r) = inflight.next() => match r {
+                        Ok(Ok(lat)) => hist.record(lat.as_micros() as u64)?,
+                        _ => failed += 1,
+                    },
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let ok = hist.len();
+    println!(
+        "delivered={ok} failed={failed} seconds={secs:.2} rate={:.0} msg/s",
+        ok as f64 / secs
+    );
+    println!(
+        "latency_us p50={} p90={} p99={} p999={} max={}",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.9),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max()
+    );
+    Ok(())
+}

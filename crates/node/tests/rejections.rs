@@ -1,0 +1,354 @@
+//! Each kind of bad inbound message is rejected with its error code by a real
+//! node on 127.0.0.1, and the node keeps serving an honest peer during and after.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, request_response};
+use peer_core::{Draft, EntityId, Envelope, Identity, MessageId};
+use peer_node::config::{NetworkConfig, ProtocolConfig};
+use peer_node::net::codec::{Request, Response};
+use peer_node::net::{self, Behaviour, BehaviourEvent};
+use peer_node::node::{self, Event, NodeHandle, now_ms};
+use peer_node::store::Store;
+use peer_node::{Config, data_dir};
+use tokio::sync::broadcast;
+
+const LIMIT: usize = 64 * 1024;
+
+struct TestNode {
+    handle: NodeHandle,
+    addr: Multiaddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_node() -> TestNode {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        network: NetworkConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            ..NetworkConfig::default()
+        },
+        protocol: ProtocolConfig {
+            max_envelope_size: LIMIT,
+            ..ProtocolConfig::default()
+        },
+        ..Config::default()
+    };
+    let secrets = data_dir::init(dir.path(), peer_node::fresh_secrets).expect("init");
+    let store = Store::open(&dir.path().join(data_dir::DB_FILE)).expect("store");
+    let handle = node::start(config, secrets.identity, store).expect("start");
+    let addr = loop {
+        if let Some(a) = handle.listen_addrs().await.expect("addrs").first() {
+            break a.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    TestNode {
+        handle,
+        addr,
+        _dir: dir,
+    }
+}
+
+/// A peer that speaks the wire protocol directly, so it can send any bytes.
+struct RawPeer {
+    swarm: Swarm<Behaviour>,
+    identity: Identity,
+    target: PeerId,
+}
+
+impl RawPeer {
+    async fn connect(addr: &Multiaddr) -> Self {
+        let identity = Identity::from_secret(&rand::random());
+        let config = Config {
+            protocol: ProtocolConfig {
+                max_envelope_size: 4 * LIMIT,
+                ..ProtocolConfig::default()
+            },
+            ..Config::default()
+        };
+        let mut swarm =
+            net::build_swarm(net::keypair(identity.secret_bytes()), &config).expect("swarm");
+        swarm.dial(addr.clone()).expect("dial");
+        let target = loop {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
+                swarm.select_next_some().await
+            {
+                break peer_id;
+            }
+        };
+        Self {
+            swarm,
+            identity,
+            target,
+        }
+    }
+
+    fn draft(&self, to: EntityId, msg_type: &str) -> Draft {
+        Draft {
+            msg_type: msg_type.parse().expect("msg_type"),
+            message_id: MessageId::from_random(rand::random()),
+            recipient_id: Some(to),
+            session_id: None,
+            sequence_num: 0,
+            timestamp_ms: now_ms(),
+            nonce: rand::random(),
+            payload: br#"{"n":1}"#.to_vec(),
+        }
+    }
+
+    /// Sends raw bytes; returns `None` if accepted, else the error code.
+    async fn send(&mut self, bytes: Vec<u8>) -> Option<String> {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .envelopes
+            .send_request(&self.target, Request::Envelope(bytes));
+        loop {
+            match self.swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    },
+                )) if request_id == id => return error_code(response),
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::OutboundFailure {
+                        request_id, error, ..
+                    },
+                )) if request_id == id => panic!("request failed: {error}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn error_code(response: Response) -> Option<String> {
+    let Response::Reply(bytes) = response else {
+        return None;
+    };
+    let env = Envelope::decode(&bytes).expect("reply decodes");
+    assert!(env.verify(), "the error reply is signed by the node");
+    assert_eq!(env.msg_type.as_str(), "error");
+    let payload: serde_json::Value = serde_json::from_slice(&env.payload).expect("json");
+    assert!(
+        payload["error_message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "a reason is given"
+    );
+    Some(
+        payload["error_code"]
+            .as_str()
+            .expect("error_code")
+            .to_owned(),
+    )
+}
+
+/// The next message event from `from`, skipping everything else.
+async fn next_message_from(
+    events: &mut broadcast::Receiver<Event>,
+    from: EntityId,
+) -> serde_json::Value {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("event in time")
+            .expect("event");
+        match ev {
+            Event::Message {
+                from: f, payload, ..
+            } if f == from => return payload,
+            _ => {}
+        }
+    }
+}
+
+/// Starts a target node, an honest node connected to it and a raw peer; checks
+/// that `make`'s bytes are rejected with `code` while the honest node's messages
+/// before, during and after are delivered, and that only the raw peer's counters
+/// record the rejection.
+async fn rejected_with(code: &str, make: impl FnOnce(&RawPeer, EntityId) -> Vec<u8>) {
+    rejected_after(code, |raw, to| (None, make(raw, to))).await;
+}
+
+/// As [`rejected_with`], but `make` may also return a frame that must be
+/// accepted first (to spend a nonce).
+async fn rejected_after(
+    code: &str,
+    make: impl FnOnce(&RawPeer, EntityId) -> (Option<Vec<u8>>, Vec<u8>),
+) {
+    let target = start_node().await;
+    let honest = start_node().await;
+    let to = target.handle.entity_id();
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("honest connects");
+    let mut events = target.handle.subscribe();
+    let mut raw = RawPeer::connect(&target.addr).await;
+    let (first, bad) = make(&raw, to);
+    if let Some(first) = first {
+        assert_eq!(raw.send(first).await, None, "the first copy is accepted");
+    }
+
+    let say = |n: u32| {
+        honest.handle.send(
+            to,
+            "message".parse().expect("type"),
+            format!("{{\"n\":{n}}}").into_bytes(),
+        )
+    };
+    say(1).await.expect("before");
+    let (got, during) = tokio::join!(raw.send(bad), say(2));
+    during.expect("during");
+    assert_eq!(got.as_deref(), Some(code));
+    say(3).await.expect("after");
+    for n in 1..=3 {
+        let payload = next_message_from(&mut events, honest.handle.entity_id()).await;
+        assert_eq!(payload["n"], n);
+    }
+    // A valid message from the raw peer itself still goes through.
+    let good = raw.draft(to, "message").sign(&raw.identity).encode();
+    assert_eq!(raw.send(good).await, None);
+
+    let stats = target.handle.stats().await.expect("stats");
+    let mine = &stats.peers[&honest.handle.entity_id().to_string()];
+    assert_eq!(mine.received, 3);
+    assert!(mine.rejected.is_empty());
+    let theirs = &stats.peers[&raw.identity.entity_id().to_string()];
+    assert_eq!(theirs.rejected.get(code), Some(&1));
+}
+
+#[tokio::test]
+async fn tampered_field_is_invalid_signature() {
+    rejected_with("INVALID_SIGNATURE", |raw, to| {
+        let mut env = raw.draft(to, "message").sign(&raw.identity);
+        env.payload = br#"{"n":2}"#.to_vec();
+        env.encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sender_id_not_hash_of_key_is_unknown_sender() {
+    rejected_with("UNKNOWN_SENDER", |raw, to| {
+        let mut env = raw.draft(to, "message").sign(&raw.identity);
+        env.sender_id = to;
+        env.encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn timestamp_61_s_old_is_a_replay() {
+    rejected_with("REPLAY_DETECTED", |raw, to| {
+        let mut d = raw.draft(to, "message");
+        d.timestamp_ms -= 61_000;
+        d.sign(&raw.identity).encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn timestamp_61_s_ahead_is_a_replay() {
+    rejected_with("REPLAY_DETECTED", |raw, to| {
+        let mut d = raw.draft(to, "message");
+        d.timestamp_ms += 61_000;
+        d.sign(&raw.identity).encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reused_nonce_is_a_replay() {
+    rejected_after("REPLAY_DETECTED", |raw, to| {
+        let bytes = raw.draft(to, "message").sign(&raw.identity).encode();
+        (Some(bytes.clone()), bytes)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn new_message_reusing_a_nonce_is_a_replay() {
+    rejected_after("REPLAY_DETECTED", |raw, to| {
+        let first = raw.draft(to, "message").sign(&raw.identity);
+        let mut second = raw.draft(to, "message");
+        second.nonce = first.nonce;
+        (Some(first.encode()), second.sign(&raw.identity).encode())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_version_is_invalid_version() {
+    rejected_with("INVALID_VERSION", |raw, to| {
+        let mut env = raw.draft(to, "message").sign(&raw.identity);
+        env.version = "2.0".into();
+        env.encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_bytes_are_malformed_message() {
+    rejected_with("MALFORMED_MESSAGE", |raw, to| {
+        let mut bytes = raw.draft(to, "message").sign(&raw.identity).encode();
+        bytes.truncate(bytes.len() / 2);
+        bytes
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn garbage_is_malformed_message() {
+    rejected_with("MALFORMED_MESSAGE", |_, _| {
+        b"\x03\xff\xfe\xfd not an envelope".to_vec()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oversize_message_is_too_large() {
+    rejected_with("MESSAGE_TOO_LARGE", |raw, to| {
+        let mut d = raw.draft(to, "message");
+        d.payload = vec![b' '; LIMIT];
+        d.sign(&raw.identity).encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_msg_type_is_unsupported() {
+    rejected_with("UNSUPPORTED_MSG_TYPE", |raw, to| {
+        raw.draft(to, "no_such_type").sign(&raw.identity).encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn message_for_another_entity_is_wrong_recipient() {
+    rejected_with("WRONG_RECIPIENT", |raw, _| {
+        let other = Identity::from_secret(&[42; 32]).entity_id();
+        raw.draft(other, "message").sign(&raw.identity).encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn non_json_application_payload_is_malformed() {
+    rejected_with("MALFORMED_MESSAGE", |raw, to| {
+        let mut d = raw.draft(to, "message");
+        d.payload = vec![0xff, 0x00];
+        d.sign(&raw.identity).encode()
+    })
+    .await;
+}
