@@ -97,7 +97,7 @@ pub struct Delivered {
 #[non_exhaustive]
 pub enum NodeError {
     /// The recipient refused the message with a protocol error code.
-    #[error("recipient rejected the message: {code}: {reason}")]
+    #[error("recipient rejected the message ({code}): {reason}")]
     Rejected {
         /// The wire code (kept as text: the peer may know codes we do not).
         code: String,
