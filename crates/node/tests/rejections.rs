@@ -7,50 +7,23 @@ use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, request_response};
 use peer_core::{Draft, EntityId, Envelope, Identity, MessageId};
-use peer_node::config::{NetworkConfig, ProtocolConfig};
+use peer_node::Config;
+use peer_node::config::ProtocolConfig;
 use peer_node::net::codec::{Request, Response};
 use peer_node::net::{self, Behaviour, BehaviourEvent};
-use peer_node::node::{self, Event, NodeHandle, now_ms};
-use peer_node::store::Store;
-use peer_node::{Config, data_dir};
+use peer_node::node::{Event, now_ms};
 use tokio::sync::broadcast;
+
+mod common;
+use common::{TestNode, start_node_with};
 
 const LIMIT: usize = 64 * 1024;
 
-struct TestNode {
-    handle: NodeHandle,
-    addr: Multiaddr,
-    _dir: tempfile::TempDir,
-}
-
 async fn start_node() -> TestNode {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        network: NetworkConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
-            ..NetworkConfig::default()
-        },
-        protocol: ProtocolConfig {
-            max_envelope_size: LIMIT,
-            ..ProtocolConfig::default()
-        },
-        ..Config::default()
-    };
-    let secrets = data_dir::init(dir.path(), peer_node::fresh_secrets).expect("init");
-    let store = Store::open(&dir.path().join(data_dir::DB_FILE)).expect("store");
-    let handle = node::start(config, secrets.identity, store).expect("start");
-    let addr = loop {
-        if let Some(a) = handle.listen_addrs().await.expect("addrs").first() {
-            break a.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    TestNode {
-        handle,
-        addr,
-        _dir: dir,
-    }
+    start_node_with("/ip4/127.0.0.1/tcp/0", |c| {
+        c.protocol.max_envelope_size = LIMIT
+    })
+    .await
 }
 
 /// A peer that speaks the wire protocol directly, so it can send any bytes.

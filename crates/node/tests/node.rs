@@ -1,0 +1,142 @@
+//! Real nodes on 127.0.0.1: QUIC transport, and what happens at the bounds an
+//! API user can hit.
+
+use std::time::Duration;
+
+use peer_node::NodeError;
+use peer_node::node::Event;
+use tokio::sync::broadcast::error::RecvError;
+
+mod common;
+use common::{TestNode, start_node_with};
+
+async fn pair(listen: &str, tune: impl Fn(&mut peer_node::Config) + Copy) -> (TestNode, TestNode) {
+    let a = start_node_with(listen, tune).await;
+    let b = start_node_with(listen, tune).await;
+    let peer = a.handle.connect(b.addr.clone()).await.expect("connect");
+    assert_eq!(peer.entity_id, b.handle.entity_id());
+    (a, b)
+}
+
+fn message(n: u64) -> Vec<u8> {
+    format!("{{\"n\":{n}}}").into_bytes()
+}
+
+#[tokio::test]
+async fn messages_cross_over_quic() {
+    let (a, b) = pair("/ip4/127.0.0.1/udp/0/quic-v1", |_| {}).await;
+    assert!(a.handle.peers().await.expect("peers")[0].addrs[0].contains("quic-v1"));
+    let mut events = b.handle.subscribe();
+    let to = b.handle.entity_id();
+    a.handle
+        .send(to, "message".parse().expect("type"), message(1))
+        .await
+        .expect("send");
+    let pong = a
+        .handle
+        .send(to, "ping".parse().expect("type"), message(2))
+        .await
+        .expect("ping");
+    assert_eq!(pong.reply.expect("reply").msg_type, "pong");
+    loop {
+        match events.recv().await.expect("event") {
+            Event::Message { from, payload, .. } => {
+                assert_eq!(from, a.handle.entity_id());
+                assert_eq!(payload["n"], 1);
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_event_reader_is_told_how_many_it_missed() {
+    let (a, b) = pair("/ip4/127.0.0.1/tcp/0", |c| c.api.event_buffer = 4).await;
+    let mut slow = b.handle.subscribe();
+    let to = b.handle.entity_id();
+    for n in 0..10 {
+        a.handle
+            .send(to, "message".parse().expect("type"), message(n))
+            .await
+            .expect("send");
+    }
+    // 10 messages into a buffer of 4: the reader lost the oldest events (6
+    // messages, and the peer_connected event if it came after subscribing) and is
+    // told so, then reads the newest 4 in order. Delivery was not affected.
+    match slow.recv().await {
+        Err(RecvError::Lagged(missed)) => assert!((6..=7).contains(&missed), "missed {missed}"),
+        other => panic!("expected a lag, got {other:?}"),
+    }
+    for n in 6..10 {
+        match slow.recv().await.expect("event") {
+            Event::Message { payload, .. } => assert_eq!(payload["n"], n),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let stats = b.handle.stats().await.expect("stats");
+    assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 10);
+}
+
+#[tokio::test]
+async fn sends_beyond_the_in_flight_bound_are_refused_not_queued() {
+    let (a, b) = pair("/ip4/127.0.0.1/tcp/0", |c| {
+        c.network.max_outbound_in_flight = 2
+    })
+    .await;
+    let to = b.handle.entity_id();
+    let sends: Vec<_> = (0..20)
+        .map(|n| {
+            let h = a.handle.clone();
+            tokio::spawn(async move {
+                h.send(to, "message".parse().expect("type"), message(n))
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut busy = 0;
+    for s in sends {
+        match s.await.expect("task") {
+            Ok(_) => ok += 1,
+            Err(NodeError::Busy(2)) => busy += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(ok + busy, 20);
+    assert!(ok >= 2 && busy >= 1, "ok={ok} busy={busy}");
+    // Once the burst is over, sending works again.
+    a.handle
+        .send(to, "message".parse().expect("type"), message(99))
+        .await
+        .expect("after");
+}
+
+#[tokio::test]
+async fn sending_to_an_unconnected_entity_says_so() {
+    let a = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
+    let stranger = peer_core::Identity::from_secret(&[5; 32]).entity_id();
+    let err = a
+        .handle
+        .send(stranger, "message".parse().expect("type"), message(0))
+        .await;
+    assert_eq!(err, Err(NodeError::NotConnected(stranger)));
+}
+
+#[tokio::test]
+async fn a_dial_to_nowhere_fails_with_a_reason() {
+    let a = start_node_with("/ip4/127.0.0.1/tcp/0", |c| {
+        c.network.connection_timeout_secs = 2
+    })
+    .await;
+    // Port 1 on loopback: nothing listens there.
+    let err = a
+        .handle
+        .connect("/ip4/127.0.0.1/tcp/1".parse().expect("addr"))
+        .await;
+    assert!(matches!(err, Err(NodeError::Dial(_))), "{err:?}");
+    tokio::time::timeout(Duration::from_secs(5), a.handle.peers())
+        .await
+        .expect("node still answers")
+        .expect("peers");
+}
