@@ -69,7 +69,6 @@ async fn start(
         data_dir: dir.to_path_buf(),
         network: NetworkConfig {
             listen: vec![listen.parse()?],
-            max_concurrent_streams: in_flight.max(256),
             max_outbound_in_flight: in_flight.max(4096),
             ..NetworkConfig::default()
         },
@@ -88,6 +87,14 @@ async fn listen_addr(h: &NodeHandle) -> Result<peer_node::libp2p::Multiaddr> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     anyhow::bail!("the receiving node did not start listening")
+}
+
+/// Counts a failed send; prints the first one's reason.
+fn fail(failed: &mut u64, e: peer_node::NodeError) {
+    if *failed == 0 {
+        eprintln!("first failure: {e}");
+    }
+    *failed += 1;
 }
 
 fn main() -> Result<()> {
@@ -146,6 +153,7 @@ async fn run(args: Args) -> Result<()> {
                 }
                 match inflight.next().await {
                     Some(Ok(Ok(lat))) => hist.record(lat.as_micros() as u64)?,
+                    Some(Ok(Err(e))) => fail(&mut failed, e),
                     _ => failed += 1,
                 }
             }
@@ -164,7 +172,8 @@ async fn run(args: Args) -> Result<()> {
                     }
                     Some(r) = inflight.next() => match r {
                         Ok(Ok(lat)) => hist.record(lat.as_micros() as u64)?,
-                        _ => failed += 1,
+                        Ok(Err(e)) => fail(&mut failed, e),
+                        Err(_) => failed += 1,
                     },
                 }
             }

@@ -42,34 +42,24 @@ impl Refusal {
     }
 }
 
-/// Checks every inbound envelope, in this order (cheap checks first, state changed
-/// only for authentic envelopes):
+/// The stateless inbound checks, in this order (cheap first):
 ///
 /// 1. size ≤ `max_envelope_size` — else `MESSAGE_TOO_LARGE`
 /// 2. version is `1.2` — else `INVALID_VERSION`
 /// 3. layout — else `MALFORMED_MESSAGE`
-/// 4. timestamp within tolerance and above the replay floor — else `REPLAY_DETECTED`
+/// 4. timestamp within the tolerance — else `REPLAY_DETECTED`
 /// 5. `sender_id` = SHA-256(`sender_key`) — else `UNKNOWN_SENDER`
 /// 6. signature — else `INVALID_SIGNATURE`
-/// 7. nonce not seen from this sender — else `REPLAY_DETECTED` (then recorded)
-/// 8. `recipient_id` absent or this node — else `WRONG_RECIPIENT`
-#[derive(Debug)]
-pub struct Acceptor {
-    local: EntityId,
+///
+/// It holds no state, so it can run on any thread, in parallel; pass what it
+/// returns to [`Acceptor::admit`].
+#[derive(Debug, Clone, Copy)]
+pub struct Verifier {
     max_envelope_size: usize,
-    replay: ReplayGuard,
+    tolerance_ms: u64,
 }
 
-impl Acceptor {
-    /// An acceptor for the node whose entity id is `local`.
-    pub fn new(local: EntityId, config: Config) -> Self {
-        Self {
-            local,
-            max_envelope_size: config.max_envelope_size,
-            replay: ReplayGuard::new(config.replay),
-        }
-    }
-
+impl Verifier {
     /// The size limit, so transports can refuse oversize frames before reading them.
     pub fn max_envelope_size(&self) -> usize {
         self.max_envelope_size
@@ -87,8 +77,8 @@ impl Acceptor {
         )
     }
 
-    /// Runs every check on `bytes` at time `now_ms`. On success the nonce is recorded.
-    pub fn accept(&mut self, now_ms: u64, bytes: &[u8]) -> Result<Envelope, Refusal> {
+    /// Runs checks 1–6 on `bytes` at time `now_ms`.
+    pub fn verify(&self, now_ms: u64, bytes: &[u8]) -> Result<Envelope, Refusal> {
         if bytes.len() > self.max_envelope_size {
             return Err(self.too_large(bytes.len() as u64));
         }
@@ -101,12 +91,12 @@ impl Acceptor {
             }
         })?;
         let id = Some(env.message_id);
-        self.replay
-            .check_time(now_ms, env.timestamp_ms)
-            .map_err(|rejection| Refusal {
+        replay::check_tolerance(self.tolerance_ms, now_ms, env.timestamp_ms).map_err(
+            |rejection| Refusal {
                 rejection,
                 message_id: id,
-            })?;
+            },
+        )?;
         if !env.sender_is_bound() {
             return Err(Refusal::new(
                 ErrorCode::UnknownSender,
@@ -121,6 +111,45 @@ impl Acceptor {
                 id,
             ));
         }
+        Ok(env)
+    }
+}
+
+/// The stateful inbound checks, run on envelopes the [`Verifier`] passed:
+///
+/// 7. timestamp above the replay floor and `(sender_id, nonce)` not seen — else
+///    `REPLAY_DETECTED`; then the nonce is recorded
+/// 8. `recipient_id` absent or this node — else `WRONG_RECIPIENT`
+///
+/// Only authentic envelopes reach it, so nobody can spend another sender's nonces.
+#[derive(Debug)]
+pub struct Acceptor {
+    local: EntityId,
+    verifier: Verifier,
+    replay: ReplayGuard,
+}
+
+impl Acceptor {
+    /// An acceptor for the node whose entity id is `local`.
+    pub fn new(local: EntityId, config: Config) -> Self {
+        Self {
+            local,
+            verifier: Verifier {
+                max_envelope_size: config.max_envelope_size,
+                tolerance_ms: config.replay.tolerance_ms,
+            },
+            replay: ReplayGuard::new(config.replay),
+        }
+    }
+
+    /// The stateless half of the checks, to run elsewhere.
+    pub fn verifier(&self) -> Verifier {
+        self.verifier
+    }
+
+    /// Runs checks 7–8 on a verified envelope at time `now_ms`.
+    pub fn admit(&mut self, now_ms: u64, env: Envelope) -> Result<Envelope, Refusal> {
+        let id = Some(env.message_id);
         self.replay
             .record(now_ms, &env.sender_id, &env.nonce, env.timestamp_ms)
             .map_err(|rejection| Refusal {
@@ -137,6 +166,12 @@ impl Acceptor {
             ));
         }
         Ok(env)
+    }
+
+    /// Runs every check (1–8) on `bytes` at time `now_ms`.
+    pub fn accept(&mut self, now_ms: u64, bytes: &[u8]) -> Result<Envelope, Refusal> {
+        let env = self.verifier.verify(now_ms, bytes)?;
+        self.admit(now_ms, env)
     }
 }
 
@@ -217,7 +252,7 @@ mod tests {
             code(acc.accept(NOW, b"\x031.2\x04ping\x00")),
             ErrorCode::MalformedMessage
         );
-        let big = vec![0u8; acc.max_envelope_size() + 1];
+        let big = vec![0u8; acc.verifier().max_envelope_size() + 1];
         assert_eq!(code(acc.accept(NOW, &big)), ErrorCode::MessageTooLarge);
         // addressed elsewhere
         let w = draft(Some(them.entity_id()), NOW, 7).sign(&them);

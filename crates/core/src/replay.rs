@@ -68,6 +68,30 @@ fn key(sender: &EntityId, nonce: &Nonce) -> u128 {
     u128::from_be_bytes(k)
 }
 
+/// Checks that `timestamp_ms` is within `tolerance_ms` of `now_ms`, either way.
+/// Stateless and cheap: run it before verifying a signature.
+pub fn check_tolerance(tolerance_ms: u64, now_ms: u64, timestamp_ms: u64) -> Result<(), Rejection> {
+    if timestamp_ms.saturating_add(tolerance_ms) < now_ms {
+        return Err(Rejection::new(
+            ErrorCode::ReplayDetected,
+            format!(
+                "timestamp is {} ms old; the tolerance is {tolerance_ms} ms",
+                now_ms - timestamp_ms
+            ),
+        ));
+    }
+    if timestamp_ms > now_ms.saturating_add(tolerance_ms) {
+        return Err(Rejection::new(
+            ErrorCode::ReplayDetected,
+            format!(
+                "timestamp is {} ms in the future; the tolerance is {tolerance_ms} ms",
+                timestamp_ms - now_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl ReplayGuard {
     /// An empty memory.
     pub fn new(config: Config) -> Self {
@@ -89,28 +113,9 @@ impl ReplayGuard {
         self.seen.is_empty()
     }
 
-    /// Checks a timestamp against the tolerance and the floor. Cheap; call it before
-    /// verifying a signature, then [`ReplayGuard::record`] after.
+    /// Checks a timestamp against the tolerance and the floor.
     pub fn check_time(&self, now_ms: u64, timestamp_ms: u64) -> Result<(), Rejection> {
-        let tol = self.config.tolerance_ms;
-        if timestamp_ms.saturating_add(tol) < now_ms {
-            return Err(Rejection::new(
-                ErrorCode::ReplayDetected,
-                format!(
-                    "timestamp is {} ms old; the tolerance is {tol} ms",
-                    now_ms - timestamp_ms
-                ),
-            ));
-        }
-        if timestamp_ms > now_ms.saturating_add(tol) {
-            return Err(Rejection::new(
-                ErrorCode::ReplayDetected,
-                format!(
-                    "timestamp is {} ms in the future; the tolerance is {tol} ms",
-                    timestamp_ms - now_ms
-                ),
-            ));
-        }
+        check_tolerance(self.config.tolerance_ms, now_ms, timestamp_ms)?;
         if let Some(floor) = self.floor_ms
             && timestamp_ms <= floor
         {

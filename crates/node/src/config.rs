@@ -45,9 +45,13 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     /// Most incoming connections still being set up (default 128).
     pub max_pending_incoming: u32,
-    /// Most requests in flight on one connection, each way (default 256).
+    /// Most requests in flight on one connection, each way (default 128, at most
+    /// 240). Requests beyond it wait for a free stream. Yamux closes a connection
+    /// whose peer opens more than 512 streams, so both ways together must stay
+    /// below that with room for identify and ping.
     pub max_concurrent_streams: usize,
-    /// Most messages this node waits on answers for at once (default 4,096).
+    /// Most outbound messages held at once, in flight or waiting for a free
+    /// stream; beyond it a send fails with `UNAVAILABLE` (default 4,096).
     pub max_outbound_in_flight: usize,
     /// Most peers remembered in the database; the least recently seen is forgotten
     /// first (default 10,000).
@@ -108,7 +112,7 @@ impl Default for NetworkConfig {
             max_connections_per_peer: 3,
             max_connections: 1024,
             max_pending_incoming: 128,
-            max_concurrent_streams: 256,
+            max_concurrent_streams: 128,
             max_outbound_in_flight: 4096,
             max_known_peers: 10_000,
         }
@@ -145,10 +149,21 @@ fn default_data_dir() -> PathBuf {
         .join(".peer")
 }
 
+/// Highest `network.max_concurrent_streams`: twice this plus identify and ping
+/// streams stays under yamux's limit of 512 streams per connection.
+pub const MAX_STREAMS_PER_DIRECTION: usize = 240;
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct ConfigError(Box<figment::Error>);
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A source could not be read or a value has the wrong type.
+    #[error("invalid configuration: {0}")]
+    Load(Box<figment::Error>),
+    /// A value is out of its range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
 
 impl Config {
     /// Loads defaults ← `file` (if given, it must exist; else `<data_dir>/config.toml`
@@ -163,7 +178,7 @@ impl Config {
             None => {
                 let data_dir: PathBuf = base
                     .extract_inner("data_dir")
-                    .map_err(|e| ConfigError(Box::new(e)))?;
+                    .map_err(|e| ConfigError::Load(Box::new(e)))?;
                 Some(data_dir.join("config.toml")).filter(|p| p.exists())
             }
         };
@@ -173,8 +188,20 @@ impl Config {
         }
         fig.merge(Env::prefixed("PEER_").split("__").ignore(&["config"]))
             .merge(overrides)
-            .extract()
-            .map_err(|e| ConfigError(Box::new(e)))
+            .extract::<Config>()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?
+            .validate()
+    }
+
+    /// Checks values that have limits beyond their type.
+    fn validate(self) -> Result<Self, ConfigError> {
+        let streams = self.network.max_concurrent_streams;
+        if !(1..=MAX_STREAMS_PER_DIRECTION).contains(&streams) {
+            return Err(ConfigError::Invalid(format!(
+                "network.max_concurrent_streams is {streams}; it must be 1 to {MAX_STREAMS_PER_DIRECTION}"
+            )));
+        }
+        Ok(self)
     }
 
     /// The core's inbound settings derived from this configuration.
@@ -235,6 +262,16 @@ mod tests {
         assert_eq!(c.data_dir, dir.path());
         let back: Config = toml::from_str(&c.to_toml()).expect("parses");
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn stream_limits_beyond_yamux_are_refused() {
+        let mut t = toml::Table::new();
+        let mut net = toml::Table::new();
+        net.insert("max_concurrent_streams".into(), 300.into());
+        t.insert("network".into(), net.into());
+        let err = Config::load(None, t).expect_err("too many streams");
+        assert!(err.to_string().contains("max_concurrent_streams"), "{err}");
     }
 
     #[test]

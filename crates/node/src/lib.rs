@@ -9,6 +9,7 @@ pub mod config;
 pub mod data_dir;
 pub mod net;
 pub mod node;
+mod outbox;
 pub mod stats;
 pub mod store;
 

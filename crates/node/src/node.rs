@@ -22,11 +22,16 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::config::Config;
 use crate::net::codec::{Request, Response};
 use crate::net::{self, Behaviour, BehaviourEvent};
+use crate::outbox::{Admit, Outbox};
 use crate::stats::{Metrics, Stats, StatsView};
 use crate::store::{PeerRecord, Store};
 
 /// Capacity of the command channel between handles and the actor.
 const COMMAND_QUEUE: usize = 1024;
+/// Capacity of the channel from verification tasks back to the actor. The tasks
+/// themselves are bounded by the open inbound streams
+/// (`max_concurrent_streams` per connection).
+const VERIFIED_QUEUE: usize = 1024;
 /// Addresses remembered per connected peer.
 const MAX_ADDRS_PER_PEER: usize = 8;
 
@@ -128,12 +133,7 @@ pub enum NodeError {
 #[derive(Debug)]
 enum Command {
     Connect(Multiaddr, oneshot::Sender<Result<PeerView, NodeError>>),
-    Send {
-        to: EntityId,
-        msg_type: MsgType,
-        payload: Vec<u8>,
-        reply: oneshot::Sender<Result<Delivered, NodeError>>,
-    },
+    Send(Outgoing),
     Peers(oneshot::Sender<Result<Vec<PeerView>, NodeError>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Stats(oneshot::Sender<StatsView>),
@@ -143,6 +143,8 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
+    identity: Arc<Identity>,
+    max_envelope_size: usize,
     entity_id: EntityId,
     peer_id: PeerId,
     events: broadcast::Sender<Event>,
@@ -189,17 +191,29 @@ impl NodeHandle {
     }
 
     /// Signs and sends a message; answers once the recipient accepted or refused it.
+    /// Signing happens on the caller's task, so many senders sign in parallel.
     pub async fn send(
         &self,
         to: EntityId,
         msg_type: MsgType,
         payload: Vec<u8>,
     ) -> Result<Delivered, NodeError> {
-        self.ask(|reply| Command::Send {
-            to,
-            msg_type,
-            payload,
-            reply,
+        let envelope = draft(Some(to), msg_type, payload).sign(&self.identity);
+        if envelope.encoded_len() > self.max_envelope_size {
+            return Err(NodeError::Invalid(format!(
+                "message is {} bytes encoded; the limit is {} (protocol.max_envelope_size)",
+                envelope.encoded_len(),
+                self.max_envelope_size
+            )));
+        }
+        let (message_id, bytes) = (envelope.message_id, envelope.encode());
+        self.ask(|reply| {
+            Command::Send(Outgoing {
+                to,
+                message_id,
+                bytes,
+                reply,
+            })
         })
         .await?
     }
@@ -231,7 +245,18 @@ struct Connected {
     addrs: Vec<Multiaddr>,
 }
 
+/// A signed message on its way out.
+#[derive(Debug)]
+struct Outgoing {
+    to: EntityId,
+    message_id: MessageId,
+    bytes: Vec<u8>,
+    reply: oneshot::Sender<Result<Delivered, NodeError>>,
+}
+
+/// A message whose request is in flight.
 struct PendingSend {
+    peer: PeerId,
     to: EntityId,
     message_id: MessageId,
     reply: oneshot::Sender<Result<Delivered, NodeError>>,
@@ -249,7 +274,30 @@ struct Actor {
     by_entity: HashMap<EntityId, PeerId>,
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerView, NodeError>>>,
     sends: HashMap<OutboundRequestId, PendingSend>,
+    outbox: Outbox<PeerId, Outgoing>,
     listen_addrs: Vec<Multiaddr>,
+    verified_tx: mpsc::Sender<Verified>,
+}
+
+/// An inbound request after the stateless checks, back from a verification task.
+struct Verified {
+    peer: PeerId,
+    result: Result<Envelope, Refusal>,
+    channel: ResponseChannel<Response>,
+}
+
+/// A fresh draft to `to`, stamped now, with a random id and nonce.
+fn draft(to: Option<EntityId>, msg_type: MsgType, payload: Vec<u8>) -> Draft {
+    Draft {
+        msg_type,
+        message_id: MessageId::from_random(rand::random()),
+        recipient_id: to,
+        session_id: None,
+        sequence_num: 0,
+        timestamp_ms: now_ms(),
+        nonce: rand::random(),
+        payload,
+    }
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.
@@ -276,19 +324,27 @@ pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHan
         }
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (verified_tx, verified_rx) = mpsc::channel(VERIFIED_QUEUE);
     let (events, _) = broadcast::channel(config.api.event_buffer.max(1));
     let stats = Stats::new(config.protocol.max_stats_peers);
+    let identity = Arc::new(identity);
     let handle = NodeHandle {
         tx,
+        identity: identity.clone(),
+        max_envelope_size: config.protocol.max_envelope_size,
         entity_id: identity.entity_id(),
         peer_id,
         events: events.clone(),
         metrics: stats.metrics(),
     };
+    let outbox = Outbox::new(
+        config.network.max_concurrent_streams,
+        config.network.max_outbound_in_flight,
+    );
     let actor = Actor {
         swarm,
         acceptor: Acceptor::new(identity.entity_id(), config.inbound()),
-        identity: Arc::new(identity),
+        identity,
         store,
         stats,
         events,
@@ -297,14 +353,20 @@ pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHan
         by_entity: HashMap::new(),
         dials: HashMap::new(),
         sends: HashMap::new(),
+        outbox,
         listen_addrs: Vec::new(),
+        verified_tx,
     };
-    tokio::spawn(actor.run(rx));
+    tokio::spawn(actor.run(rx, verified_rx));
     Ok(handle)
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut verified: mpsc::Receiver<Verified>,
+    ) {
         loop {
             tokio::select! {
                 biased;
@@ -312,6 +374,7 @@ impl Actor {
                     Some(cmd) => self.handle_command(cmd),
                     None => break,
                 },
+                Some(v) = verified.recv() => self.on_verified(v),
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
             }
         }
@@ -330,69 +393,45 @@ impl Actor {
                     Err(e) => _ = reply.send(Err(NodeError::Dial(e.to_string()))),
                 }
             }
-            Command::Send {
-                to,
-                msg_type,
-                payload,
-                reply,
-            } => self.send(to, msg_type, payload, reply),
+            Command::Send(out) => self.send(out),
             Command::Peers(reply) => _ = reply.send(self.peers()),
             Command::ListenAddrs(reply) => _ = reply.send(self.listen_addrs.clone()),
             Command::Stats(reply) => _ = reply.send(self.stats.view()),
         }
     }
 
-    fn draft(&self, to: EntityId, msg_type: MsgType, payload: Vec<u8>) -> Draft {
-        Draft {
-            msg_type,
-            message_id: MessageId::from_random(rand::random()),
-            recipient_id: Some(to),
-            session_id: None,
-            sequence_num: 0,
-            timestamp_ms: now_ms(),
-            nonce: rand::random(),
-            payload,
+    fn send(&mut self, out: Outgoing) {
+        let Some(peer) = self.by_entity.get(&out.to).copied() else {
+            _ = out.reply.send(Err(NodeError::NotConnected(out.to)));
+            return;
+        };
+        match self.outbox.admit(peer, out) {
+            Admit::Send(out) => self.dispatch_request(peer, out),
+            Admit::Queued => {}
+            Admit::Full(out) => _ = out.reply.send(Err(NodeError::Busy(self.outbox.limit()))),
         }
     }
 
-    fn send(
-        &mut self,
-        to: EntityId,
-        msg_type: MsgType,
-        payload: Vec<u8>,
-        reply: oneshot::Sender<Result<Delivered, NodeError>>,
-    ) {
-        let Some(peer) = self.by_entity.get(&to).copied() else {
-            _ = reply.send(Err(NodeError::NotConnected(to)));
-            return;
-        };
-        let limit = self.config.network.max_outbound_in_flight;
-        if self.sends.len() >= limit {
-            _ = reply.send(Err(NodeError::Busy(limit)));
-            return;
-        }
-        let env = self.draft(to, msg_type, payload).sign(&self.identity);
-        if env.encoded_len() > self.config.protocol.max_envelope_size {
-            _ = reply.send(Err(NodeError::Invalid(format!(
-                "message is {} bytes encoded; the limit is {} (protocol.max_envelope_size)",
-                env.encoded_len(),
-                self.config.protocol.max_envelope_size
-            ))));
-            return;
-        }
+    fn dispatch_request(&mut self, peer: PeerId, out: Outgoing) {
         let id = self
             .swarm
             .behaviour_mut()
             .envelopes
-            .send_request(&peer, Request::Envelope(env.encode()));
-        self.sends.insert(
-            id,
-            PendingSend {
-                to,
-                message_id: env.message_id,
-                reply,
-            },
-        );
+            .send_request(&peer, Request::Envelope(out.bytes));
+        let pending = PendingSend {
+            peer,
+            to: out.to,
+            message_id: out.message_id,
+            reply: out.reply,
+        };
+        self.sends.insert(id, pending);
+    }
+
+    /// A request finished (answered or failed): lets the next waiting one go.
+    fn request_done(&mut self, peer: PeerId) {
+        if let Some(next) = self.outbox.finished(peer) {
+            self.dispatch_request(peer, next);
+        }
     }
 
     fn peers(&self) -> Result<Vec<PeerView>, NodeError> {
@@ -438,6 +477,9 @@ impl Actor {
                 {
                     self.by_entity.remove(&c.entity);
                     self.stats.set_connected(self.connected.len());
+                    for out in self.outbox.drain_waiting(peer_id) {
+                        _ = out.reply.send(Err(NodeError::NotConnected(c.entity)));
+                    }
                     _ = self.events.send(Event::PeerDisconnected {
                         entity_id: c.entity,
                     });
@@ -543,6 +585,7 @@ impl Actor {
             } => {
                 if let Some(p) = self.sends.remove(&request_id) {
                     _ = p.reply.send(Err(NodeError::Transport(error.to_string())));
+                    self.request_done(p.peer);
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -552,12 +595,38 @@ impl Actor {
         }
     }
 
+    /// Starts the stateless checks (signature verification is most of the CPU
+    /// work) on a task of their own, so they run in parallel on every core; the
+    /// result comes back to [`Actor::on_verified`].
     fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+        let verifier = self.acceptor.verifier();
+        let tx = self.verified_tx.clone();
+        tokio::spawn(async move {
+            let result = match request {
+                Request::Oversize(len) => Err(verifier.too_large(len)),
+                Request::Envelope(bytes) => verifier.verify(now_ms(), &bytes),
+            };
+            // Fails only when the node is stopping.
+            _ = tx
+                .send(Verified {
+                    peer,
+                    result,
+                    channel,
+                })
+                .await;
+        });
+    }
+
+    fn on_verified(
+        &mut self,
+        Verified {
+            peer,
+            result,
+            channel,
+        }: Verified,
+    ) {
         let peer_entity = net::entity_of(&peer);
-        let accepted = match request {
-            Request::Oversize(len) => Err(self.acceptor.too_large(len)),
-            Request::Envelope(bytes) => self.acceptor.accept(now_ms(), &bytes),
-        };
+        let accepted = result.and_then(|env| self.acceptor.admit(now_ms(), env));
         let response = match accepted.and_then(|env| self.dispatch(env)) {
             Ok(response) => response,
             Err(refusal) => {
@@ -581,8 +650,8 @@ impl Actor {
             message_id: Some(env.message_id),
         };
         if env.msg_type == *MsgType::PING {
-            let pong = self.draft(
-                env.sender_id,
+            let pong = draft(
+                Some(env.sender_id),
                 MsgType::PONG.parse().expect("valid"),
                 env.payload,
             );
@@ -621,13 +690,13 @@ impl Actor {
         if let Some(id) = refusal.message_id {
             payload["original_message_id"] = id.to_string().into();
         }
-        let mut draft = self.draft(
-            EntityId([0; 32]),
+        draft(
+            to,
             MsgType::ERROR.parse().expect("valid"),
             payload.to_string().into_bytes(),
-        );
-        draft.recipient_id = to;
-        draft.sign(&self.identity).encode()
+        )
+        .sign(&self.identity)
+        .encode()
     }
 
     fn on_response(&mut self, request_id: OutboundRequestId, response: Response) {
@@ -647,6 +716,7 @@ impl Actor {
             Err(_) => {}
         }
         _ = p.reply.send(result);
+        self.request_done(p.peer);
     }
 
     /// Checks a reply envelope (it must be signed by the recipient) and reads it.

@@ -140,3 +140,26 @@ async fn a_dial_to_nowhere_fails_with_a_reason() {
         .expect("node still answers")
         .expect("peers");
 }
+
+#[tokio::test]
+async fn sends_beyond_the_stream_limit_wait_their_turn() {
+    let (a, b) = pair("/ip4/127.0.0.1/tcp/0", |c| {
+        c.network.max_concurrent_streams = 2
+    })
+    .await;
+    let to = b.handle.entity_id();
+    let sends: Vec<_> = (0..50)
+        .map(|n| {
+            let h = a.handle.clone();
+            tokio::spawn(async move {
+                h.send(to, "message".parse().expect("type"), message(n))
+                    .await
+            })
+        })
+        .collect();
+    for s in sends {
+        s.await.expect("task").expect("every send is delivered");
+    }
+    let stats = b.handle.stats().await.expect("stats");
+    assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 50);
+}
