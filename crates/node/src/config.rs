@@ -50,6 +50,10 @@ pub struct NetworkConfig {
     /// whose peer opens more than 512 streams, so both ways together must stay
     /// below that with room for identify and ping.
     pub max_concurrent_streams: usize,
+    /// Most bytes of inbound requests buffered at once, over all peers; readers
+    /// wait for room before they allocate (default 64 MiB; at least
+    /// `protocol.max_envelope_size`).
+    pub max_inbound_buffer_bytes: usize,
     /// Most outbound messages held at once, in flight or waiting for a free
     /// stream; beyond it a send fails with `UNAVAILABLE` (default 4,096).
     pub max_outbound_in_flight: usize,
@@ -113,6 +117,7 @@ impl Default for NetworkConfig {
             max_connections: 1024,
             max_pending_incoming: 128,
             max_concurrent_streams: 128,
+            max_inbound_buffer_bytes: 64 * 1024 * 1024,
             max_outbound_in_flight: 4096,
             max_known_peers: 10_000,
         }
@@ -199,6 +204,12 @@ impl Config {
         if !(1..=MAX_STREAMS_PER_DIRECTION).contains(&streams) {
             return Err(ConfigError::Invalid(format!(
                 "network.max_concurrent_streams is {streams}; it must be 1 to {MAX_STREAMS_PER_DIRECTION}"
+            )));
+        }
+        if self.network.max_inbound_buffer_bytes < self.protocol.max_envelope_size {
+            return Err(ConfigError::Invalid(format!(
+                "network.max_inbound_buffer_bytes ({}) must be at least protocol.max_envelope_size ({})",
+                self.network.max_inbound_buffer_bytes, self.protocol.max_envelope_size
             )));
         }
         Ok(self)

@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::Config;
-use crate::net::codec::{Request, Response};
+use crate::net::codec::{Frame, Request, Response};
 use crate::net::{self, Behaviour, BehaviourEvent};
 use crate::outbox::{Admit, Outbox};
 use crate::stats::{Metrics, Stats, StatsView};
@@ -417,7 +417,7 @@ impl Actor {
             .swarm
             .behaviour_mut()
             .envelopes
-            .send_request(&peer, Request::Envelope(out.bytes));
+            .send_request(&peer, Request::Envelope(Frame::outbound(out.bytes)));
         let pending = PendingSend {
             peer,
             to: out.to,
@@ -604,7 +604,7 @@ impl Actor {
         tokio::spawn(async move {
             let result = match request {
                 Request::Oversize(len) => Err(verifier.too_large(len)),
-                Request::Envelope(bytes) => verifier.verify(now_ms(), &bytes),
+                Request::Envelope(frame) => verifier.verify(now_ms(), &frame.bytes),
             };
             // Fails only when the node is stopping.
             _ = tx

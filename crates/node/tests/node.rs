@@ -163,3 +163,29 @@ async fn sends_beyond_the_stream_limit_wait_their_turn() {
     let stats = b.handle.stats().await.expect("stats");
     assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 50);
 }
+
+#[tokio::test]
+async fn large_messages_beyond_the_inbound_budget_wait_for_room() {
+    const SIZE: usize = 60 * 1024;
+    // Room for one large message at a time on the receiver.
+    let tune = |c: &mut peer_node::Config| {
+        c.protocol.max_envelope_size = 64 * 1024;
+        c.network.max_inbound_buffer_bytes = 64 * 1024;
+    };
+    let (a, b) = pair("/ip4/127.0.0.1/tcp/0", tune).await;
+    let to = b.handle.entity_id();
+    let sends: Vec<_> = (0..8)
+        .map(|n| {
+            let h = a.handle.clone();
+            let payload = format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(SIZE)).into_bytes();
+            tokio::spawn(async move { h.send(to, "message".parse().expect("type"), payload).await })
+        })
+        .collect();
+    for s in sends {
+        s.await
+            .expect("task")
+            .expect("delivered once there is room");
+    }
+    let stats = b.handle.stats().await.expect("stats");
+    assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 8);
+}

@@ -9,7 +9,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, request_response};
 use peer_core::{Draft, EntityId, Envelope, Identity, MessageId};
 use peer_node::Config;
 use peer_node::config::ProtocolConfig;
-use peer_node::net::codec::{Request, Response};
+use peer_node::net::codec::{Frame, Request, Response};
 use peer_node::net::{self, Behaviour, BehaviourEvent};
 use peer_node::node::{Event, now_ms};
 use tokio::sync::broadcast;
@@ -79,7 +79,7 @@ impl RawPeer {
             .swarm
             .behaviour_mut()
             .envelopes
-            .send_request(&self.target, Request::Envelope(bytes));
+            .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
         loop {
             match self.swarm.select_next_some().await {
                 SwarmEvent::Behaviour(BehaviourEvent::Envelopes(

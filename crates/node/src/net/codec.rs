@@ -5,22 +5,47 @@
 //! envelope bytes`: a `pong`, or an `error` carrying the rejection). A request
 //! longer than the limit is not buffered: its body is read and discarded, and the
 //! receiver answers `MESSAGE_TOO_LARGE`.
+//!
+//! Inbound bodies are buffered only against a node-wide byte budget
+//! (`network.max_inbound_buffer_bytes`): a reader waits for budget before it
+//! allocates, and the budget comes back when the request is dropped. So however
+//! many peers and streams there are, inbound buffers never exceed the budget.
 
 use std::io;
+use std::sync::Arc;
 
 use futures::prelude::*;
 use libp2p::StreamProtocol;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The protocol name negotiated on each stream.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peer-protocol/1.2.0");
 
-/// An inbound request as read off the stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A request: an envelope's bytes, or (inbound only) notice of an oversize frame.
+#[derive(Debug)]
 pub enum Request {
     /// An envelope's bytes, not yet checked.
-    Envelope(Vec<u8>),
+    Envelope(Frame),
     /// A frame of this many bytes, over the limit; its body was discarded.
     Oversize(u64),
+}
+
+/// Envelope bytes, holding their share of the inbound budget until dropped.
+#[derive(Debug)]
+pub struct Frame {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Frame {
+    /// Bytes to send (outbound frames take no inbound budget).
+    pub fn outbound(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes,
+            _budget: None,
+        }
+    }
 }
 
 /// The receiver's answer.
@@ -32,11 +57,24 @@ pub enum Response {
     Reply(Vec<u8>),
 }
 
-/// The codec; `max_size` bounds every frame it reads.
-#[derive(Debug, Clone, Copy)]
+/// The codec; `max_size` bounds every frame it reads, `budget` all inbound
+/// bodies buffered at once.
+#[derive(Debug, Clone)]
 pub struct Codec {
-    /// Largest envelope read into memory, in bytes.
-    pub max_size: usize,
+    max_size: usize,
+    budget: Arc<Semaphore>,
+}
+
+impl Codec {
+    /// A codec reading frames of at most `max_size` bytes, with at most
+    /// `budget_bytes` of inbound bodies buffered across all its clones. The
+    /// caller guarantees `budget_bytes >= max_size` (the configuration checks it).
+    pub fn new(max_size: usize, budget_bytes: usize) -> Self {
+        Self {
+            max_size,
+            budget: Arc::new(Semaphore::new(budget_bytes.min(Semaphore::MAX_PERMITS))),
+        }
+    }
 }
 
 async fn read_len<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<u64> {
@@ -71,7 +109,19 @@ impl libp2p::request_response::Codec for Codec {
             futures::io::copy(io.take(len), &mut futures::io::sink()).await?;
             return Ok(Request::Oversize(len));
         }
-        read_body(io, len).await.map(Request::Envelope)
+        // len <= max_size <= budget, which fits in u32 permits.
+        let permits = u32::try_from(len).map_err(io::Error::other)?;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(io::Error::other)?;
+        let bytes = read_body(io, len).await?;
+        Ok(Request::Envelope(Frame {
+            bytes,
+            _budget: Some(permit),
+        }))
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
@@ -109,7 +159,7 @@ impl libp2p::request_response::Codec for Codec {
         T: AsyncWrite + Unpin + Send,
     {
         match req {
-            Request::Envelope(bytes) => write_frame(io, &bytes).await?,
+            Request::Envelope(frame) => write_frame(io, &frame.bytes).await?,
             Request::Oversize(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -150,21 +200,25 @@ mod tests {
         futures::executor::block_on(f)
     }
 
+    fn written(c: &mut Codec, bytes: Vec<u8>) -> Cursor<Vec<u8>> {
+        let mut buf = Cursor::new(Vec::new());
+        let req = Request::Envelope(Frame::outbound(bytes));
+        block(c.write_request(&PROTOCOL, &mut buf, req)).expect("write");
+        buf.set_position(0);
+        buf
+    }
+
     #[test]
     fn frames_round_trip_and_oversize_is_discarded() {
-        let mut c = Codec { max_size: 8 };
-        let mut buf = Cursor::new(Vec::new());
-        block(c.write_request(&PROTOCOL, &mut buf, Request::Envelope(b"hello".to_vec())))
-            .expect("write");
-        buf.set_position(0);
-        let got = block(c.read_request(&PROTOCOL, &mut buf)).expect("read");
-        assert_eq!(got, Request::Envelope(b"hello".to_vec()));
-
-        let mut big = Cursor::new(Vec::new());
-        block(c.write_request(&PROTOCOL, &mut big, Request::Envelope(vec![7; 20]))).expect("write");
-        big.set_position(0);
+        let mut c = Codec::new(8, 16);
+        let mut buf = written(&mut c, b"hello".to_vec());
+        match block(c.read_request(&PROTOCOL, &mut buf)).expect("read") {
+            Request::Envelope(f) => assert_eq!(f.bytes, b"hello"),
+            other => panic!("{other:?}"),
+        }
+        let mut big = written(&mut c, vec![7; 20]);
         let got = block(c.read_request(&PROTOCOL, &mut big)).expect("read");
-        assert_eq!(got, Request::Oversize(20));
+        assert!(matches!(got, Request::Oversize(20)));
         assert_eq!(big.position(), 24, "the body was consumed, not buffered");
 
         for res in [Response::Accepted, Response::Reply(b"pong".to_vec())] {
@@ -176,5 +230,25 @@ mod tests {
                 res
             );
         }
+    }
+
+    #[test]
+    fn inbound_bodies_hold_budget_until_dropped() {
+        let mut c = Codec::new(8, 10);
+        let mut one = written(&mut c, vec![1; 8]);
+        let first = block(c.read_request(&PROTOCOL, &mut one)).expect("read");
+        assert_eq!(c.budget.available_permits(), 2);
+        // A second 8-byte body must wait until the first is dropped.
+        let mut two = written(&mut c, vec![2; 8]);
+        let mut reader = c.clone();
+        let protocol = PROTOCOL;
+        let mut read = Box::pin(reader.read_request(&protocol, &mut two));
+        assert!(
+            futures::FutureExt::now_or_never(&mut read).is_none(),
+            "waits for budget"
+        );
+        drop(first);
+        assert!(matches!(block(read).expect("read"), Request::Envelope(_)));
+        assert_eq!(c.budget.available_permits(), 10, "all budget is back");
     }
 }

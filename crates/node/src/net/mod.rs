@@ -85,7 +85,7 @@ pub fn build_swarm(
             )),
             ping: ping::Behaviour::default(),
             envelopes: request_response::Behaviour::with_codec(
-                codec::Codec { max_size },
+                codec::Codec::new(max_size, net.max_inbound_buffer_bytes),
                 [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
                 rr_config,
             ),
