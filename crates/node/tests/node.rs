@@ -18,6 +18,25 @@ async fn pair(listen: &str, tune: impl Fn(&mut peer_node::Config) + Copy) -> (Te
     (a, b)
 }
 
+/// Sends every payload from `from` to `to` at once; the answers in order.
+async fn send_all(
+    from: &peer_node::NodeHandle,
+    to: peer_core::EntityId,
+    payloads: impl Iterator<Item = Vec<u8>>,
+) -> Vec<Result<peer_node::node::Delivered, NodeError>> {
+    let tasks: Vec<_> = payloads
+        .map(|p| {
+            let h = from.clone();
+            tokio::spawn(async move { h.send(to, "message".parse().expect("type"), p).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
 fn message(n: u64) -> Vec<u8> {
     format!("{{\"n\":{n}}}").into_bytes()
 }
@@ -85,19 +104,10 @@ async fn sends_beyond_the_in_flight_bound_are_refused_not_queued() {
     })
     .await;
     let to = b.handle.entity_id();
-    let sends: Vec<_> = (0..20)
-        .map(|n| {
-            let h = a.handle.clone();
-            tokio::spawn(async move {
-                h.send(to, "message".parse().expect("type"), message(n))
-                    .await
-            })
-        })
-        .collect();
     let mut ok = 0;
     let mut busy = 0;
-    for s in sends {
-        match s.await.expect("task") {
+    for answer in send_all(&a.handle, to, (0..20).map(message)).await {
+        match answer {
             Ok(_) => ok += 1,
             Err(NodeError::Busy(2)) => busy += 1,
             Err(e) => panic!("unexpected {e}"),
@@ -148,17 +158,8 @@ async fn sends_beyond_the_stream_limit_wait_their_turn() {
     })
     .await;
     let to = b.handle.entity_id();
-    let sends: Vec<_> = (0..50)
-        .map(|n| {
-            let h = a.handle.clone();
-            tokio::spawn(async move {
-                h.send(to, "message".parse().expect("type"), message(n))
-                    .await
-            })
-        })
-        .collect();
-    for s in sends {
-        s.await.expect("task").expect("every send is delivered");
+    for answer in send_all(&a.handle, to, (0..50).map(message)).await {
+        answer.expect("every send is delivered");
     }
     let stats = b.handle.stats().await.expect("stats");
     assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 50);
@@ -174,17 +175,10 @@ async fn large_messages_beyond_the_inbound_budget_wait_for_room() {
     };
     let (a, b) = pair("/ip4/127.0.0.1/tcp/0", tune).await;
     let to = b.handle.entity_id();
-    let sends: Vec<_> = (0..8)
-        .map(|n| {
-            let h = a.handle.clone();
-            let payload = format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(SIZE)).into_bytes();
-            tokio::spawn(async move { h.send(to, "message".parse().expect("type"), payload).await })
-        })
-        .collect();
-    for s in sends {
-        s.await
-            .expect("task")
-            .expect("delivered once there is room");
+    let big =
+        (0..8).map(|n| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(SIZE)).into_bytes());
+    for answer in send_all(&a.handle, to, big).await {
+        answer.expect("delivered once there is room");
     }
     let stats = b.handle.stats().await.expect("stats");
     assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 8);
