@@ -9,6 +9,7 @@
 //! [`Envelope`] or a [`Rejection`] (wire error code + reason) out.
 #![forbid(unsafe_code)]
 
+pub mod chunk;
 pub mod codec;
 pub mod envelope;
 pub mod error;
@@ -16,6 +17,8 @@ pub mod identity;
 pub mod inbound;
 pub mod msg_type;
 pub mod replay;
+pub mod seq_window;
+pub mod session;
 
 pub use envelope::{Draft, Envelope, MessageId, Nonce, SessionId};
 pub use error::{ErrorCode, Rejection};

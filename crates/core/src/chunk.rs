@@ -1,0 +1,1 @@
+//! Chunked transfer: splitting large payloads and reassembling them with bounded memory.

@@ -1,0 +1,1 @@
+//! RFC 6479 sliding anti-replay window for session sequence numbers.
