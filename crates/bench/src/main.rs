@@ -12,6 +12,7 @@ use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use peer_node::config::NetworkConfig;
 use peer_node::node::{self, NodeHandle};
+use peer_node::ratelimit::RateLimitConfig;
 use peer_node::store::Store;
 use peer_node::{Config, data_dir};
 
@@ -71,6 +72,11 @@ async fn start(
             listen: vec![listen.parse()?],
             max_outbound_in_flight: in_flight.max(4096),
             ..NetworkConfig::default()
+        },
+        // Measure the protocol, not the per-peer limits.
+        rate_limits: RateLimitConfig {
+            enabled: false,
+            ..RateLimitConfig::default()
         },
         ..Config::default()
     };

@@ -16,6 +16,7 @@ pub mod error;
 pub mod identity;
 pub mod inbound;
 pub mod msg_type;
+pub mod rate;
 pub mod replay;
 pub mod seq_window;
 pub mod session;

@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::Stream;
 use futures::StreamExt;
-use peer_core::{EntityId, MsgType};
+use peer_core::{EntityId, ErrorCode, MsgType};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -58,6 +58,7 @@ struct ApiError {
     status: StatusCode,
     code: String,
     message: String,
+    retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -66,6 +67,7 @@ impl ApiError {
             status,
             code: code.to_owned(),
             message: message.into(),
+            retry_after_ms: None,
         }
     }
 
@@ -76,15 +78,29 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        match self.retry_after_ms {
+            Some(ms) => {
+                body["error"]["retry_after_ms"] = ms.into();
+                let secs = ms.div_ceil(1000).max(1).to_string();
+                (self.status, [(header::RETRY_AFTER, secs)], Json(body)).into_response()
+            }
+            None => (self.status, Json(body)).into_response(),
+        }
     }
 }
 
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         let message = e.to_string();
+        let retry_after_ms = match &e {
+            NodeError::Rejected { retry_after_ms, .. } => *retry_after_ms,
+            _ => None,
+        };
         let (status, code) = match e {
+            NodeError::Rejected { code, .. } if code == ErrorCode::RateLimited.as_str() => {
+                (StatusCode::TOO_MANY_REQUESTS, code)
+            }
             NodeError::Rejected { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             NodeError::NotConnected(_) => (StatusCode::NOT_FOUND, "NOT_CONNECTED".into()),
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()),
@@ -98,6 +114,7 @@ impl From<NodeError> for ApiError {
             status,
             code,
             message,
+            retry_after_ms,
         }
     }
 }
@@ -225,7 +242,27 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::same_token;
+    use super::*;
+
+    #[test]
+    fn a_peers_rate_limit_becomes_429_with_retry_after() {
+        let e = NodeError::Rejected {
+            code: "RATE_LIMITED".into(),
+            reason: "over the task rate limit".into(),
+            retry_after_ms: Some(1500),
+        };
+        let response = ApiError::from(e).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let other = NodeError::Rejected {
+            code: "INVALID_SIGNATURE".into(),
+            reason: String::new(),
+            retry_after_ms: None,
+        };
+        let response = ApiError::from(other).into_response();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
+    }
 
     #[test]
     fn tokens_compare_whole() {

@@ -13,6 +13,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
+use crate::ratelimit::RateLimitConfig;
+
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +27,8 @@ pub struct Config {
     pub protocol: ProtocolConfig,
     /// The local HTTP API.
     pub api: ApiConfig,
+    /// Per-peer rate limits.
+    pub rate_limits: RateLimitConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -98,6 +102,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             protocol: ProtocolConfig::default(),
             api: ApiConfig::default(),
+            rate_limits: RateLimitConfig::default(),
         }
     }
 }
@@ -206,6 +211,7 @@ impl Config {
                 "network.max_concurrent_streams is {streams}; it must be 1 to {MAX_STREAMS_PER_DIRECTION}"
             )));
         }
+        self.rate_limits.validate().map_err(ConfigError::Invalid)?;
         if self.network.max_inbound_buffer_bytes < self.protocol.max_envelope_size {
             return Err(ConfigError::Invalid(format!(
                 "network.max_inbound_buffer_bytes ({}) must be at least protocol.max_envelope_size ({})",

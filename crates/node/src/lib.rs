@@ -10,6 +10,7 @@ pub mod data_dir;
 pub mod net;
 pub mod node;
 mod outbox;
+pub mod ratelimit;
 pub mod stats;
 pub mod store;
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
@@ -15,6 +15,7 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify};
 use peer_core::inbound::{Acceptor, Refusal};
+use peer_core::rate::Class;
 use peer_core::{Draft, EntityId, Envelope, ErrorCode, Identity, MessageId, MsgType, Rejection};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::net::codec::{Frame, Request, Response};
 use crate::net::{self, Behaviour, BehaviourEvent};
 use crate::outbox::{Admit, Outbox};
+use crate::ratelimit::Limits;
 use crate::stats::{Metrics, Stats, StatsView};
 use crate::store::{PeerRecord, Store};
 
@@ -108,6 +110,8 @@ pub enum NodeError {
         code: String,
         /// The peer's reason.
         reason: String,
+        /// For `RATE_LIMITED`: how long to wait before sending again.
+        retry_after_ms: Option<u64>,
     },
     /// No open connection to the entity.
     #[error("not connected to {0}; connect to one of its addresses first (POST /v1/peers)")]
@@ -275,6 +279,7 @@ struct Actor {
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerView, NodeError>>>,
     sends: HashMap<OutboundRequestId, PendingSend>,
     outbox: Outbox<PeerId, Outgoing>,
+    limits: Limits,
     listen_addrs: Vec<Multiaddr>,
     verified_tx: mpsc::Sender<Verified>,
 }
@@ -341,6 +346,7 @@ pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHan
         config.network.max_concurrent_streams,
         config.network.max_outbound_in_flight,
     );
+    let limits = Limits::new(&config.rate_limits);
     let actor = Actor {
         swarm,
         acceptor: Acceptor::new(identity.entity_id(), config.inbound()),
@@ -354,6 +360,7 @@ pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHan
         dials: HashMap::new(),
         sends: HashMap::new(),
         outbox,
+        limits,
         listen_addrs: Vec::new(),
         verified_tx,
     };
@@ -626,13 +633,17 @@ impl Actor {
         }: Verified,
     ) {
         let peer_entity = net::entity_of(&peer);
-        let accepted = result.and_then(|env| self.acceptor.admit(now_ms(), env));
-        let response = match accepted.and_then(|env| self.dispatch(env)) {
+        let outcome = result
+            .and_then(|env| self.acceptor.admit(now_ms(), env))
+            .map_err(|r| (r, None))
+            .and_then(|env| self.within_rate(env))
+            .and_then(|env| self.dispatch(env).map_err(|r| (r, None)));
+        let response = match outcome {
             Ok(response) => response,
-            Err(refusal) => {
+            Err((refusal, retry_after)) => {
                 tracing::debug!(%peer, rejection = %refusal.rejection, "rejected");
                 self.stats.rejected(peer_entity, refusal.rejection.code);
-                Response::Reply(self.error_envelope(peer_entity, refusal))
+                Response::Reply(self.error_envelope(peer_entity, refusal, retry_after))
             }
         };
         // The channel is closed if the peer gave up; nothing to do then.
@@ -641,6 +652,26 @@ impl Actor {
             .behaviour_mut()
             .envelopes
             .send_response(channel, response);
+    }
+
+    /// Takes a token from the sender's bucket for the message's class. Runs after
+    /// the signature and nonce checks, so only the sender can spend its budget.
+    fn within_rate(&mut self, env: Envelope) -> Result<Envelope, (Refusal, Option<Duration>)> {
+        let class = Class::of(&env.msg_type);
+        match self.limits.check(env.sender_id, class) {
+            Ok(()) => Ok(env),
+            Err(wait) => {
+                let reason = format!(
+                    "over the {class} rate limit; retry after {} ms",
+                    wait.as_millis()
+                );
+                let refusal = Refusal {
+                    rejection: Rejection::new(ErrorCode::RateLimited, reason),
+                    message_id: Some(env.message_id),
+                };
+                Err((refusal, Some(wait)))
+            }
+        }
     }
 
     /// Handles a verified envelope by its msg_type.
@@ -682,13 +713,21 @@ impl Actor {
         Ok(Response::Accepted)
     }
 
-    fn error_envelope(&self, to: Option<EntityId>, refusal: Refusal) -> Vec<u8> {
+    fn error_envelope(
+        &self,
+        to: Option<EntityId>,
+        refusal: Refusal,
+        retry_after: Option<Duration>,
+    ) -> Vec<u8> {
         let mut payload = serde_json::json!({
             "error_code": refusal.rejection.code.as_str(),
             "error_message": refusal.rejection.reason,
         });
         if let Some(id) = refusal.message_id {
             payload["original_message_id"] = id.to_string().into();
+        }
+        if let Some(wait) = retry_after {
+            payload["retry_after_ms"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
         }
         draft(
             to,
@@ -745,6 +784,7 @@ impl Actor {
             return Err(NodeError::Rejected {
                 code: text("error_code"),
                 reason: text("error_message"),
+                retry_after_ms: payload.get("retry_after_ms").and_then(|v| v.as_u64()),
             });
         }
         Ok(Delivered {

@@ -183,3 +183,56 @@ async fn large_messages_beyond_the_inbound_budget_wait_for_room() {
     let stats = b.handle.stats().await.expect("stats");
     assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 8);
 }
+
+#[tokio::test]
+async fn a_flooding_peer_is_rate_limited_while_another_keeps_flowing() {
+    let target = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
+    let flooder = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
+    let honest = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
+    flooder
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("connect");
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("connect");
+    let to = target.handle.entity_id();
+    // The task class allows a burst of 60 then 30 a minute: 100 at once overflow it.
+    let (flood, calm) = tokio::join!(
+        send_all(&flooder.handle, to, (0..100).map(message)),
+        send_all(&honest.handle, to, (0..10).map(message)),
+    );
+    let mut limited = 0;
+    for answer in flood {
+        match answer {
+            Ok(_) => {}
+            Err(NodeError::Rejected {
+                code,
+                retry_after_ms,
+                ..
+            }) => {
+                assert_eq!(code, "RATE_LIMITED");
+                assert!(
+                    retry_after_ms.is_some_and(|ms| ms > 0 && ms <= 2_000),
+                    "{retry_after_ms:?}"
+                );
+                limited += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!((35..=40).contains(&limited), "limited {limited}");
+    for answer in calm {
+        answer.expect("the other peer's messages all arrive");
+    }
+    let stats = target.handle.stats().await.expect("stats");
+    let f = &stats.peers[&flooder.handle.entity_id().to_string()];
+    assert_eq!(f.rejected.get("RATE_LIMITED"), Some(&limited));
+    assert_eq!(
+        stats.peers[&honest.handle.entity_id().to_string()].received,
+        10
+    );
+}
