@@ -1,0 +1,198 @@
+//! In-order delivery of a session's messages: messages may arrive in any order
+//! inside the sequence window, but the agent sees them in send order.
+//!
+//! A message that arrives ahead of a gap waits until the gap fills, for at most
+//! `max_wait_ms` (then the gap is skipped: the sender's copy was lost and a new
+//! sequence number is used for any retry) and at most `capacity` messages (then the
+//! oldest gap is skipped at once). Either way the order of what is delivered never
+//! goes backwards.
+
+use std::collections::BTreeMap;
+
+/// Reorder settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Longest a message waits for an earlier one, in ms (default 2,000).
+    pub max_wait_ms: u64,
+    /// Most messages held per session (default 1,024, the window size).
+    pub capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_wait_ms: 2_000,
+            capacity: 1024,
+        }
+    }
+}
+
+/// Holds out-of-order messages of one session until they can be delivered in order.
+#[derive(Debug)]
+pub struct Reorder<T> {
+    config: Config,
+    next: u64,
+    held: BTreeMap<u64, (u64, T)>,
+}
+
+impl<T> Reorder<T> {
+    /// A buffer expecting sequence number 1 first.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            next: 1,
+            held: BTreeMap::new(),
+        }
+    }
+
+    /// The next sequence number it waits for.
+    pub fn next_expected(&self) -> u64 {
+        self.next
+    }
+
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether no message is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Takes an authenticated message; returns what can be delivered now, in order.
+    /// A number below the next expected one (already delivered or skipped) is dropped:
+    /// the replay window stops duplicates before this, so that only happens to a
+    /// message that arrived after its gap was skipped.
+    pub fn push(&mut self, now_ms: u64, seq: u64, item: T) -> Vec<(u64, T)> {
+        if seq < self.next {
+            return Vec::new();
+        }
+        self.held.entry(seq).or_insert((now_ms, item));
+        let mut out = self.release();
+        while self.held.len() > self.config.capacity.max(1) {
+            out.extend(self.skip_gap());
+        }
+        out
+    }
+
+    /// Skips gaps whose waiting messages are older than `max_wait_ms`; returns
+    /// what that releases.
+    pub fn handle_timeout(&mut self, now_ms: u64) -> Vec<(u64, T)> {
+        let mut out = Vec::new();
+        while self
+            .held
+            .values()
+            .next()
+            .is_some_and(|(arrived, _)| now_ms.saturating_sub(*arrived) >= self.config.max_wait_ms)
+        {
+            out.extend(self.skip_gap());
+        }
+        out
+    }
+
+    /// When [`Reorder::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.held
+            .values()
+            .map(|(arrived, _)| arrived + self.config.max_wait_ms)
+            .min()
+    }
+
+    fn release(&mut self) -> Vec<(u64, T)> {
+        let mut out = Vec::new();
+        while let Some((seq, (_, item))) = self.held.remove_entry(&self.next) {
+            out.push((seq, item));
+            self.next = seq.saturating_add(1);
+        }
+        out
+    }
+
+    /// Gives up on the first gap: jumps to the lowest held number and releases.
+    fn skip_gap(&mut self) -> Vec<(u64, T)> {
+        match self.held.keys().next() {
+            Some(&first) => {
+                self.next = first;
+                self.release()
+            }
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn seqs(v: Vec<(u64, u64)>) -> Vec<u64> {
+        v.into_iter().map(|(s, _)| s).collect()
+    }
+
+    #[test]
+    fn in_order_passes_through_and_gaps_wait() {
+        let mut r = Reorder::new(Config::default());
+        assert_eq!(seqs(r.push(0, 1, 1)), vec![1]);
+        assert!(r.push(0, 3, 3).is_empty());
+        assert!(r.push(0, 4, 4).is_empty());
+        assert_eq!(seqs(r.push(0, 2, 2)), vec![2, 3, 4]);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_lost_message_is_skipped_after_the_wait() {
+        let mut r = Reorder::new(Config::default());
+        assert!(r.push(100, 2, 2).is_empty());
+        assert_eq!(r.poll_timeout(), Some(2_100));
+        assert!(r.handle_timeout(2_099).is_empty());
+        assert_eq!(seqs(r.handle_timeout(2_100)), vec![2]);
+        // The lost one arriving late is dropped, never delivered out of order.
+        assert!(r.push(2_200, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn at_capacity_the_oldest_gap_is_skipped() {
+        let mut r = Reorder::new(Config {
+            max_wait_ms: 1_000,
+            capacity: 2,
+        });
+        assert!(r.push(0, 3, 3).is_empty());
+        assert!(r.push(0, 4, 4).is_empty());
+        assert_eq!(seqs(r.push(0, 6, 6)), vec![3, 4]);
+        assert_eq!(r.len(), 1);
+    }
+
+    proptest! {
+        /// Whatever the arrival order, delivery is strictly increasing, nothing is
+        /// delivered twice, and with no loss everything is delivered.
+        #[test]
+        fn delivery_is_in_order_and_complete(
+            order in Just((1u64..=200).collect::<Vec<_>>()).prop_shuffle(),
+            capacity in 1usize..64,
+        ) {
+            let mut r = Reorder::new(Config { max_wait_ms: 1_000, capacity });
+            let mut out = Vec::new();
+            for (t, s) in order.iter().enumerate() {
+                out.extend(seqs(r.push(t as u64, *s, *s)));
+            }
+            out.extend(seqs(r.handle_timeout(u64::MAX)));
+            prop_assert!(out.windows(2).all(|w| w[0] < w[1]));
+            if capacity >= 200 {
+                prop_assert_eq!(out.len(), 200);
+            }
+            prop_assert!(r.len() <= capacity);
+        }
+
+        #[test]
+        fn with_a_large_buffer_nothing_is_lost(
+            order in Just((1u64..=100).collect::<Vec<_>>()).prop_shuffle(),
+        ) {
+            let mut r = Reorder::new(Config::default());
+            let mut out = Vec::new();
+            for s in order {
+                out.extend(seqs(r.push(0, s, s)));
+            }
+            prop_assert_eq!(out, (1..=100).collect::<Vec<_>>());
+        }
+    }
+}
