@@ -14,6 +14,7 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
 use crate::ratelimit::RateLimitConfig;
+use crate::secure::SecurityConfig;
 
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +30,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Per-peer rate limits.
     pub rate_limits: RateLimitConfig,
+    /// End-to-end sessions.
+    pub security: SecurityConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -103,6 +106,7 @@ impl Default for Config {
             protocol: ProtocolConfig::default(),
             api: ApiConfig::default(),
             rate_limits: RateLimitConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -212,6 +216,7 @@ impl Config {
             )));
         }
         self.rate_limits.validate().map_err(ConfigError::Invalid)?;
+        self.security.validate().map_err(ConfigError::Invalid)?;
         if self.network.max_inbound_buffer_bytes < self.protocol.max_envelope_size {
             return Err(ConfigError::Invalid(format!(
                 "network.max_inbound_buffer_bytes ({}) must be at least protocol.max_envelope_size ({})",

@@ -19,7 +19,9 @@ pub use config::Config;
 pub use libp2p;
 pub use node::{NodeError, NodeHandle};
 
+mod actor;
 pub mod api;
+pub mod secure;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -19,9 +19,12 @@ use common::{TestNode, start_node_with};
 
 const LIMIT: usize = 64 * 1024;
 
+/// A node that also accepts plaintext application messages, so that the raw
+/// peer (which runs no session) can reach every envelope-level check.
 async fn start_node() -> TestNode {
     start_node_with("/ip4/127.0.0.1/tcp/0", |c| {
-        c.protocol.max_envelope_size = LIMIT
+        c.protocol.max_envelope_size = LIMIT;
+        c.security.require_encryption = false;
     })
     .await
 }
@@ -108,8 +111,10 @@ fn error_code(response: Response) -> Option<String> {
         return None;
     };
     let env = Envelope::decode(&bytes).expect("reply decodes");
-    assert!(env.verify(), "the error reply is signed by the node");
-    assert_eq!(env.msg_type.as_str(), "error");
+    assert!(env.verify(), "the reply is signed by the node");
+    if env.msg_type.as_str() != "error" {
+        return None;
+    }
     let payload: serde_json::Value = serde_json::from_slice(&env.payload).expect("json");
     assert!(
         payload["error_message"]
@@ -324,4 +329,22 @@ async fn non_json_application_payload_is_malformed() {
         d.sign(&raw.identity).encode()
     })
     .await;
+}
+
+#[tokio::test]
+async fn plaintext_application_message_is_refused_by_default() {
+    let target = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
+    let mut raw = RawPeer::connect(&target.addr).await;
+    let env = raw
+        .draft(target.handle.entity_id(), "message")
+        .sign(&raw.identity);
+    assert_eq!(
+        raw.send(env.encode()).await.as_deref(),
+        Some("ENCRYPTION_REQUIRED")
+    );
+    // Signed but unsealed non-application messages are still served.
+    let ping = raw
+        .draft(target.handle.entity_id(), "ping")
+        .sign(&raw.identity);
+    assert_eq!(raw.send(ping.encode()).await, None, "a pong, not an error");
 }

@@ -1,0 +1,815 @@
+//! The node actor: one task that owns the swarm, the inbound checks, the
+//! end-to-end sessions, the rate limits, the counters and the database, and
+//! answers the [`NodeHandle`](crate::NodeHandle)'s commands.
+//!
+//! CPU-heavy work leaves the actor: inbound signature checks run on tasks of
+//! their own (results come back on `verified`), and so does signing of outbound
+//! envelopes (results come back on `signed`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify};
+use peer_core::inbound::{Acceptor, Refusal};
+use peer_core::rate::Class;
+use peer_core::session::Message;
+use peer_core::{Draft, EntityId, Envelope, ErrorCode, Identity, MessageId, MsgType, Rejection};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::Config;
+use crate::net::codec::{Frame, Request, Response};
+use crate::net::{self, Behaviour, BehaviourEvent};
+use crate::node::{Delivered, Event, NodeError, PeerView, ReplyView, now_ms};
+use crate::outbox::{Admit, Outbox};
+use crate::ratelimit::Limits;
+use crate::secure::{SealedParts, Secure, Send};
+use crate::stats::{Metrics, Stats, StatsView};
+use crate::store::{PeerRecord, Store};
+
+/// Capacity of the channels from verification and signing tasks back to the
+/// actor. The tasks themselves are bounded: verification by the open inbound
+/// streams, signing by the outbox.
+const TASK_QUEUE: usize = 1024;
+/// Addresses remembered per connected peer.
+const MAX_ADDRS_PER_PEER: usize = 8;
+/// How often timers (reorder gaps, handshake deadlines) are applied.
+const TICK: Duration = Duration::from_millis(100);
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+/// What a handle asks of the actor.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Connect(Multiaddr, Reply<PeerView>),
+    Send {
+        to: EntityId,
+        msg_type: MsgType,
+        payload: Vec<u8>,
+        reply: Reply<Delivered>,
+    },
+    Peers(Reply<Vec<PeerView>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Stats(oneshot::Sender<StatsView>),
+}
+
+/// Why a request is sent, and who waits for its answer.
+#[derive(Debug)]
+enum Purpose {
+    /// A message for the agent's `send`.
+    Message {
+        message_id: MessageId,
+        reply: Reply<Delivered>,
+    },
+    /// A handshake step; its reply carries the peer's next step.
+    Handshake,
+}
+
+impl Purpose {
+    fn fail(self, e: NodeError) {
+        if let Purpose::Message { reply, .. } = self {
+            _ = reply.send(Err(e));
+        }
+    }
+}
+
+/// A signed envelope on its way out.
+#[derive(Debug)]
+struct Outgoing {
+    to: EntityId,
+    bytes: Vec<u8>,
+    purpose: Purpose,
+}
+
+/// A request in flight.
+struct Pending {
+    peer: PeerId,
+    to: EntityId,
+    purpose: Purpose,
+}
+
+/// An inbound request after the stateless checks, back from a verification task.
+struct Verified {
+    peer: PeerId,
+    result: Result<Envelope, Refusal>,
+    channel: ResponseChannel<Response>,
+}
+
+struct Connected {
+    entity: EntityId,
+    connections: u32,
+    addrs: Vec<Multiaddr>,
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    identity: Arc<Identity>,
+    acceptor: Acceptor,
+    secure: Secure<Reply<Delivered>>,
+    store: Store,
+    stats: Stats,
+    events: broadcast::Sender<Event>,
+    config: Config,
+    connected: HashMap<PeerId, Connected>,
+    by_entity: HashMap<EntityId, PeerId>,
+    dials: HashMap<ConnectionId, Reply<PeerView>>,
+    sends: HashMap<OutboundRequestId, Pending>,
+    outbox: Outbox<PeerId, Outgoing>,
+    limits: Limits,
+    listen_addrs: Vec<Multiaddr>,
+    verified_tx: mpsc::Sender<Verified>,
+    signed_tx: mpsc::Sender<Outgoing>,
+}
+
+/// A fresh draft to `to`, stamped now, with a random id and nonce.
+fn draft(to: Option<EntityId>, msg_type: MsgType, payload: Vec<u8>) -> Draft {
+    Draft {
+        msg_type,
+        message_id: MessageId::from_random(rand::random()),
+        recipient_id: to,
+        session_id: None,
+        sequence_num: 0,
+        timestamp_ms: now_ms(),
+        nonce: rand::random(),
+        payload,
+    }
+}
+
+/// A draft carrying a sealed payload.
+fn sealed_draft(to: EntityId, parts: SealedParts) -> Draft {
+    let mut d = draft(Some(to), parts.msg_type, parts.ciphertext);
+    d.session_id = Some(parts.session_id);
+    d.sequence_num = parts.sequence_num;
+    d
+}
+
+/// Decodes a reply envelope and checks that the recipient signed it.
+fn check_reply(to: EntityId, bytes: &[u8]) -> Result<Envelope, NodeError> {
+    Envelope::decode(bytes)
+        .ok()
+        .filter(|e| e.verify() && e.sender_id == to)
+        .ok_or_else(|| {
+            NodeError::Transport("the reply is not an envelope signed by the recipient".into())
+        })
+}
+
+/// The rejection an `error` envelope carries.
+fn rejection_of(env: &Envelope) -> Rejection {
+    let payload: serde_json::Value = serde_json::from_slice(&env.payload).unwrap_or_default();
+    let code = payload["error_code"]
+        .as_str()
+        .and_then(ErrorCode::from_wire);
+    let reason = payload["error_message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    Rejection::new(code.unwrap_or(ErrorCode::InvalidState), reason)
+}
+
+fn rejected(r: Rejection) -> NodeError {
+    NodeError::Rejected {
+        code: r.code.to_string(),
+        reason: r.reason,
+        retry_after_ms: None,
+    }
+}
+
+/// Starts the actor task; returns its metrics.
+pub(crate) fn spawn(
+    swarm: Swarm<Behaviour>,
+    config: Config,
+    identity: Identity,
+    store: Store,
+    events: broadcast::Sender<Event>,
+    commands: mpsc::Receiver<Command>,
+) -> Metrics {
+    let (verified_tx, verified_rx) = mpsc::channel(TASK_QUEUE);
+    let (signed_tx, signed_rx) = mpsc::channel(TASK_QUEUE);
+    let stats = Stats::new(config.protocol.max_stats_peers);
+    let metrics = stats.metrics();
+    let actor = Actor {
+        swarm,
+        acceptor: Acceptor::new(identity.entity_id(), config.inbound()),
+        secure: Secure::new(config.security.clone(), identity.entity_id()),
+        identity: Arc::new(identity),
+        store,
+        stats,
+        events,
+        connected: HashMap::new(),
+        by_entity: HashMap::new(),
+        dials: HashMap::new(),
+        sends: HashMap::new(),
+        outbox: Outbox::new(
+            config.network.max_concurrent_streams,
+            config.network.max_outbound_in_flight,
+        ),
+        limits: Limits::new(&config.rate_limits),
+        config,
+        listen_addrs: Vec::new(),
+        verified_tx,
+        signed_tx,
+    };
+    tokio::spawn(actor.run(commands, verified_rx, signed_rx));
+    metrics
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut verified: mpsc::Receiver<Verified>,
+        mut signed: mpsc::Receiver<Outgoing>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.handle_command(cmd),
+                    None => break,
+                },
+                Some(v) = verified.recv() => self.on_verified(v),
+                Some(out) = signed.recv() => self.enqueue(out),
+                event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                _ = tick.tick() => self.handle_timeout(),
+            }
+        }
+        tracing::info!("node stopped");
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect(addr, reply) => {
+                let opts = DialOpts::unknown_peer_id().address(addr).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dials.insert(id, reply);
+                    }
+                    Err(e) => _ = reply.send(Err(NodeError::Dial(e.to_string()))),
+                }
+            }
+            Command::Send {
+                to,
+                msg_type,
+                payload,
+                reply,
+            } => self.send(to, msg_type, payload, reply),
+            Command::Peers(reply) => _ = reply.send(self.peers()),
+            Command::ListenAddrs(reply) => _ = reply.send(self.listen_addrs.clone()),
+            Command::Stats(reply) => _ = reply.send(self.stats.view()),
+        }
+    }
+
+    /// An agent's message: sealed in the session with `to` if it is an
+    /// application message (starting a handshake if needed), else signed as is.
+    fn send(&mut self, to: EntityId, msg_type: MsgType, payload: Vec<u8>, reply: Reply<Delivered>) {
+        if !self.by_entity.contains_key(&to) {
+            _ = reply.send(Err(NodeError::NotConnected(to)));
+            return;
+        }
+        if !msg_type.is_application() {
+            self.sign_and_send(to, draft(Some(to), msg_type, payload), Some(reply));
+            return;
+        }
+        match self.secure.send(now_ms(), to, msg_type, payload, reply) {
+            Send::Sealed(parts, reply) => {
+                self.sign_and_send(to, sealed_draft(to, parts), Some(reply))
+            }
+            Send::Queued(init) => {
+                if let Some(init) = init {
+                    self.send_handshake(to, &init);
+                }
+            }
+            Send::Refused(reply, r) => _ = reply.send(Err(rejected(r))),
+        }
+    }
+
+    fn send_handshake(&mut self, to: EntityId, msg: &Message) {
+        let d = draft(
+            Some(to),
+            msg.msg_type().parse().expect("handshake types are valid"),
+            msg.encode(),
+        );
+        self.sign_and_send(to, d, None);
+    }
+
+    /// Signs on a task of its own; the envelope comes back through `signed`.
+    /// `reply` is `None` for handshake steps.
+    fn sign_and_send(&mut self, to: EntityId, d: Draft, reply: Option<Reply<Delivered>>) {
+        let identity = self.identity.clone();
+        let tx = self.signed_tx.clone();
+        tokio::spawn(async move {
+            let env = d.sign(&identity);
+            let purpose = match reply {
+                Some(reply) => Purpose::Message {
+                    message_id: env.message_id,
+                    reply,
+                },
+                None => Purpose::Handshake,
+            };
+            let out = Outgoing {
+                to,
+                bytes: env.encode(),
+                purpose,
+            };
+            // Fails only when the node is stopping.
+            _ = tx.send(out).await;
+        });
+    }
+
+    /// A signed envelope: sent now, or queued behind the peer's open streams.
+    fn enqueue(&mut self, out: Outgoing) {
+        let Some(peer) = self.by_entity.get(&out.to).copied() else {
+            let to = out.to;
+            out.purpose.fail(NodeError::NotConnected(to));
+            return;
+        };
+        match self.outbox.admit(peer, out) {
+            Admit::Send(out) => self.dispatch_request(peer, out),
+            Admit::Queued => {}
+            Admit::Full(out) => out.purpose.fail(NodeError::Busy(self.outbox.limit())),
+        }
+    }
+
+    fn dispatch_request(&mut self, peer: PeerId, out: Outgoing) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .envelopes
+            .send_request(&peer, Request::Envelope(Frame::outbound(out.bytes)));
+        let pending = Pending {
+            peer,
+            to: out.to,
+            purpose: out.purpose,
+        };
+        self.sends.insert(id, pending);
+    }
+
+    /// A request finished (answered or failed): lets the next waiting one go.
+    fn request_done(&mut self, peer: PeerId) {
+        if let Some(next) = self.outbox.finished(peer) {
+            self.dispatch_request(peer, next);
+        }
+    }
+
+    fn handle_timeout(&mut self) {
+        let (opened, failed) = self.secure.handle_timeout(now_ms());
+        for (from, o) in opened {
+            self.deliver(from, o.message_id, o.msg_type, o.payload);
+        }
+        for (reply, r) in failed {
+            _ = reply.send(Err(rejected(r)));
+        }
+    }
+
+    fn peers(&self) -> Result<Vec<PeerView>, NodeError> {
+        let now = now_ms();
+        let mut out: Vec<PeerView> = self
+            .store
+            .peers()
+            .map_err(|e| NodeError::Transport(e.to_string()))?
+            .into_iter()
+            .map(|p| PeerView {
+                connected: self.by_entity.contains_key(&p.entity_id),
+                session: self.secure.view(&p.entity_id, now),
+                entity_id: p.entity_id,
+                peer_id: p.peer_id,
+                addrs: p.addrs,
+                last_seen_ms: p.last_seen_ms,
+            })
+            .collect();
+        out.sort_by_key(|p| std::cmp::Reverse(p.last_seen_ms));
+        Ok(out)
+    }
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => self.on_connected(peer_id, connection_id, &endpoint),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0
+                    && let Some(c) = self.connected.remove(&peer_id)
+                {
+                    self.by_entity.remove(&c.entity);
+                    self.stats.set_connected(self.connected.len());
+                    for out in self.outbox.drain_waiting(peer_id) {
+                        out.purpose.fail(NodeError::NotConnected(c.entity));
+                    }
+                    _ = self.events.send(Event::PeerDisconnected {
+                        entity_id: c.entity,
+                    });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.dials.remove(&connection_id) {
+                    _ = reply.send(Err(NodeError::Dial(error.to_string())));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Envelopes(e)) => self.on_envelopes(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if let Some(c) = self.connected.get_mut(&peer_id) {
+                    for a in info.listen_addrs {
+                        if c.addrs.len() < MAX_ADDRS_PER_PEER && !c.addrs.contains(&a) {
+                            c.addrs.push(a);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connected(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        endpoint: &ConnectedPoint,
+    ) {
+        let Some(entity) = net::entity_of(&peer_id) else {
+            // Only Ed25519 peers have an entity id; nobody else speaks this protocol.
+            tracing::warn!(%peer_id, "peer without an Ed25519 key; disconnecting");
+            _ = self.swarm.disconnect_peer_id(peer_id);
+            if let Some(reply) = self.dials.remove(&connection_id) {
+                _ = reply.send(Err(NodeError::Dial(format!(
+                    "{peer_id} does not use an Ed25519 key"
+                ))));
+            }
+            return;
+        };
+        let addr = endpoint.get_remote_address().clone();
+        let first = !self.connected.contains_key(&peer_id);
+        let c = self.connected.entry(peer_id).or_insert_with(|| Connected {
+            entity,
+            connections: 0,
+            addrs: Vec::new(),
+        });
+        c.connections += 1;
+        if endpoint.is_dialer() && !c.addrs.contains(&addr) && c.addrs.len() < MAX_ADDRS_PER_PEER {
+            c.addrs.push(addr);
+        }
+        let addrs: Vec<String> = c.addrs.iter().map(ToString::to_string).collect();
+        self.by_entity.insert(entity, peer_id);
+        self.stats.set_connected(self.connected.len());
+        let record = PeerRecord {
+            entity_id: entity,
+            peer_id: peer_id.to_string(),
+            addrs,
+            last_seen_ms: now_ms(),
+        };
+        if let Err(e) = self
+            .store
+            .upsert_peer(&record, self.config.network.max_known_peers)
+        {
+            tracing::error!(error = %e, "cannot record peer");
+        }
+        if first {
+            _ = self.events.send(Event::PeerConnected { entity_id: entity });
+        }
+        if let Some(reply) = self.dials.remove(&connection_id) {
+            _ = reply.send(Ok(PeerView {
+                entity_id: entity,
+                peer_id: record.peer_id,
+                addrs: record.addrs,
+                connected: true,
+                session: self.secure.view(&entity, record.last_seen_ms),
+                last_seen_ms: record.last_seen_ms,
+            }));
+        }
+    }
+
+    fn on_envelopes(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.on_response(request_id, response),
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(p) = self.sends.remove(&request_id) {
+                    let e = NodeError::Transport(error.to_string());
+                    if let Purpose::Handshake = p.purpose {
+                        let r = Rejection::new(ErrorCode::InvalidState, e.to_string());
+                        self.fail_waiting(p.to, &r);
+                    }
+                    p.purpose.fail(e);
+                    self.request_done(p.peer);
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Starts the stateless checks (signature verification is most of the CPU
+    /// work) on a task of their own, so they run in parallel on every core; the
+    /// result comes back to [`Actor::on_verified`].
+    fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+        let verifier = self.acceptor.verifier();
+        let tx = self.verified_tx.clone();
+        tokio::spawn(async move {
+            let result = match request {
+                Request::Oversize(len) => Err(verifier.too_large(len)),
+                Request::Envelope(frame) => verifier.verify(now_ms(), &frame.bytes),
+            };
+            // Fails only when the node is stopping.
+            _ = tx
+                .send(Verified {
+                    peer,
+                    result,
+                    channel,
+                })
+                .await;
+        });
+    }
+
+    fn on_verified(
+        &mut self,
+        Verified {
+            peer,
+            result,
+            channel,
+        }: Verified,
+    ) {
+        let peer_entity = net::entity_of(&peer);
+        let outcome = result
+            .and_then(|env| self.acceptor.admit(now_ms(), env))
+            .map_err(|r| (r, None))
+            .and_then(|env| self.within_rate(env))
+            .and_then(|env| self.dispatch(env).map_err(|r| (r, None)));
+        let response = match outcome {
+            Ok(response) => response,
+            Err((refusal, retry_after)) => {
+                tracing::debug!(%peer, rejection = %refusal.rejection, "rejected");
+                self.stats.rejected(peer_entity, refusal.rejection.code);
+                Response::Reply(self.error_envelope(peer_entity, refusal, retry_after))
+            }
+        };
+        // The channel is closed if the peer gave up; nothing to do then.
+        _ = self
+            .swarm
+            .behaviour_mut()
+            .envelopes
+            .send_response(channel, response);
+    }
+
+    /// Takes a token from the sender's bucket for the message's class. Runs after
+    /// the signature and nonce checks, so only the sender can spend its budget.
+    fn within_rate(&mut self, env: Envelope) -> Result<Envelope, (Refusal, Option<Duration>)> {
+        let class = Class::of(&env.msg_type);
+        match self.limits.check(env.sender_id, class) {
+            Ok(()) => Ok(env),
+            Err(wait) => {
+                let reason = format!(
+                    "over the {class} rate limit; retry after {} ms",
+                    wait.as_millis()
+                );
+                let refusal = Refusal {
+                    rejection: Rejection::new(ErrorCode::RateLimited, reason),
+                    message_id: Some(env.message_id),
+                };
+                Err((refusal, Some(wait)))
+            }
+        }
+    }
+
+    /// Handles an admitted envelope by its msg_type.
+    fn dispatch(&mut self, env: Envelope) -> Result<Response, Refusal> {
+        let id = env.message_id;
+        let refuse = |r: Rejection| Refusal {
+            rejection: r,
+            message_id: Some(id),
+        };
+        let now = now_ms();
+        if env.msg_type == *MsgType::PING {
+            let pong = draft(
+                Some(env.sender_id),
+                MsgType::PONG.parse().expect("valid"),
+                env.payload,
+            );
+            return Ok(Response::Reply(pong.sign(&self.identity).encode()));
+        }
+        if Message::is_handshake(env.msg_type.as_str()) {
+            let from = env.sender_id;
+            let (next, released) = self
+                .secure
+                .handshake(now, &self.identity, &env)
+                .map_err(refuse)?;
+            self.send_released(from, released);
+            return Ok(match next {
+                Some(msg) => {
+                    let d = draft(
+                        Some(from),
+                        msg.msg_type().parse().expect("valid"),
+                        msg.encode(),
+                    );
+                    Response::Reply(d.sign(&self.identity).encode())
+                }
+                None => Response::Accepted,
+            });
+        }
+        if !env.msg_type.is_application() {
+            return Err(refuse(Rejection::new(
+                ErrorCode::UnsupportedMsgType,
+                format!(
+                    "this node has no handler for msg_type {:?}",
+                    env.msg_type.as_str()
+                ),
+            )));
+        }
+        let from = env.sender_id;
+        if env.session_id.is_some() {
+            for o in self.secure.open(now, env).map_err(refuse)? {
+                self.deliver(from, o.message_id, o.msg_type, o.payload);
+            }
+        } else if self.secure.require_encryption() {
+            return Err(refuse(Rejection::new(
+                ErrorCode::EncryptionRequired,
+                "this node accepts application messages only sealed in a session",
+            )));
+        } else {
+            let payload = crate::secure::parse_json(&env.payload).map_err(refuse)?;
+            self.deliver(from, env.message_id.to_string(), env.msg_type, payload);
+        }
+        Ok(Response::Accepted)
+    }
+
+    /// Hands an application message to the agent.
+    fn deliver(
+        &mut self,
+        from: EntityId,
+        message_id: String,
+        msg_type: MsgType,
+        payload: serde_json::Value,
+    ) {
+        self.stats.received(from);
+        _ = self.events.send(Event::Message {
+            message_id,
+            from,
+            msg_type: msg_type.to_string(),
+            payload,
+        });
+    }
+
+    /// Sends the messages a new session released.
+    fn send_released(&mut self, to: EntityId, released: Vec<(SealedParts, Reply<Delivered>)>) {
+        for (parts, reply) in released {
+            self.sign_and_send(to, sealed_draft(to, parts), Some(reply));
+        }
+    }
+
+    fn fail_waiting(&mut self, to: EntityId, r: &Rejection) {
+        for (reply, r) in self.secure.fail_waiting(to, r) {
+            _ = reply.send(Err(rejected(r)));
+        }
+    }
+
+    fn error_envelope(
+        &self,
+        to: Option<EntityId>,
+        refusal: Refusal,
+        retry_after: Option<Duration>,
+    ) -> Vec<u8> {
+        let mut payload = serde_json::json!({
+            "error_code": refusal.rejection.code.as_str(),
+            "error_message": refusal.rejection.reason,
+        });
+        if let Some(id) = refusal.message_id {
+            payload["original_message_id"] = id.to_string().into();
+        }
+        if let Some(wait) = retry_after {
+            payload["retry_after_ms"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
+        }
+        draft(
+            to,
+            MsgType::ERROR.parse().expect("valid"),
+            payload.to_string().into_bytes(),
+        )
+        .sign(&self.identity)
+        .encode()
+    }
+
+    fn on_response(&mut self, request_id: OutboundRequestId, response: Response) {
+        let Some(p) = self.sends.remove(&request_id) else {
+            return;
+        };
+        match p.purpose {
+            Purpose::Message { message_id, reply } => {
+                let result = match response {
+                    Response::Accepted => Ok(Delivered {
+                        message_id: message_id.to_string(),
+                        reply: None,
+                    }),
+                    Response::Reply(bytes) => {
+                        check_reply(p.to, &bytes).and_then(|env| Self::read_reply(env, message_id))
+                    }
+                };
+                match &result {
+                    Ok(_) => self.stats.sent(p.to),
+                    Err(NodeError::Rejected { code, .. }) => self.stats.refused(p.to, code),
+                    Err(_) => {}
+                }
+                _ = reply.send(result);
+            }
+            Purpose::Handshake => self.on_handshake_reply(p.to, response),
+        }
+        self.request_done(p.peer);
+    }
+
+    /// The peer's answer to one of our handshake steps: its next step, or a refusal.
+    fn on_handshake_reply(&mut self, to: EntityId, response: Response) {
+        let env = match response {
+            Response::Reply(bytes) => check_reply(to, &bytes),
+            Response::Accepted => Err(NodeError::Transport(
+                "handshake step answered without a reply".into(),
+            )),
+        };
+        let env = match env {
+            Ok(env) => env,
+            Err(e) => {
+                let r = Rejection::new(ErrorCode::InvalidState, e.to_string());
+                return self.fail_waiting(to, &r);
+            }
+        };
+        if env.msg_type == *MsgType::ERROR {
+            let r = rejection_of(&env);
+            for (reply, r) in self.secure.handshake_refused(to, &r) {
+                _ = reply.send(Err(rejected(r)));
+            }
+            return;
+        }
+        match self.secure.handshake(now_ms(), &self.identity, &env) {
+            Ok((next, released)) => {
+                if let Some(next) = next {
+                    self.send_handshake(to, &next);
+                }
+                self.send_released(to, released);
+            }
+            Err(r) => self.fail_waiting(to, &r),
+        }
+    }
+
+    /// Reads an application message's reply (already checked by [`check_reply`]).
+    fn read_reply(env: Envelope, message_id: MessageId) -> Result<Delivered, NodeError> {
+        let payload: serde_json::Value =
+            serde_json::from_slice(&env.payload).unwrap_or(serde_json::Value::Null);
+        if env.msg_type == *MsgType::ERROR {
+            let text = |k: &str| {
+                payload
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            return Err(NodeError::Rejected {
+                code: text("error_code"),
+                reason: text("error_message"),
+                retry_after_ms: payload.get("retry_after_ms").and_then(|v| v.as_u64()),
+            });
+        }
+        Ok(Delivered {
+            message_id: message_id.to_string(),
+            reply: Some(ReplyView {
+                msg_type: env.msg_type.to_string(),
+                payload,
+            }),
+        })
+    }
+}
