@@ -3,21 +3,12 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm, request_response};
-use peer_core::{Draft, EntityId, Envelope, Identity, MessageId};
-use peer_node::Config;
-use peer_node::config::ProtocolConfig;
-use peer_node::net::codec::{Frame, Request, Response};
-use peer_node::net::{self, Behaviour, BehaviourEvent};
-use peer_node::node::{Event, now_ms};
+use peer_core::{EntityId, Identity};
+use peer_node::node::Event;
 use tokio::sync::broadcast;
 
 mod common;
-use common::{TestNode, start_node_with};
-
-const LIMIT: usize = 64 * 1024;
+use common::{LIMIT, RawPeer, TestNode, start_node_with};
 
 /// A node that also accepts plaintext application messages, so that the raw
 /// peer (which runs no session) can reach every envelope-level check.
@@ -27,107 +18,6 @@ async fn start_node() -> TestNode {
         c.security.require_encryption = false;
     })
     .await
-}
-
-/// A peer that speaks the wire protocol directly, so it can send any bytes.
-struct RawPeer {
-    swarm: Swarm<Behaviour>,
-    identity: Identity,
-    target: PeerId,
-}
-
-impl RawPeer {
-    async fn connect(addr: &Multiaddr) -> Self {
-        let identity = Identity::from_secret(&rand::random());
-        let config = Config {
-            protocol: ProtocolConfig {
-                max_envelope_size: 4 * LIMIT,
-                ..ProtocolConfig::default()
-            },
-            ..Config::default()
-        };
-        let mut swarm =
-            net::build_swarm(net::keypair(identity.secret_bytes()), &config).expect("swarm");
-        swarm.dial(addr.clone()).expect("dial");
-        let target = loop {
-            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
-                swarm.select_next_some().await
-            {
-                break peer_id;
-            }
-        };
-        Self {
-            swarm,
-            identity,
-            target,
-        }
-    }
-
-    fn draft(&self, to: EntityId, msg_type: &str) -> Draft {
-        Draft {
-            msg_type: msg_type.parse().expect("msg_type"),
-            message_id: MessageId::from_random(rand::random()),
-            recipient_id: Some(to),
-            session_id: None,
-            sequence_num: 0,
-            timestamp_ms: now_ms(),
-            nonce: rand::random(),
-            payload: br#"{"n":1}"#.to_vec(),
-        }
-    }
-
-    /// Sends raw bytes; returns `None` if accepted, else the error code.
-    async fn send(&mut self, bytes: Vec<u8>) -> Option<String> {
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .envelopes
-            .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
-        loop {
-            match self.swarm.select_next_some().await {
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    },
-                )) if request_id == id => return error_code(response),
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::OutboundFailure {
-                        request_id, error, ..
-                    },
-                )) if request_id == id => panic!("request failed: {error}"),
-                _ => {}
-            }
-        }
-    }
-}
-
-fn error_code(response: Response) -> Option<String> {
-    let Response::Reply(bytes) = response else {
-        return None;
-    };
-    let env = Envelope::decode(&bytes).expect("reply decodes");
-    assert!(env.verify(), "the reply is signed by the node");
-    if env.msg_type.as_str() != "error" {
-        return None;
-    }
-    let payload: serde_json::Value = serde_json::from_slice(&env.payload).expect("json");
-    assert!(
-        payload["error_message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "a reason is given"
-    );
-    Some(
-        payload["error_code"]
-            .as_str()
-            .expect("error_code")
-            .to_owned(),
-    )
 }
 
 /// The next message event from `from`, skipping everything else.

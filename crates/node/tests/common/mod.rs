@@ -1,11 +1,23 @@
 //! Helpers shared by the node's integration tests.
 
+#![allow(dead_code)] // each test file uses a different part
+
 use std::time::Duration;
 
-use libp2p::Multiaddr;
-use peer_node::node::{self, NodeHandle};
+use futures::StreamExt;
+use libp2p::request_response::{self, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use peer_core::{Draft, EntityId, Envelope, Identity, MessageId};
+use peer_node::config::ProtocolConfig;
+use peer_node::net::codec::{Frame, Request, Response};
+use peer_node::net::{self, Behaviour, BehaviourEvent};
+use peer_node::node::{self, NodeHandle, now_ms};
 use peer_node::store::Store;
 use peer_node::{Config, data_dir};
+
+/// Envelope size limit the raw-peer tests give their nodes.
+pub const LIMIT: usize = 64 * 1024;
 
 /// A node running in this process, with its data directory.
 pub struct TestNode {
@@ -38,4 +50,169 @@ pub async fn start_node_with(listen: &str, tune: impl FnOnce(&mut Config)) -> Te
         addr,
         _dir: dir,
     }
+}
+
+/// A peer that speaks the wire protocol directly, so it can send any bytes.
+pub struct RawPeer {
+    pub swarm: Swarm<Behaviour>,
+    pub identity: Identity,
+    pub target: PeerId,
+}
+
+impl RawPeer {
+    pub async fn connect(addr: &Multiaddr) -> Self {
+        let identity = Identity::from_secret(&rand::random());
+        let config = Config {
+            protocol: ProtocolConfig {
+                max_envelope_size: 4 * LIMIT,
+                ..ProtocolConfig::default()
+            },
+            ..Config::default()
+        };
+        let mut swarm =
+            net::build_swarm(net::keypair(identity.secret_bytes()), &config).expect("swarm");
+        swarm.dial(addr.clone()).expect("dial");
+        let target = loop {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
+                swarm.select_next_some().await
+            {
+                break peer_id;
+            }
+        };
+        Self {
+            swarm,
+            identity,
+            target,
+        }
+    }
+
+    pub fn draft(&self, to: EntityId, msg_type: &str) -> Draft {
+        Draft {
+            msg_type: msg_type.parse().expect("msg_type"),
+            message_id: MessageId::from_random(rand::random()),
+            recipient_id: Some(to),
+            session_id: None,
+            sequence_num: 0,
+            timestamp_ms: now_ms(),
+            nonce: rand::random(),
+            payload: br#"{"n":1}"#.to_vec(),
+        }
+    }
+
+    /// Sends raw bytes; returns `None` if accepted, else the error code.
+    pub async fn send(&mut self, bytes: Vec<u8>) -> Option<String> {
+        error_code(self.request(bytes).await)
+    }
+
+    /// Sends raw bytes and returns the node's response.
+    pub async fn request(&mut self, bytes: Vec<u8>) -> Response {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .envelopes
+            .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
+        loop {
+            match self.swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    },
+                )) if request_id == id => return response,
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::OutboundFailure {
+                        request_id, error, ..
+                    },
+                )) if request_id == id => panic!("request failed: {error}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+pub fn error_code(response: Response) -> Option<String> {
+    let Response::Reply(bytes) = response else {
+        return None;
+    };
+    let env = Envelope::decode(&bytes).expect("reply decodes");
+    assert!(env.verify(), "the reply is signed by the node");
+    if env.msg_type.as_str() != "error" {
+        return None;
+    }
+    let payload: serde_json::Value = serde_json::from_slice(&env.payload).expect("json");
+    assert!(
+        payload["error_message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "a reason is given"
+    );
+    Some(
+        payload["error_code"]
+            .as_str()
+            .expect("error_code")
+            .to_owned(),
+    )
+}
+
+impl RawPeer {
+    /// The next request the node sends this peer, decoded, with its channel.
+    pub async fn next_request(&mut self) -> (Envelope, Vec<u8>, ResponseChannel<Response>) {
+        loop {
+            if let SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request: Request::Envelope(frame),
+                            channel,
+                            ..
+                        },
+                    ..
+                },
+            )) = self.swarm.select_next_some().await
+            {
+                let env = Envelope::decode(&frame.bytes).expect("the node sends envelopes");
+                assert!(env.verify(), "the node signs what it sends");
+                return (env, frame.bytes.clone(), channel);
+            }
+        }
+    }
+
+    /// Answers a request, and keeps driving the swarm until the answer is sent.
+    pub async fn respond(&mut self, channel: ResponseChannel<Response>, response: Response) {
+        self.swarm
+            .behaviour_mut()
+            .envelopes
+            .send_response(channel, response)
+            .expect("channel open");
+        loop {
+            if let SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                request_response::Event::ResponseSent { .. },
+            )) = self.swarm.select_next_some().await
+            {
+                return;
+            }
+        }
+    }
+
+    /// The entity id of this peer.
+    pub fn entity_id(&self) -> EntityId {
+        self.identity.entity_id()
+    }
+}
+
+/// Waits until `node` lists `peer` as connected (the two ends of a new
+/// connection learn of it independently).
+pub async fn wait_connected(node: &NodeHandle, peer: EntityId) {
+    for _ in 0..500 {
+        let peers = node.peers().await.expect("peers");
+        if peers.iter().any(|p| p.entity_id == peer && p.connected) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{peer} never showed as connected");
 }
