@@ -76,15 +76,13 @@ impl<T> Reorder<T> {
         out
     }
 
-    /// Skips gaps whose waiting messages are older than `max_wait_ms`; returns
-    /// what that releases.
+    /// Skips gaps while any held message has waited `max_wait_ms` or more;
+    /// returns what that releases.
     pub fn handle_timeout(&mut self, now_ms: u64) -> Vec<(u64, T)> {
         let mut out = Vec::new();
         while self
-            .held
-            .values()
-            .next()
-            .is_some_and(|(arrived, _)| now_ms.saturating_sub(*arrived) >= self.config.max_wait_ms)
+            .poll_timeout()
+            .is_some_and(|deadline| now_ms >= deadline)
         {
             out.extend(self.skip_gap());
         }
@@ -148,6 +146,20 @@ mod tests {
         assert_eq!(seqs(r.handle_timeout(2_100)), vec![2]);
         // The lost one arriving late is dropped, never delivered out of order.
         assert!(r.push(2_200, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn the_wait_counts_from_the_oldest_arrival_not_the_lowest_number() {
+        let mut r = Reorder::new(Config {
+            max_wait_ms: 1_000,
+            capacity: 10,
+        });
+        assert!(r.push(0, 5, 5).is_empty());
+        assert!(r.push(900, 3, 3).is_empty());
+        assert!(r.handle_timeout(999).is_empty());
+        // 5 has waited 1,000 ms (3 only 100): every gap before 5 is skipped.
+        assert_eq!(seqs(r.handle_timeout(1_000)), vec![3, 5]);
+        assert!(r.is_empty());
     }
 
     #[test]
