@@ -3,6 +3,7 @@
 //! `init`, `id`, `run` and `config show` work on the data directory; every other
 //! command is a thin client of the running node's local HTTP API.
 
+use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -35,7 +36,7 @@ enum Command {
     Init,
     /// Print this node's entity id and peer id.
     Id,
-    /// Run the node and its local API until Ctrl-C.
+    /// Run the node and its local API until Ctrl-C (SIGINT) or SIGTERM.
     Run {
         /// Address to listen on for peers (repeatable), e.g. /ip4/0.0.0.0/tcp/7400.
         #[arg(long, value_name = "MULTIADDR")]
@@ -111,13 +112,47 @@ fn overrides(cli: &Cli) -> toml::Table {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match run(cli, &mut Out(std::io::stdout())) {
+        Ok(()) => {}
+        // The reader of our output has all it wanted (`peer peers | head -1`).
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => {}
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Standard output was closed by its reader. The command stops writing and
+/// exits with success, as Unix tools do in a pipeline such as `peer peers | head -1`.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Standard output for `write!`/`writeln!`: each write locks it, writes and
+/// flushes, and a broken pipe becomes [`StdoutClosed`] instead of a panic
+/// (which is what `println!` does).
+struct Out(std::io::Stdout);
+
+impl Out {
+    fn write_fmt(&mut self, args: std::fmt::Arguments<'_>) -> Result<()> {
+        let mut lock = self.0.lock();
+        match lock.write_fmt(args).and_then(|()| lock.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+            Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+        }
+    }
+}
+
+fn run(cli: Cli, out: &mut Out) -> Result<()> {
     let config = Config::load(cli.config.as_deref(), overrides(&cli))?;
     let dir = config.data_dir.clone();
     match &cli.command {
@@ -125,36 +160,43 @@ fn run(cli: Cli) -> Result<()> {
             let s = data_dir::init(&dir, peer_node::fresh_secrets)?;
             let verb = if s.created {
                 "created"
+            } else if s.token_created {
+                "already initialised (created a new API token)"
             } else {
                 "already initialised"
             };
-            println!("{verb}: {}", dir.display());
-            print_id(&s.identity);
-            println!("api token: {}", dir.join(data_dir::TOKEN_FILE).display());
-            Ok(())
+            writeln!(out, "{verb}: {}", dir.display())?;
+            print_id(out, &s.identity)?;
+            writeln!(
+                out,
+                "api token: {}",
+                dir.join(data_dir::TOKEN_FILE).display()
+            )
         }
         Command::Id => {
             let (identity, _) = data_dir::load(&dir)?;
-            print_id(&identity);
-            Ok(())
+            print_id(out, &identity)
         }
         Command::Config {
             command: ConfigCommand::Show,
-        } => {
-            print!("{}", config.to_toml());
-            Ok(())
-        }
+        } => write!(out, "{}", config.to_toml()),
         Command::Run { .. } => run_node(config),
         Command::Status => {
             let c = Client::new(&dir, cli.api_url.as_deref())?;
             let mut health = c.get("/v1/health")?;
             health["stats"] = c.get("/v1/stats")?;
-            print_json(&health)
+            print_json(out, &health)
         }
-        Command::Peers => print_json(&Client::new(&dir, cli.api_url.as_deref())?.get("/v1/peers")?),
+        Command::Peers => print_json(
+            out,
+            &Client::new(&dir, cli.api_url.as_deref())?.get("/v1/peers")?,
+        ),
         Command::Connect { addr } => {
             let c = Client::new(&dir, cli.api_url.as_deref())?;
-            print_json(&c.post("/v1/peers", &serde_json::json!({ "addr": addr }))?)
+            print_json(
+                out,
+                &c.post("/v1/peers", &serde_json::json!({ "addr": addr }))?,
+            )
         }
         Command::Send {
             entity_id,
@@ -167,20 +209,19 @@ fn run(cli: Cli) -> Result<()> {
             let c = Client::new(&dir, cli.api_url.as_deref())?;
             let body =
                 serde_json::json!({"to": entity_id, "msg_type": msg_type, "payload": payload});
-            print_json(&c.post("/v1/messages", &body)?)
+            print_json(out, &c.post("/v1/messages", &body)?)
         }
     }
 }
 
-fn print_id(identity: &peer_core::Identity) {
+fn print_id(out: &mut Out, identity: &peer_core::Identity) -> Result<()> {
     let key = peer_node::net::keypair(identity.secret_bytes());
-    println!("entity id: {}", identity.entity_id());
-    println!("peer id: {}", key.public().to_peer_id());
+    writeln!(out, "entity id: {}", identity.entity_id())?;
+    writeln!(out, "peer id: {}", key.public().to_peer_id())
 }
 
-fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+fn print_json(out: &mut Out, v: &Value) -> Result<()> {
+    writeln!(out, "{}", serde_json::to_string_pretty(v)?)
 }
 
 fn run_node(config: Config) -> Result<()> {
@@ -193,10 +234,22 @@ fn run_node(config: Config) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    rt.block_on(peer_node::run(config, async {
-        _ = tokio::signal::ctrl_c().await;
-    }))?;
-    Ok(())
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Both handlers are in place before the node starts (and writes
+        // api.addr), so a signal sent as soon as the node is up stops it
+        // gracefully: `systemctl stop` sends SIGTERM, Ctrl-C SIGINT.
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        peer_node::run(config, async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
+        .await?;
+        Ok(())
+    })
 }
 
 /// A blocking client of the local API.

@@ -19,7 +19,9 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify};
 use peer_core::inbound::{Acceptor, Refusal};
 use peer_core::rate::Class;
 use peer_core::session::Message;
-use peer_core::{Draft, EntityId, Envelope, ErrorCode, Identity, MessageId, MsgType, Rejection};
+use peer_core::{
+    Draft, EntityId, Envelope, ErrorCode, Identity, MessageId, MsgType, Rejection, SessionId,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::Config;
@@ -28,7 +30,7 @@ use crate::net::{self, Behaviour, BehaviourEvent};
 use crate::node::{Delivered, Event, NodeError, PeerView, ReplyView, now_ms};
 use crate::outbox::{Admit, Outbox};
 use crate::ratelimit::Limits;
-use crate::secure::{SealedParts, Secure, Send};
+use crate::secure::{Released, SealedParts, Secure, Send};
 use crate::stats::{Metrics, Stats, StatsView};
 use crate::store::{PeerRecord, Store};
 
@@ -58,13 +60,24 @@ pub(crate) enum Command {
     Stats(oneshot::Sender<StatsView>),
 }
 
+/// An agent waiting on a message, and what it takes to send it once more.
+#[derive(Debug)]
+struct Waiter {
+    reply: Reply<Delivered>,
+    /// An application message's type and plaintext, kept so that it can be sent
+    /// again, once, in a new session if the peer no longer has ours (it
+    /// restarted, or expired the session first).
+    resend: Option<(MsgType, Vec<u8>)>,
+}
+
 /// Why a request is sent, and who waits for its answer.
 #[derive(Debug)]
 enum Purpose {
     /// A message for the agent's `send`.
     Message {
         message_id: MessageId,
-        reply: Reply<Delivered>,
+        waiter: Waiter,
+        session: Option<SessionId>,
     },
     /// A handshake step; its reply carries the peer's next step.
     Handshake,
@@ -72,8 +85,8 @@ enum Purpose {
 
 impl Purpose {
     fn fail(self, e: NodeError) {
-        if let Purpose::Message { reply, .. } = self {
-            _ = reply.send(Err(e));
+        if let Purpose::Message { waiter, .. } = self {
+            _ = waiter.reply.send(Err(e));
         }
     }
 }
@@ -110,7 +123,7 @@ struct Actor {
     swarm: Swarm<Behaviour>,
     identity: Arc<Identity>,
     acceptor: Acceptor,
-    secure: Secure<Reply<Delivered>>,
+    secure: Secure<Waiter>,
     store: Store,
     stats: Stats,
     events: broadcast::Sender<Event>,
@@ -205,7 +218,7 @@ pub(crate) fn spawn(
         dials: HashMap::new(),
         sends: HashMap::new(),
         outbox: Outbox::new(
-            config.network.max_concurrent_streams,
+            (config.network.max_concurrent_streams / 2).max(1),
             config.network.max_outbound_in_flight,
         ),
         limits: Limits::new(&config.rate_limits),
@@ -260,7 +273,12 @@ impl Actor {
                 msg_type,
                 payload,
                 reply,
-            } => self.send(to, msg_type, payload, reply),
+            } => {
+                let resend = msg_type
+                    .is_application()
+                    .then(|| (msg_type.clone(), payload.clone()));
+                self.send(to, msg_type, payload, Waiter { reply, resend });
+            }
             Command::Peers(reply) => _ = reply.send(self.peers()),
             Command::ListenAddrs(reply) => _ = reply.send(self.listen_addrs.clone()),
             Command::Stats(reply) => _ = reply.send(self.stats.view()),
@@ -269,25 +287,23 @@ impl Actor {
 
     /// An agent's message: sealed in the session with `to` if it is an
     /// application message (starting a handshake if needed), else signed as is.
-    fn send(&mut self, to: EntityId, msg_type: MsgType, payload: Vec<u8>, reply: Reply<Delivered>) {
+    fn send(&mut self, to: EntityId, msg_type: MsgType, payload: Vec<u8>, waiter: Waiter) {
         if !self.by_entity.contains_key(&to) {
-            _ = reply.send(Err(NodeError::NotConnected(to)));
+            _ = waiter.reply.send(Err(NodeError::NotConnected(to)));
             return;
         }
         if !msg_type.is_application() {
-            self.sign_and_send(to, draft(Some(to), msg_type, payload), Some(reply));
+            self.sign_and_send(to, draft(Some(to), msg_type, payload), Some(waiter));
             return;
         }
-        match self.secure.send(now_ms(), to, msg_type, payload, reply) {
-            Send::Sealed(parts, reply) => {
-                self.sign_and_send(to, sealed_draft(to, parts), Some(reply))
-            }
+        match self.secure.send(now_ms(), to, msg_type, payload, waiter) {
+            Send::Sealed(parts, waiter) => self.send_sealed(to, parts, waiter),
             Send::Queued(init) => {
                 if let Some(init) = init {
                     self.send_handshake(to, &init);
                 }
             }
-            Send::Refused(reply, r) => _ = reply.send(Err(rejected(r))),
+            Send::Refused(waiter, r) => _ = waiter.reply.send(Err(rejected(r))),
         }
     }
 
@@ -301,16 +317,17 @@ impl Actor {
     }
 
     /// Signs on a task of its own; the envelope comes back through `signed`.
-    /// `reply` is `None` for handshake steps.
-    fn sign_and_send(&mut self, to: EntityId, d: Draft, reply: Option<Reply<Delivered>>) {
+    /// `waiter` is `None` for handshake steps.
+    fn sign_and_send(&mut self, to: EntityId, d: Draft, waiter: Option<Waiter>) {
         let identity = self.identity.clone();
         let tx = self.signed_tx.clone();
         tokio::spawn(async move {
             let env = d.sign(&identity);
-            let purpose = match reply {
-                Some(reply) => Purpose::Message {
+            let purpose = match waiter {
+                Some(waiter) => Purpose::Message {
                     message_id: env.message_id,
-                    reply,
+                    waiter,
+                    session: env.session_id,
                 },
                 None => Purpose::Handshake,
             };
@@ -364,8 +381,8 @@ impl Actor {
         for (from, o) in opened {
             self.deliver(from, o.message_id, o.msg_type, o.payload);
         }
-        for (reply, r) in failed {
-            _ = reply.send(Err(rejected(r)));
+        for (waiter, r) in failed {
+            _ = waiter.reply.send(Err(rejected(r)));
         }
     }
 
@@ -688,16 +705,20 @@ impl Actor {
         });
     }
 
+    fn send_sealed(&mut self, to: EntityId, parts: SealedParts, waiter: Waiter) {
+        self.sign_and_send(to, sealed_draft(to, parts), Some(waiter));
+    }
+
     /// Sends the messages a new session released.
-    fn send_released(&mut self, to: EntityId, released: Vec<(SealedParts, Reply<Delivered>)>) {
-        for (parts, reply) in released {
-            self.sign_and_send(to, sealed_draft(to, parts), Some(reply));
+    fn send_released(&mut self, to: EntityId, released: Released<Waiter>) {
+        for (parts, waiter) in released {
+            self.send_sealed(to, parts, waiter);
         }
     }
 
     fn fail_waiting(&mut self, to: EntityId, r: &Rejection) {
-        for (reply, r) in self.secure.fail_waiting(to, r) {
-            _ = reply.send(Err(rejected(r)));
+        for (waiter, r) in self.secure.fail_waiting(to, r) {
+            _ = waiter.reply.send(Err(rejected(r)));
         }
     }
 
@@ -731,7 +752,11 @@ impl Actor {
             return;
         };
         match p.purpose {
-            Purpose::Message { message_id, reply } => {
+            Purpose::Message {
+                message_id,
+                mut waiter,
+                session,
+            } => {
                 let result = match response {
                     Response::Accepted => Ok(Delivered {
                         message_id: message_id.to_string(),
@@ -741,12 +766,24 @@ impl Actor {
                         check_reply(p.to, &bytes).and_then(|env| Self::read_reply(env, message_id))
                     }
                 };
-                match &result {
-                    Ok(_) => self.stats.sent(p.to),
-                    Err(NodeError::Rejected { code, .. }) => self.stats.refused(p.to, code),
-                    Err(_) => {}
+                let lost_session = matches!(&result, Err(NodeError::Rejected { code, .. })
+                    if code == ErrorCode::SessionNotFound.as_str()
+                        || code == ErrorCode::SessionExpired.as_str());
+                if lost_session
+                    && let (Some(id), Some((msg_type, payload))) = (session, waiter.resend.take())
+                {
+                    // The peer no longer has our session: start a new one and
+                    // send the message again, once, without the agent noticing.
+                    self.secure.forget(p.to, id);
+                    self.send(p.to, msg_type, payload, waiter);
+                } else {
+                    match &result {
+                        Ok(_) => self.stats.sent(p.to),
+                        Err(NodeError::Rejected { code, .. }) => self.stats.refused(p.to, code),
+                        Err(_) => {}
+                    }
+                    _ = waiter.reply.send(result);
                 }
-                _ = reply.send(result);
             }
             Purpose::Handshake => self.on_handshake_reply(p.to, response),
         }
@@ -770,8 +807,8 @@ impl Actor {
         };
         if env.msg_type == *MsgType::ERROR {
             let r = rejection_of(&env);
-            for (reply, r) in self.secure.handshake_refused(to, &r) {
-                _ = reply.send(Err(rejected(r)));
+            for (waiter, r) in self.secure.handshake_refused(to, &r) {
+                _ = waiter.reply.send(Err(rejected(r)));
             }
             return;
         }

@@ -52,10 +52,14 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     /// Most incoming connections still being set up (default 128).
     pub max_pending_incoming: u32,
-    /// Most requests in flight on one connection, each way (default 128, at most
-    /// 240). Requests beyond it wait for a free stream. Yamux closes a connection
-    /// whose peer opens more than 512 streams, so both ways together must stay
-    /// below that with room for identify and ping.
+    /// Most request streams open at once on one connection, inbound and outbound
+    /// together: libp2p's request-response counts both against this one limit and
+    /// drops an inbound request beyond it (default 128, at most 240). This node
+    /// keeps at most half of it (at least 1) of its own requests in flight to one
+    /// peer, leaving the other half for the peer's requests to it; further sends
+    /// wait for a free stream. Yamux closes a connection whose peer opens more
+    /// than 512 streams, so this stays well below that with room for identify and
+    /// ping.
     pub max_concurrent_streams: usize,
     /// Most bytes of inbound requests buffered at once, over all peers; readers
     /// wait for room before they allocate (default 64 MiB; at least
@@ -77,7 +81,8 @@ pub struct ProtocolConfig {
     pub max_envelope_size: usize,
     /// Timestamp tolerance either way, in seconds (default 60).
     pub timestamp_tolerance_secs: u64,
-    /// How long a nonce is remembered, in seconds (default 300).
+    /// How long a nonce is remembered, in seconds (default 300); it must be more
+    /// than twice `timestamp_tolerance_secs` (checked at start).
     pub replay_window_secs: u64,
     /// Most nonces remembered; see `docs/SECURITY.md` for what happens when full
     /// (default 1,000,000).
@@ -217,6 +222,28 @@ impl Config {
         }
         self.rate_limits.validate().map_err(ConfigError::Invalid)?;
         self.security.validate().map_err(ConfigError::Invalid)?;
+        let p = &self.protocol;
+        for (key, secs) in [
+            ("timestamp_tolerance_secs", p.timestamp_tolerance_secs),
+            ("replay_window_secs", p.replay_window_secs),
+        ] {
+            if secs > u64::MAX / 1000 {
+                return Err(ConfigError::Invalid(format!(
+                    "protocol.{key} is {secs}; it must be at most {}",
+                    u64::MAX / 1000
+                )));
+            }
+        }
+        // An envelope stamped T is accepted from T - tolerance to T + tolerance,
+        // and its nonce is forgotten `replay_window_secs` after it first arrived:
+        // unless the window is longer than 2 * tolerance, a copy sent near
+        // T + tolerance finds the nonce forgotten and passes as fresh.
+        if p.replay_window_secs <= p.timestamp_tolerance_secs.saturating_mul(2) {
+            return Err(ConfigError::Invalid(format!(
+                "protocol.replay_window_secs ({}) must be more than twice protocol.timestamp_tolerance_secs ({}), or a replayed message is accepted once its nonce is forgotten",
+                p.replay_window_secs, p.timestamp_tolerance_secs
+            )));
+        }
         if self.network.max_inbound_buffer_bytes < self.protocol.max_envelope_size {
             return Err(ConfigError::Invalid(format!(
                 "network.max_inbound_buffer_bytes ({}) must be at least protocol.max_envelope_size ({})",
@@ -294,6 +321,31 @@ mod tests {
         t.insert("network".into(), net.into());
         let err = Config::load(None, t).expect_err("too many streams");
         assert!(err.to_string().contains("max_concurrent_streams"), "{err}");
+    }
+
+    fn with_replay(tolerance: u64, window: u64) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        c.protocol.timestamp_tolerance_secs = tolerance;
+        c.protocol.replay_window_secs = window;
+        c.validate()
+    }
+
+    #[test]
+    fn the_replay_window_must_exceed_twice_the_tolerance() {
+        let c = with_replay(60, 121).expect("121 > 2 * 60");
+        assert_eq!(c.protocol.replay_window_secs, 121);
+        for window in [120, 60, 0] {
+            let err = with_replay(60, window).expect_err("window too short");
+            let text = err.to_string();
+            assert!(text.contains("replay_window_secs"), "{text}");
+            assert!(text.contains("timestamp_tolerance_secs"), "{text}");
+        }
+        // No overflow on huge values: the milliseconds must fit in a u64.
+        let huge = u64::MAX / 1000 + 1;
+        let err = with_replay(60, huge).expect_err("window overflows");
+        assert!(err.to_string().contains("replay_window_secs"), "{err}");
+        let err = with_replay(huge / 2, huge - 1).expect_err("2 * tolerance > window");
+        assert!(err.to_string().contains("twice"), "{err}");
     }
 
     #[test]

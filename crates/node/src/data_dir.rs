@@ -40,6 +40,14 @@ pub enum DataDirError {
     /// No identity yet.
     #[error("no identity in {0}; run `peer init --data-dir {0}` first")]
     NotInitialised(PathBuf),
+    /// The identity exists but the API token does not (for example, restored
+    /// from a backup of the key alone).
+    #[error(
+        "{} is missing; run `peer init --data-dir {}` to create a new API token",
+        .0.join(TOKEN_FILE).display(),
+        .0.display()
+    )]
+    MissingToken(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -56,22 +64,35 @@ pub struct Secrets {
     pub identity: Identity,
     /// The local API bearer token.
     pub api_token: String,
-    /// Whether this call created them.
+    /// Whether this call created them (the identity, and with it the token).
     pub created: bool,
+    /// Whether this call created the token, also for an existing identity
+    /// whose token was missing.
+    pub token_created: bool,
 }
 
 /// Loads the identity and token from `dir`, creating the directory (mode 0700)
 /// and both secrets (mode 0600) from `random` bytes if they do not exist yet.
+/// An existing identity without a token (restored from a backup of the key
+/// alone) gets a fresh token; an existing token is never replaced.
 pub fn init(
     dir: &Path,
     random: impl FnOnce() -> ([u8; 32], [u8; 32]),
 ) -> Result<Secrets, DataDirError> {
     let key_path = dir.join(IDENTITY_FILE);
     if key_path.exists() {
-        return load(dir).map(|(identity, api_token)| Secrets {
+        let identity = load_identity(&key_path)?;
+        let token_path = dir.join(TOKEN_FILE);
+        let token_created = !token_path.exists();
+        if token_created {
+            let (_, token) = random();
+            write_secret(&token_path, format!("{}\n", hex::encode(token)).as_bytes())?;
+        }
+        return Ok(Secrets {
             identity,
-            api_token,
+            api_token: read_token(dir)?,
             created: false,
+            token_created,
         });
     }
     fs::create_dir_all(dir).map_err(io(dir))?;
@@ -85,28 +106,38 @@ pub fn init(
         identity,
         api_token,
         created: true,
+        token_created: true,
     })
 }
 
-/// Loads the identity and API token of an initialised data directory.
+/// Loads the identity and API token of an initialised data directory. Fails
+/// with [`DataDirError::MissingToken`] when only the token is missing (`peer
+/// init` creates a new one).
 pub fn load(dir: &Path) -> Result<(Identity, String), DataDirError> {
     let key_path = dir.join(IDENTITY_FILE);
     if !key_path.exists() {
         return Err(DataDirError::NotInitialised(dir.to_path_buf()));
     }
-    let key_hex = read_secret(&key_path)?;
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(key_hex.trim(), &mut seed)
-        .map_err(|_| DataDirError::Corrupt(key_path.clone(), "expected 64 hex digits"))?;
-    let identity = Identity::from_secret(&seed);
+    let identity = load_identity(&key_path)?;
     let token = read_token(dir)?;
     Ok((identity, token))
+}
+
+fn load_identity(key_path: &Path) -> Result<Identity, DataDirError> {
+    let key_hex = read_secret(key_path)?;
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(key_hex.trim(), &mut seed)
+        .map_err(|_| DataDirError::Corrupt(key_path.to_path_buf(), "expected 64 hex digits"))?;
+    Ok(Identity::from_secret(&seed))
 }
 
 /// Reads the API token (for clients of a running node).
 pub fn read_token(dir: &Path) -> Result<String, DataDirError> {
     let path = dir.join(TOKEN_FILE);
     if !path.exists() {
+        if dir.join(IDENTITY_FILE).exists() {
+            return Err(DataDirError::MissingToken(dir.to_path_buf()));
+        }
         return Err(DataDirError::NotInitialised(dir.to_path_buf()));
     }
     let token = read_secret(&path)?.trim().to_owned();
@@ -156,6 +187,54 @@ mod tests {
         assert!(!b.created);
         assert_eq!(a.identity.entity_id(), b.identity.entity_id());
         assert_eq!(a.api_token, b.api_token);
+    }
+
+    #[test]
+    fn a_key_without_its_token_gets_a_fresh_token_from_init_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let first = init(dir, || ([1; 32], [2; 32])).expect("init");
+        fs::remove_file(dir.join(TOKEN_FILE)).expect("lose the token");
+
+        let err = load(dir).expect_err("no token");
+        assert!(matches!(err, DataDirError::MissingToken(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(TOKEN_FILE), "{text}");
+        assert!(text.contains("peer init"), "{text}");
+        let err = read_token(dir).expect_err("no token");
+        assert!(matches!(err, DataDirError::MissingToken(_)), "{err:?}");
+
+        let again = init(dir, || ([9; 32], [3; 32])).expect("init makes a token");
+        assert!(!again.created);
+        assert!(again.token_created);
+        assert_eq!(again.identity.entity_id(), first.identity.entity_id());
+        assert_eq!(again.api_token, hex::encode([3; 32]));
+        assert_ne!(again.api_token, first.api_token);
+        let mode = fs::metadata(dir.join(TOKEN_FILE))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (identity, token) = load(dir).expect("loads again");
+        assert_eq!(identity.entity_id(), first.identity.entity_id());
+        assert_eq!(token, again.api_token);
+
+        let third = init(dir, || ([9; 32], [4; 32])).expect("init again");
+        assert!(!third.token_created);
+        assert_eq!(third.api_token, again.api_token, "an existing token stays");
+    }
+
+    #[test]
+    fn a_corrupt_key_gets_no_token() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        init(dir, || ([1; 32], [2; 32])).expect("init");
+        fs::remove_file(dir.join(TOKEN_FILE)).expect("lose the token");
+        let key = dir.join(IDENTITY_FILE);
+        fs::write(&key, "not hex").expect("corrupt the key");
+        let err = init(dir, || ([1; 32], [2; 32])).expect_err("corrupt");
+        assert!(matches!(err, DataDirError::Corrupt(..)), "{err:?}");
+        assert!(!dir.join(TOKEN_FILE).exists());
     }
 
     #[test]

@@ -65,6 +65,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let secrets = data_dir::init(&config.data_dir, fresh_secrets)?;
+    if secrets.token_created && !secrets.created {
+        tracing::warn!(
+            path = %config.data_dir.join(data_dir::TOKEN_FILE).display(),
+            "the API token was missing; created a new one"
+        );
+    }
     let store = store::Store::open(&config.data_dir.join(data_dir::DB_FILE))?;
     store.set_meta(
         "entity_id",

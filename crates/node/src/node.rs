@@ -223,6 +223,22 @@ impl NodeHandle {
 #[error("could not start the node: {0}")]
 pub struct StartError(String);
 
+/// `e` and its sources, joined by `: `. A text already shown by the error
+/// before it is left out (many errors repeat their source), and so are empty
+/// ones (libp2p's `TransportError::Other` shows nothing of its own).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -235,11 +251,11 @@ pub fn now_ms() -> u64 {
 pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHandle, StartError> {
     let key = net::keypair(identity.secret_bytes());
     let peer_id = key.public().to_peer_id();
-    let mut swarm = net::build_swarm(key, &config).map_err(|e| StartError(e.to_string()))?;
+    let mut swarm = net::build_swarm(key, &config).map_err(|e| StartError(error_chain(&*e)))?;
     for addr in &config.network.listen {
         swarm
             .listen_on(addr.clone())
-            .map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?;
+            .map_err(|e| StartError(format!("cannot listen on {addr}: {}", error_chain(&e))))?;
     }
     for addr in &config.network.bootstrap {
         if let Err(e) = swarm.dial(addr.clone()) {
@@ -258,4 +274,47 @@ pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHan
         events,
         metrics,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listen_error_names_the_os_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let mut config = Config::default();
+        config.network.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
+        let store = Store::open(&tmp.path().join("db")).expect("store");
+        let err = start(config, Identity::from_secret(&[5; 32]), store).expect_err("port taken");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("cannot listen on /ip4/127.0.0.1/tcp/{port}: ")),
+            "{text}"
+        );
+        // "Address already in use (os error 98)" on Linux.
+        assert!(text.contains("in use"), "{text}");
+    }
+
+    #[test]
+    fn the_error_chain_skips_repeats_and_empty_texts() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error, &'static str);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.1)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = || std::io::Error::other("boom");
+        assert_eq!(error_chain(&Outer(io(), "")), "boom");
+        assert_eq!(error_chain(&Outer(io(), "failed: boom")), "failed: boom");
+        assert_eq!(error_chain(&Outer(io(), "failed")), "failed: boom");
+    }
 }

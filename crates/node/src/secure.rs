@@ -356,6 +356,16 @@ impl<T> Secure<T> {
         self.fail_waiting(peer, rejection)
     }
 
+    /// Drops the session `id` with `peer` (the peer no longer has it); the next
+    /// send runs a new handshake.
+    pub fn forget(&mut self, peer: EntityId, id: SessionId) {
+        if let Some(p) = self.peers.get_mut(&peer)
+            && p.live.as_ref().is_some_and(|l| l.session.id() == id)
+        {
+            p.live = None;
+        }
+    }
+
     /// Fails every message waiting for `peer` (no session can be had).
     pub fn fail_waiting(&mut self, peer: EntityId, rejection: &Rejection) -> Vec<(T, Rejection)> {
         self.peers

@@ -20,7 +20,8 @@ pub struct PeerCounters {
     pub received: u64,
     /// Messages from the peer that this node rejected, by error code.
     pub rejected: BTreeMap<String, u64>,
-    /// Messages this node sent that the peer rejected, by error code.
+    /// Messages this node sent that the peer rejected, by error code. Codes this
+    /// node does not know are counted together under [`UNKNOWN_CODE`].
     pub refused_by_peer: BTreeMap<String, u64>,
 }
 
@@ -32,6 +33,12 @@ pub struct StatsView {
     /// Peers beyond `max_stats_peers`, counted together.
     pub other: PeerCounters,
 }
+
+/// The code under which refusals with an error code this node does not know
+/// are counted, in `refused_by_peer` and in `peer_messages_refused_total`. The
+/// peer chooses that text, so keeping it would let a peer grow both without
+/// bound.
+pub const UNKNOWN_CODE: &str = "UNKNOWN";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
@@ -156,8 +163,11 @@ impl Stats {
         self.metrics.rejected.get_or_create(&label).inc();
     }
 
-    /// `peer` refused a message with `code` (a string: it may be one we do not know).
+    /// `peer` refused a message with `code`, the text the peer sent. A code that
+    /// [`ErrorCode::from_wire`] does not know is counted as [`UNKNOWN_CODE`], so
+    /// the labels stay the fixed set of known codes plus one.
     pub fn refused(&mut self, peer: EntityId, code: &str) {
+        let code = ErrorCode::from_wire(code).map_or(UNKNOWN_CODE, ErrorCode::as_str);
         *self
             .row(Some(peer))
             .refused_by_peer
@@ -207,5 +217,33 @@ mod tests {
         let text = s.metrics().encode();
         assert!(text.contains("peer_messages_received_total 5"), "{text}");
         assert!(text.contains("code=\"MALFORMED_MESSAGE\""), "{text}");
+    }
+
+    #[test]
+    fn codes_we_do_not_know_share_one_label() {
+        let mut s = Stats::new(1);
+        let peer = EntityId([1; 32]);
+        s.refused(peer, "RATE_LIMITED");
+        for n in 0..100 {
+            s.refused(peer, &format!("MADE_UP_{n}"));
+        }
+        s.refused(peer, "");
+        s.refused(peer, "rate_limited");
+        let v = s.view();
+        let refused = &v.peers[&peer.to_string()].refused_by_peer;
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert_eq!(refused.get("RATE_LIMITED"), Some(&1));
+        assert_eq!(refused.get(UNKNOWN_CODE), Some(&102));
+        let text = s.metrics().encode();
+        let labels = text
+            .lines()
+            .filter(|l| l.starts_with("peer_messages_refused_total{"))
+            .count();
+        assert_eq!(labels, 2, "{text}");
+        assert!(
+            text.contains("peer_messages_refused_total{code=\"UNKNOWN\"} 102"),
+            "{text}"
+        );
+        assert!(!text.contains("MADE_UP"), "{text}");
     }
 }

@@ -272,3 +272,33 @@ async fn many_concurrent_sealed_messages_each_arrive_once() {
         "each message exactly once"
     );
 }
+
+#[tokio::test]
+async fn a_session_the_peer_no_longer_has_is_replaced_without_the_sender_noticing() {
+    // b forgets sessions after 1 s; a would keep them for an hour.
+    let a = start_node_with(TCP, |_| {}).await;
+    let b = start_node_with(TCP, |c| c.security.session_lifetime_secs = 1).await;
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    wait_connected(&b.handle, a.handle.entity_id()).await;
+    let to = b.handle.entity_id();
+    let mut events = b.handle.subscribe();
+    a.handle
+        .send(to, message_type(), msg("one"))
+        .await
+        .expect("first");
+    assert_eq!(next_text(&mut events).await, "one");
+    let s1 = session_id(&a, &b).await.expect("a session");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // b answers SESSION_EXPIRED; a starts a new session and sends again.
+    a.handle
+        .send(to, message_type(), msg("two"))
+        .await
+        .expect("delivered in a new session");
+    assert_eq!(next_text(&mut events).await, "two");
+    let s2 = session_id(&a, &b).await.expect("a new session");
+    assert_ne!(s1, s2);
+    let stats = a.handle.stats().await.expect("stats");
+    let row = &stats.peers[&to.to_string()];
+    assert_eq!(row.sent, 2);
+    assert!(row.refused_by_peer.is_empty(), "the agent saw no refusal");
+}

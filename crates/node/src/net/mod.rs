@@ -54,6 +54,8 @@ pub fn entity_of(peer: &PeerId) -> Option<EntityId> {
 }
 
 /// Builds the swarm (TCP + Noise + Yamux, and QUIC) for `config`.
+/// `network.connection_timeout_secs` bounds both the setup of a connection
+/// (dial or accept, through the Noise and Yamux upgrades) and each request.
 pub fn build_swarm(
     key: identity::Keypair,
     config: &Config,
@@ -91,13 +93,53 @@ pub fn build_swarm(
             ),
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_connection_timeout(timeout)
         .build();
     Ok(swarm)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+
     use super::*;
+
+    #[tokio::test]
+    async fn a_dial_to_a_silent_listener_ends_after_the_connection_timeout() {
+        // The kernel completes the TCP handshake, then nothing ever answers the
+        // Noise handshake: only the connection timeout ends the dial (libp2p's
+        // default is 10 s).
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = silent.local_addr().expect("addr").port();
+        let mut config = Config::default();
+        config.network.connection_timeout_secs = 1;
+        let mut swarm = build_swarm(keypair([7; 32]), &config).expect("swarm");
+        let started = Instant::now();
+        swarm
+            .dial(
+                format!("/ip4/127.0.0.1/tcp/{port}")
+                    .parse::<libp2p::Multiaddr>()
+                    .expect("addr"),
+            )
+            .expect("dial starts");
+        let failed = tokio::time::timeout(Duration::from_secs(6), async {
+            loop {
+                if let SwarmEvent::OutgoingConnectionError { error, .. } =
+                    swarm.select_next_some().await
+                {
+                    return error;
+                }
+            }
+        })
+        .await
+        .expect("the dial fails well before libp2p's default 10 s");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(900), "{took:?}: {failed}");
+        drop(silent);
+    }
 
     #[test]
     fn peer_id_and_entity_id_come_from_the_same_key() {
