@@ -595,7 +595,11 @@ impl Actor {
             Ok(response) => response,
             Err((refusal, retry_after)) => {
                 tracing::debug!(%peer, rejection = %refusal.rejection, "rejected");
-                self.stats.rejected(peer_entity, refusal.rejection.code);
+                // Refusing the losing side of simultaneous handshakes is how they
+                // converge, not a fault of the peer: not counted.
+                if refusal.rejection.code != ErrorCode::HandshakeInProgress {
+                    self.stats.rejected(peer_entity, refusal.rejection.code);
+                }
                 Response::Reply(self.error_envelope(peer_entity, refusal, retry_after))
             }
         };

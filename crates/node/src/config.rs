@@ -54,7 +54,7 @@ pub struct NetworkConfig {
     pub max_pending_incoming: u32,
     /// Most request streams open at once on one connection, inbound and outbound
     /// together: libp2p's request-response counts both against this one limit and
-    /// drops an inbound request beyond it (default 128, at most 240). This node
+    /// drops an inbound request beyond it (default 256, at most 480). This node
     /// keeps at most half of it (at least 1) of its own requests in flight to one
     /// peer, leaving the other half for the peer's requests to it; further sends
     /// wait for a free stream. Yamux closes a connection whose peer opens more
@@ -130,7 +130,7 @@ impl Default for NetworkConfig {
             max_connections_per_peer: 3,
             max_connections: 1024,
             max_pending_incoming: 128,
-            max_concurrent_streams: 128,
+            max_concurrent_streams: 256,
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
             max_outbound_in_flight: 4096,
             max_known_peers: 10_000,
@@ -168,9 +168,10 @@ fn default_data_dir() -> PathBuf {
         .join(".peer")
 }
 
-/// Highest `network.max_concurrent_streams`: twice this plus identify and ping
-/// streams stays under yamux's limit of 512 streams per connection.
-pub const MAX_STREAMS_PER_DIRECTION: usize = 240;
+/// Highest `network.max_concurrent_streams`: this many request streams (both
+/// ways together) plus identify and ping stay under yamux's limit of 512
+/// streams per connection.
+pub const MAX_STREAMS: usize = 480;
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -215,9 +216,9 @@ impl Config {
     /// Checks values that have limits beyond their type.
     fn validate(self) -> Result<Self, ConfigError> {
         let streams = self.network.max_concurrent_streams;
-        if !(1..=MAX_STREAMS_PER_DIRECTION).contains(&streams) {
+        if !(1..=MAX_STREAMS).contains(&streams) {
             return Err(ConfigError::Invalid(format!(
-                "network.max_concurrent_streams is {streams}; it must be 1 to {MAX_STREAMS_PER_DIRECTION}"
+                "network.max_concurrent_streams is {streams}; it must be 1 to {MAX_STREAMS}"
             )));
         }
         self.rate_limits.validate().map_err(ConfigError::Invalid)?;
@@ -317,7 +318,7 @@ mod tests {
     fn stream_limits_beyond_yamux_are_refused() {
         let mut t = toml::Table::new();
         let mut net = toml::Table::new();
-        net.insert("max_concurrent_streams".into(), 300.into());
+        net.insert("max_concurrent_streams".into(), 481.into());
         t.insert("network".into(), net.into());
         let err = Config::load(None, t).expect_err("too many streams");
         assert!(err.to_string().contains("max_concurrent_streams"), "{err}");
