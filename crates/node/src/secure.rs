@@ -143,6 +143,23 @@ struct Live {
     reorder: Reorder<Opened>,
 }
 
+impl Live {
+    fn seal(
+        &mut self,
+        now_ms: u64,
+        msg_type: MsgType,
+        payload: &[u8],
+    ) -> Result<SealedParts, Rejection> {
+        let (sequence_num, ciphertext) = self.session.seal(now_ms, &msg_type, payload)?;
+        Ok(SealedParts {
+            msg_type,
+            session_id: self.session.id(),
+            sequence_num,
+            ciphertext,
+        })
+    }
+}
+
 struct Peer<T> {
     link: Link,
     live: Option<Live>,
@@ -249,16 +266,8 @@ impl<T> Secure<T> {
         };
         if let Some(live) = &mut peer.live {
             if now_ms.saturating_add(margin) < live.session.expires_ms() {
-                return match live.session.seal(now_ms, &msg_type, &payload) {
-                    Ok((sequence_num, ciphertext)) => Send::Sealed(
-                        SealedParts {
-                            msg_type,
-                            session_id: live.session.id(),
-                            sequence_num,
-                            ciphertext,
-                        },
-                        tag,
-                    ),
+                return match live.seal(now_ms, msg_type, &payload) {
+                    Ok(parts) => Send::Sealed(parts, tag),
                     Err(e) => Send::Refused(tag, e),
                 };
             }
@@ -323,16 +332,8 @@ impl<T> Secure<T> {
         };
         let mut out = Vec::new();
         while let Some((_, msg_type, payload, tag)) = peer.waiting.pop_front() {
-            match live.session.seal(now_ms, &msg_type, &payload) {
-                Ok((sequence_num, ciphertext)) => out.push((
-                    SealedParts {
-                        msg_type,
-                        session_id: live.session.id(),
-                        sequence_num,
-                        ciphertext,
-                    },
-                    tag,
-                )),
+            match live.seal(now_ms, msg_type.clone(), &payload) {
+                Ok(parts) => out.push((parts, tag)),
                 Err(_) => {
                     peer.waiting.push_front((now_ms, msg_type, payload, tag));
                     break;
