@@ -5,24 +5,15 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{peer_command, spawn_run};
+
 /// Time allowed for a node to write `api.addr`.
 const STARTUP: Duration = Duration::from_secs(30);
 /// Time allowed for a node to stop after a signal.
 const STOP: Duration = Duration::from_secs(15);
 /// Interval between two looks at something being polled.
 const POLL: Duration = Duration::from_millis(25);
-
-/// A `peer` command on `dir`, unaffected by the caller's `PEER_*` variables.
-fn peer_command(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_peer"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PEER_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.arg("--data-dir").arg(dir);
-    cmd
-}
 
 /// Runs `peer <args>` with its standard output on a pipe whose reading end is
 /// already closed, as after `peer … | head -0`: every write fails with EPIPE.
@@ -53,15 +44,7 @@ struct Node {
 
 impl Node {
     fn spawn(dir: &Path, log: &Path) -> Self {
-        let stderr = std::fs::File::create(log).expect("create the node's stderr file");
-        let child = peer_command(dir)
-            .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--api", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn `peer run`");
+        let child = spawn_run(dir, log);
         Self {
             child,
             log: log.to_path_buf(),

@@ -8,13 +8,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+mod common;
+use common::{peer_command, spawn_run};
 
 /// Time allowed for a node to start answering `/v1/health` with an address.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -24,18 +27,6 @@ const STEP: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(25);
 /// Messages sent concurrently in each direction.
 const PER_DIRECTION: usize = 3;
-
-/// A `peer` command on `dir`, unaffected by the caller's `PEER_*` variables.
-fn peer_command(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_peer"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PEER_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.arg("--data-dir").arg(dir);
-    cmd
-}
 
 /// A `peer run` child process, killed when dropped (also when the test panics).
 struct Process {
@@ -49,15 +40,7 @@ impl Process {
     fn spawn(root: &Path, name: &'static str) -> Self {
         let dir = root.join(name);
         let log = root.join(format!("{name}.stderr"));
-        let stderr = std::fs::File::create(&log).expect("create the node's stderr file");
-        let child = peer_command(&dir)
-            .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--api", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn `peer run`");
+        let child = spawn_run(&dir, &log);
         Self {
             name,
             dir,
