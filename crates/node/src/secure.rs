@@ -32,8 +32,8 @@ pub struct SecurityConfig {
     /// Longest a message received out of order waits for an earlier one before
     /// the gap is skipped, in ms (default 2,000).
     pub reorder_wait_ms: u64,
-    /// Application messages waiting per peer for a session; more fail with
-    /// `UNAVAILABLE` (default 1,024).
+    /// Application messages waiting per peer for a session; more are refused
+    /// with `HANDSHAKE_IN_PROGRESS` (default 1,024).
     pub max_waiting_per_peer: usize,
     /// Peers with session state at once (default 10,000).
     pub max_peers: usize,
@@ -221,12 +221,16 @@ impl<T> Secure<T> {
 
     fn peer(&mut self, id: EntityId) -> Result<&mut Peer<T>, Rejection> {
         if !self.peers.contains_key(&id) && self.peers.len() >= self.config.max_peers.max(1) {
-            // Forget a peer with nothing under way.
+            // Forget a peer with nothing of ours under way: no session, nothing
+            // waiting, and no handshake or only one the peer started (it may
+            // retry). So identities made up by the thousand cannot fill the table
+            // with handshakes they never finish.
             let idle = self.peers.iter().find_map(|(k, p)| {
-                (p.live.is_none()
-                    && p.waiting.is_empty()
-                    && !p.link.state().is_some_and(State::is_running))
-                .then_some(*k)
+                let theirs_or_none = p
+                    .link
+                    .handshake()
+                    .is_none_or(|h| !h.state().is_running() || h.role() == Role::Responder);
+                (p.live.is_none() && p.waiting.is_empty() && theirs_or_none).then_some(*k)
             });
             match idle {
                 Some(k) => _ = self.peers.remove(&k),
@@ -453,7 +457,7 @@ impl<T> Secure<T> {
                 failed.extend(peer.waiting.drain(..).map(|(.., t)| (t, e.clone())));
             } else if stuck && peer.live.is_none() {
                 let e = refuse(
-                    ErrorCode::HandshakeInProgress,
+                    ErrorCode::ChallengeExpired,
                     format!("no session with {id} within {handshake_timeout} ms"),
                 );
                 failed.extend(peer.waiting.drain(..).map(|(.., t)| (t, e.clone())));
@@ -474,5 +478,80 @@ impl<T> Secure<T> {
             },
             expires_ms: live.session.expires_ms(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peer_core::{Draft, MessageId};
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    /// A signed `handshake_init` from `from` to `to`.
+    fn init(from: &Identity, to: EntityId, seed: u8) -> Envelope {
+        let mut link = Link::new(session::Config::default(), from.entity_id(), to);
+        let msg = link
+            .connect(NOW, Random::from_bytes(&[seed; Random::LEN]))
+            .expect("init");
+        Draft {
+            msg_type: msg.msg_type().parse().expect("valid"),
+            message_id: MessageId::from_random([seed; 16]),
+            recipient_id: Some(to),
+            session_id: None,
+            sequence_num: 0,
+            timestamp_ms: NOW,
+            nonce: [seed; 16],
+            payload: msg.encode(),
+        }
+        .sign(from)
+    }
+
+    #[test]
+    fn handshakes_nobody_finishes_cannot_fill_the_table() {
+        let me = Identity::from_secret(&[1; 32]);
+        let config = SecurityConfig {
+            max_peers: 2,
+            ..SecurityConfig::default()
+        };
+        let mut secure: Secure<()> = Secure::new(config, me.entity_id());
+        // Made-up identities start handshakes and never answer the challenge.
+        for seed in 10..20u8 {
+            let sybil = Identity::from_secret(&[seed; 32]);
+            let (reply, _) = secure
+                .handshake(NOW, &me, &init(&sybil, me.entity_id(), seed))
+                .expect("answered: their unfinished attempts make room for new ones");
+            assert!(matches!(reply, Some(Message::InitAck(_))));
+        }
+        assert!(secure.peers.len() <= 2);
+        // Our own pending sends are never forgotten to make room.
+        let friend = Identity::from_secret(&[2; 32]).entity_id();
+        assert!(matches!(
+            secure.send(
+                NOW,
+                friend,
+                "message".parse().expect("valid"),
+                b"{}".to_vec(),
+                ()
+            ),
+            Send::Queued(Some(_))
+        ));
+        let other = Identity::from_secret(&[3; 32]).entity_id();
+        assert!(matches!(
+            secure.send(
+                NOW,
+                other,
+                "message".parse().expect("valid"),
+                b"{}".to_vec(),
+                ()
+            ),
+            Send::Queued(Some(_))
+        ));
+        let third = Identity::from_secret(&[4; 32]);
+        let refused = secure.handshake(NOW, &me, &init(&third, me.entity_id(), 4));
+        assert_eq!(
+            refused.expect_err("full of our own").code,
+            ErrorCode::InvalidState
+        );
     }
 }
