@@ -164,6 +164,19 @@ struct Peer<T> {
     link: Link,
     live: Option<Live>,
     waiting: VecDeque<(u64, MsgType, Vec<u8>, T)>,
+    /// Messages a replaced session still held behind a gap: already accepted, so
+    /// delivered at the next timer tick rather than dropped.
+    retired: Vec<Opened>,
+}
+
+impl<T> Peer<T> {
+    /// Ends the live session, keeping what its reorder buffer held.
+    fn retire(&mut self) {
+        if let Some(mut old) = self.live.take() {
+            let held = old.reorder.handle_timeout(u64::MAX);
+            self.retired.extend(held.into_iter().map(|(_, o)| o));
+        }
+    }
 }
 
 /// Session state for every peer. `T` is what travels with a queued message (the
@@ -230,7 +243,8 @@ impl<T> Secure<T> {
                     .link
                     .handshake()
                     .is_none_or(|h| !h.state().is_running() || h.role() == Role::Responder);
-                (p.live.is_none() && p.waiting.is_empty() && theirs_or_none).then_some(*k)
+                (p.live.is_none() && p.waiting.is_empty() && p.retired.is_empty() && theirs_or_none)
+                    .then_some(*k)
             });
             match idle {
                 Some(k) => _ = self.peers.remove(&k),
@@ -250,6 +264,7 @@ impl<T> Secure<T> {
             link: Link::new(session, local, id),
             live: None,
             waiting: VecDeque::new(),
+            retired: Vec::new(),
         }))
     }
 
@@ -275,7 +290,7 @@ impl<T> Secure<T> {
                     Err(e) => Send::Refused(tag, e),
                 };
             }
-            peer.live = None;
+            peer.retire();
         }
         if peer.waiting.len() >= max_waiting {
             return Send::Refused(
@@ -317,6 +332,7 @@ impl<T> Secure<T> {
             .handle(now_ms, identity, &env.sender_key, &msg, random)?;
         let mut released = Vec::new();
         if let Some(session) = peer.link.poll_session() {
+            peer.retire();
             peer.live = Some(Live {
                 session,
                 window: Window::new(window_bits).unwrap_or_default(),
@@ -367,7 +383,7 @@ impl<T> Secure<T> {
         if let Some(p) = self.peers.get_mut(&peer)
             && p.live.as_ref().is_some_and(|l| l.session.id() == id)
         {
-            p.live = None;
+            p.retire();
         }
     }
 
@@ -434,6 +450,7 @@ impl<T> Secure<T> {
         let mut opened = Vec::new();
         let mut failed = Vec::new();
         for (id, peer) in &mut self.peers {
+            opened.extend(peer.retired.drain(..).map(|o| (*id, o)));
             if let Some(live) = &mut peer.live {
                 opened.extend(
                     live.reorder
@@ -487,6 +504,77 @@ mod tests {
     use peer_core::{Draft, MessageId};
 
     const NOW: u64 = 1_800_000_000_000;
+
+    fn signed(from: &Identity, to: EntityId, msg_type: &str, payload: Vec<u8>, n: u8) -> Envelope {
+        Draft {
+            msg_type: msg_type.parse().expect("valid"),
+            message_id: MessageId::from_random([n; 16]),
+            recipient_id: Some(to),
+            session_id: None,
+            sequence_num: 0,
+            timestamp_ms: NOW,
+            nonce: [n; 16],
+            payload,
+        }
+        .sign(from)
+    }
+
+    #[test]
+    fn messages_held_by_a_replaced_session_are_still_delivered() {
+        let (ia, ib) = (
+            Identity::from_secret(&[1; 32]),
+            Identity::from_secret(&[2; 32]),
+        );
+        let (a_id, b_id) = (ia.entity_id(), ib.entity_id());
+        let mut a: Secure<()> = Secure::new(SecurityConfig::default(), a_id);
+        let mut b: Secure<()> = Secure::new(SecurityConfig::default(), b_id);
+        let mt: MsgType = "message".parse().expect("valid");
+        let Send::Queued(Some(mut step)) = a.send(NOW, b_id, mt.clone(), b"{}".to_vec(), ()) else {
+            panic!("a starts a handshake");
+        };
+        let mut released = Vec::new();
+        for n in 0.. {
+            let to_b = signed(&ia, b_id, step.msg_type(), step.encode(), n);
+            let (reply, _) = b.handshake(NOW, &ib, &to_b).expect("b answers");
+            let reply = reply.expect("a reply to every step");
+            let to_a = signed(&ib, a_id, reply.msg_type(), reply.encode(), n);
+            let (next, r) = a.handshake(NOW, &ia, &to_a).expect("a goes on");
+            released = r;
+            match next {
+                Some(m) => step = m,
+                None => break,
+            }
+        }
+        assert_eq!(released.len(), 1, "the first message was waiting");
+        // Seal three more; b receives only the 3rd and 4th: they wait for the 2nd.
+        let mut sealed = Vec::new();
+        for text in ["1", "2", "3"] {
+            let payload = format!("{{\"t\":\"{text}\"}}").into_bytes();
+            match a.send(NOW, b_id, mt.clone(), payload, ()) {
+                Send::Sealed(parts, ()) => sealed.push(parts),
+                other => panic!("sealed directly, got {other:?}"),
+            }
+        }
+        let envelope = |parts: &SealedParts, n: u8| {
+            let mut env = signed(&ia, b_id, "message", parts.ciphertext.clone(), n);
+            env.session_id = Some(parts.session_id);
+            env.sequence_num = parts.sequence_num;
+            env
+        };
+        let first = envelope(&released[0].0, 100);
+        assert_eq!(b.open(NOW, first).expect("opens").len(), 1);
+        for (i, parts) in sealed.iter().enumerate().skip(1) {
+            let env = envelope(parts, 101 + i as u8);
+            assert!(
+                b.open(NOW, env).expect("opens").is_empty(),
+                "held behind the gap"
+            );
+        }
+        b.forget(a_id, sealed[0].session_id);
+        let (opened, _) = b.handle_timeout(NOW);
+        let texts: Vec<_> = opened.iter().map(|(_, o)| o.payload["t"].clone()).collect();
+        assert_eq!(texts, vec!["2", "3"], "released in order, not dropped");
+    }
 
     /// A signed `handshake_init` from `from` to `to`.
     fn init(from: &Identity, to: EntityId, seed: u8) -> Envelope {
