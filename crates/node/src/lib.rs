@@ -1,16 +1,20 @@
 //! The Peer Protocol v1.2 node: storage, libp2p networking, the node actor and
 //! the local HTTP API.
 //!
-//! One task (the actor in [`node`]) owns the swarm, the protocol core and the
-//! database; everything else holds a [`NodeHandle`] and talks to it through a
-//! bounded command channel. [`run`] starts a node and its API until shutdown.
+//! One task (the actor, `actor.rs`) owns the swarm, the protocol core, the
+//! end-to-end sessions ([`secure`]) and the database; everything else holds a
+//! [`NodeHandle`] and talks to it through a bounded command channel. [`run`]
+//! starts a node and its API until shutdown.
 
+mod actor;
+pub mod api;
 pub mod config;
 pub mod data_dir;
 pub mod net;
 pub mod node;
 mod outbox;
 pub mod ratelimit;
+pub mod secure;
 pub mod stats;
 pub mod store;
 
@@ -18,10 +22,6 @@ pub use config::Config;
 /// The libp2p version the node is built on, for embedders that need its types.
 pub use libp2p;
 pub use node::{NodeError, NodeHandle};
-
-mod actor;
-pub mod api;
-pub mod secure;
 
 use std::future::Future;
 use std::path::PathBuf;
