@@ -582,17 +582,7 @@ mod tests {
         let msg = link
             .connect(NOW, Random::from_bytes(&[seed; Random::LEN]))
             .expect("init");
-        Draft {
-            msg_type: msg.msg_type().parse().expect("valid"),
-            message_id: MessageId::from_random([seed; 16]),
-            recipient_id: Some(to),
-            session_id: None,
-            sequence_num: 0,
-            timestamp_ms: NOW,
-            nonce: [seed; 16],
-            payload: msg.encode(),
-        }
-        .sign(from)
+        signed(from, to, msg.msg_type(), msg.encode(), seed)
     }
 
     #[test]
@@ -613,28 +603,17 @@ mod tests {
         }
         assert!(secure.peers.len() <= 2);
         // Our own pending sends are never forgotten to make room.
-        let friend = Identity::from_secret(&[2; 32]).entity_id();
-        assert!(matches!(
-            secure.send(
+        for seed in [2u8, 3] {
+            let friend = Identity::from_secret(&[seed; 32]).entity_id();
+            let sent = secure.send(
                 NOW,
                 friend,
                 "message".parse().expect("valid"),
                 b"{}".to_vec(),
-                ()
-            ),
-            Send::Queued(Some(_))
-        ));
-        let other = Identity::from_secret(&[3; 32]).entity_id();
-        assert!(matches!(
-            secure.send(
-                NOW,
-                other,
-                "message".parse().expect("valid"),
-                b"{}".to_vec(),
-                ()
-            ),
-            Send::Queued(Some(_))
-        ));
+                (),
+            );
+            assert!(matches!(sent, Send::Queued(Some(_))));
+        }
         let third = Identity::from_secret(&[4; 32]);
         let refused = secure.handshake(NOW, &me, &init(&third, me.entity_id(), 4));
         assert_eq!(
