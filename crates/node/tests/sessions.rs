@@ -199,9 +199,9 @@ async fn pair(tune: impl Fn(&mut peer_node::Config) + Copy) -> (TestNode, TestNo
     (a, b)
 }
 
-#[tokio::test]
-async fn an_expired_session_is_renewed_without_the_sender_noticing() {
-    let (a, b) = pair(|c| c.security.session_lifetime_secs = 1).await;
+/// Sends "one", lets 1.1 s pass (beyond a 1 s session lifetime), sends "two";
+/// checks both arrive and returns the session ids before and after.
+async fn send_across_expiry(a: &TestNode, b: &TestNode) -> (String, String) {
     let to = b.handle.entity_id();
     let mut events = b.handle.subscribe();
     a.handle
@@ -209,9 +209,9 @@ async fn an_expired_session_is_renewed_without_the_sender_noticing() {
         .await
         .expect("first");
     assert_eq!(next_text(&mut events).await, "one");
-    let s1 = session_id(&a, &b).await.expect("a session");
+    let s1 = session_id(a, b).await.expect("a session");
     assert_eq!(
-        session_id(&b, &a).await,
+        session_id(b, a).await,
         Some(s1.clone()),
         "both sides hold the same session"
     );
@@ -219,11 +219,22 @@ async fn an_expired_session_is_renewed_without_the_sender_noticing() {
     a.handle
         .send(to, message_type(), msg("two"))
         .await
-        .expect("second, after expiry");
+        .expect("second, after expiry, without an error");
     assert_eq!(next_text(&mut events).await, "two");
-    let s2 = session_id(&a, &b).await.expect("a new session");
+    let s2 = session_id(a, b).await.expect("a new session");
     assert_ne!(s1, s2, "a new handshake ran");
-    assert_eq!(session_id(&b, &a).await, Some(s2));
+    (s1, s2)
+}
+
+#[tokio::test]
+async fn an_expired_session_is_renewed_without_the_sender_noticing() {
+    let (a, b) = pair(|c| c.security.session_lifetime_secs = 1).await;
+    let (_, s2) = send_across_expiry(&a, &b).await;
+    assert_eq!(
+        session_id(&b, &a).await,
+        Some(s2),
+        "both sides hold the same session"
+    );
 }
 
 #[tokio::test]
@@ -280,23 +291,9 @@ async fn a_session_the_peer_no_longer_has_is_replaced_without_the_sender_noticin
     let b = start_node_with(TCP, |c| c.security.session_lifetime_secs = 1).await;
     a.handle.connect(b.addr.clone()).await.expect("connect");
     wait_connected(&b.handle, a.handle.entity_id()).await;
+    // b answers SESSION_EXPIRED to "two"; a starts a new session and sends again.
+    send_across_expiry(&a, &b).await;
     let to = b.handle.entity_id();
-    let mut events = b.handle.subscribe();
-    a.handle
-        .send(to, message_type(), msg("one"))
-        .await
-        .expect("first");
-    assert_eq!(next_text(&mut events).await, "one");
-    let s1 = session_id(&a, &b).await.expect("a session");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    // b answers SESSION_EXPIRED; a starts a new session and sends again.
-    a.handle
-        .send(to, message_type(), msg("two"))
-        .await
-        .expect("delivered in a new session");
-    assert_eq!(next_text(&mut events).await, "two");
-    let s2 = session_id(&a, &b).await.expect("a new session");
-    assert_ne!(s1, s2);
     let stats = a.handle.stats().await.expect("stats");
     let row = &stats.peers[&to.to_string()];
     assert_eq!(row.sent, 2);
