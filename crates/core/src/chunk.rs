@@ -152,6 +152,16 @@ impl Manifest {
             .checked_sub(u64::from(index) * u64::from(self.chunk_size))
     }
 
+    /// The bytes of the message chunk `index` holds; `None` if `index` is out of
+    /// range or the manifest is not consistent.
+    pub fn chunk_range(&self, index: u32) -> Option<std::ops::Range<usize>> {
+        let len = usize::try_from(self.chunk_len(index)?).ok()?;
+        let start = usize::try_from(index)
+            .ok()?
+            .checked_mul(usize::try_from(self.chunk_size).ok()?)?;
+        Some(start..start.checked_add(len)?)
+    }
+
     /// Length of [`Manifest::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
         MANIFEST_FIXED_LEN + self.msg_type.as_str().len()
@@ -502,7 +512,6 @@ pub struct Status {
 
 /// What [`Reassembler::add`] did with an accepted chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Progress {
     /// The chunk is stored (or was already); chunks are still missing.
     Partial(Status),
@@ -520,6 +529,9 @@ struct Transfer {
     manifest: Manifest,
     /// `now_ms` of `begin`, then of the last chunk that added data.
     last_progress_ms: u64,
+    /// Resend requests made since the last progress, and when the last was made.
+    resend_requests: u32,
+    last_request_ms: u64,
     /// The message, `total_len` bytes; allocated on the first chunk.
     data: Vec<u8>,
     /// One bit per chunk received; allocated on the first chunk.
@@ -534,6 +546,32 @@ impl fmt::Debug for Transfer {
             .field("last_progress_ms", &self.last_progress_ms)
             .field("status", &self.status)
             .finish_non_exhaustive()
+    }
+}
+
+impl Transfer {
+    /// The lowest [`MAX_RESEND_INDEXES`] indexes not yet received, in order.
+    fn missing(&self) -> Vec<u32> {
+        let count = self.manifest.chunk_count;
+        if self.have.is_empty() {
+            return (0..count).take(MAX_RESEND_INDEXES).collect();
+        }
+        let mut out = Vec::new();
+        for (w, &word) in (0u64..).zip(&self.have) {
+            let mut free = !word;
+            while free != 0 {
+                let i = w * 64 + u64::from(free.trailing_zeros());
+                let Some(i) = u32::try_from(i).ok().filter(|&i| i < count) else {
+                    return out;
+                };
+                if out.len() == MAX_RESEND_INDEXES {
+                    return out;
+                }
+                out.push(i);
+                free &= free - 1;
+            }
+        }
+        out
     }
 }
 
@@ -697,6 +735,8 @@ impl<P: Ord + Clone> Reassembler<P> {
             Transfer {
                 manifest: manifest.clone(),
                 last_progress_ms: now_ms,
+                resend_requests: 0,
+                last_request_ms: 0,
                 data: Vec::new(),
                 have: Vec::new(),
                 status,
@@ -769,6 +809,7 @@ impl<P: Ord + Clone> Reassembler<P> {
         t.status.received_chunks += 1;
         t.status.received_bytes += len;
         t.last_progress_ms = now_ms;
+        t.resend_requests = 0;
         if t.status.received_chunks < t.status.chunk_count {
             return Ok(Progress::Partial(t.status));
         }
@@ -795,29 +836,10 @@ impl<P: Ord + Clone> Reassembler<P> {
     /// The lowest [`MAX_RESEND_INDEXES`] chunk indexes not yet received, in
     /// increasing order; empty if the transfer is not open.
     pub fn missing(&self, peer: &P, id: TransferId) -> Vec<u32> {
-        let Some(t) = self.transfers.get(&(peer.clone(), id)) else {
-            return Vec::new();
-        };
-        let count = t.manifest.chunk_count;
-        if t.have.is_empty() {
-            return (0..count).take(MAX_RESEND_INDEXES).collect();
-        }
-        let mut out = Vec::new();
-        for (w, &word) in (0u64..).zip(&t.have) {
-            let mut free = !word;
-            while free != 0 {
-                let i = w * 64 + u64::from(free.trailing_zeros());
-                let Some(i) = u32::try_from(i).ok().filter(|&i| i < count) else {
-                    return out;
-                };
-                if out.len() == MAX_RESEND_INDEXES {
-                    return out;
-                }
-                out.push(i);
-                free &= free - 1;
-            }
-        }
-        out
+        self.transfers
+            .get(&(peer.clone(), id))
+            .map(Transfer::missing)
+            .unwrap_or_default()
     }
 
     /// A `chunk_resend` payload for the chunks [`Reassembler::missing`] lists;
@@ -829,6 +851,35 @@ impl<P: Ord + Clone> Reassembler<P> {
                 transfer_id: id,
                 indexes: self.missing(peer, id),
             })
+    }
+
+    /// Resend requests for the open transfers that are stalled: no progress for
+    /// more than `idle_ms`, nor a request for more than `idle_ms` since the last
+    /// one, and fewer than `max_requests` requests made since their last progress.
+    /// Each is counted as made at `now_ms`; the caller sends them to their peers.
+    pub fn resend_due(
+        &mut self,
+        now_ms: u64,
+        idle_ms: u64,
+        max_requests: u32,
+    ) -> Vec<(P, ResendRequest)> {
+        let mut due = Vec::new();
+        for ((peer, id), t) in &mut self.transfers {
+            let quiet_since = t.last_progress_ms.max(t.last_request_ms);
+            if now_ms.saturating_sub(quiet_since) <= idle_ms || t.resend_requests >= max_requests {
+                continue;
+            }
+            t.resend_requests += 1;
+            t.last_request_ms = now_ms;
+            due.push((
+                peer.clone(),
+                ResendRequest {
+                    transfer_id: *id,
+                    indexes: t.missing(),
+                },
+            ));
+        }
+        due
     }
 
     /// Drops transfer `id` from `peer` and its buffer. Returns whether it was open.
@@ -1329,6 +1380,43 @@ mod tests {
             ErrorCode::ChunkError,
             "expired",
         );
+    }
+
+    #[test]
+    fn stalled_transfers_are_due_a_resend_request_a_bounded_number_of_times() {
+        let mut r = reassembler();
+        let data = payload(10, 1);
+        let (_, chunks) = begun(&mut r, &data, 4, 1);
+        r.add(T0 + 100, &peer(1), &chunks[1]).expect("1");
+        assert!(
+            r.resend_due(T0 + 600, 500, 2).is_empty(),
+            "not idle long enough"
+        );
+        let due = r.resend_due(T0 + 601, 500, 2);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, peer(1));
+        assert_eq!(due[0].1.indexes(), [0, 2]);
+        assert!(
+            r.resend_due(T0 + 1101, 500, 2).is_empty(),
+            "one per idle period"
+        );
+        assert_eq!(r.resend_due(T0 + 1102, 500, 2).len(), 1);
+        assert!(
+            r.resend_due(T0 + 9000, 500, 2).is_empty(),
+            "at most 2 in a row"
+        );
+        // Progress allows further requests.
+        r.add(T0 + 9000, &peer(1), &chunks[0]).expect("0");
+        let due = r.resend_due(T0 + 9501, 500, 2);
+        assert_eq!(due[0].1.indexes(), [2]);
+    }
+
+    #[test]
+    fn chunk_ranges_cover_the_message() {
+        let m = manifest(10, 4, 1);
+        assert_eq!(m.chunk_range(0), Some(0..4));
+        assert_eq!(m.chunk_range(2), Some(8..10));
+        assert_eq!(m.chunk_range(3), None);
     }
 
     #[test]

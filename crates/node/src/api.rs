@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -18,11 +18,15 @@ use peer_core::{EntityId, ErrorCode, MsgType};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use serde_json::value::RawValue;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::{NodeError, NodeHandle};
+
+/// Bytes a `POST /v1/messages` body may take beyond its payload.
+const BODY_SLACK: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct AppState {
@@ -46,9 +50,14 @@ pub fn router(node: NodeHandle, token: String, stopping: CancellationToken) -> R
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // A message up to the transfer limit, and its JSON wrapping.
+    let body_limit = usize::try_from(state.node.max_message_size())
+        .unwrap_or(usize::MAX)
+        .saturating_add(BODY_SLACK);
     Router::new()
         .route("/v1/health", get(health))
         .merge(private)
+        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -101,7 +110,14 @@ impl From<NodeError> for ApiError {
             NodeError::Rejected { code, .. } if code == ErrorCode::RateLimited.as_str() => {
                 (StatusCode::TOO_MANY_REQUESTS, code)
             }
+            NodeError::Rejected { code, .. } if code == ErrorCode::MessageTooLarge.as_str() => {
+                (StatusCode::PAYLOAD_TOO_LARGE, code)
+            }
             NodeError::Rejected { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            NodeError::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooLarge.as_str().into(),
+            ),
             NodeError::NotConnected(_) => (StatusCode::NOT_FOUND, "NOT_CONNECTED".into()),
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()),
             NodeError::Dial(_) => (StatusCode::BAD_GATEWAY, "DIAL_FAILED".into()),
@@ -187,14 +203,36 @@ async fn list_peers(State(s): State<AppState>) -> Result<Json<serde_json::Value>
 }
 
 #[derive(Deserialize)]
-struct SendBody {
+struct SendBody<'a> {
     to: String,
     msg_type: String,
-    payload: serde_json::Value,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// The part of `body` that `inner` covers, without copying if `inner` is a
+/// slice of `body` (a borrowed `RawValue` is).
+fn sub_bytes(body: &Bytes, inner: &str) -> Bytes {
+    let start = (inner.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    match start.checked_add(inner.len()) {
+        Some(end) if end <= body.len() => body.slice(start..end),
+        _ => Bytes::copy_from_slice(inner.as_bytes()),
+    }
 }
 
 async fn send(State(s): State<AppState>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
-    let body: SendBody = parse_json(&body)?;
+    let (to, msg_type, payload) = read_send_body(&body)?;
+    // The payload shares the body's buffer; only the payload is kept.
+    drop(body);
+    let delivered = s.node.send(to, msg_type, payload).await?;
+    Ok(Json(json!(delivered)))
+}
+
+/// The recipient, type and payload (as the exact JSON text sent) of a
+/// `POST /v1/messages` body.
+fn read_send_body(bytes: &Bytes) -> Result<(EntityId, MsgType, Bytes), ApiError> {
+    let body: SendBody = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let to: EntityId = body
         .to
         .parse()
@@ -203,24 +241,22 @@ async fn send(State(s): State<AppState>, body: Bytes) -> Result<Json<serde_json:
         .msg_type
         .parse()
         .map_err(|e| ApiError::bad_request(format!("msg_type: {e}")))?;
-    let delivered = s
-        .node
-        .send(to, msg_type, body.payload.to_string().into_bytes())
-        .await?;
-    Ok(Json(json!(delivered)))
+    Ok((to, msg_type, sub_bytes(bytes, body.payload.get())))
 }
 
 async fn events(
     State(s): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let stream = BroadcastStream::new(s.node.subscribe()).map(|item| {
-        let data = match item {
-            Ok(event) => json!(event),
+        // Written straight into the stream's buffer: a reassembled message may
+        // be tens of MiB.
+        let event = match item {
+            Ok(event) => SseEvent::default().json_data(&event),
             Err(BroadcastStreamRecvError::Lagged(missed)) => {
-                json!({"type": "lagged", "missed": missed})
+                SseEvent::default().json_data(json!({"type": "lagged", "missed": missed}))
             }
         };
-        Ok(SseEvent::default().data(data.to_string()))
+        Ok(event.unwrap_or_else(|e| SseEvent::default().comment(format!("unwritable event: {e}"))))
     });
     let stream = stream.take_until(s.stopping.cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::default())

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
+use crate::transfer::TransferConfig;
 
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +33,8 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
     /// End-to-end sessions.
     pub security: SecurityConfig,
+    /// Chunked transfer of large messages.
+    pub transfer: TransferConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -112,6 +115,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             rate_limits: RateLimitConfig::default(),
             security: SecurityConfig::default(),
+            transfer: TransferConfig::default(),
         }
     }
 }
@@ -223,6 +227,9 @@ impl Config {
         }
         self.rate_limits.validate().map_err(ConfigError::Invalid)?;
         self.security.validate().map_err(ConfigError::Invalid)?;
+        self.transfer
+            .validate(self.protocol.max_envelope_size)
+            .map_err(ConfigError::Invalid)?;
         let p = &self.protocol;
         for (key, secs) in [
             ("timestamp_tolerance_secs", p.timestamp_tolerance_secs),
@@ -298,7 +305,7 @@ mod tests {
         let file = dir.path().join("peer.toml");
         std::fs::write(
             &file,
-            "[protocol]\nmax_envelope_size = 4096\n[api]\nevent_buffer = 7\n",
+            "[protocol]\nmax_envelope_size = 65536\n[api]\nevent_buffer = 7\n",
         )
         .expect("write");
         let mut flags = toml::Table::new();
@@ -307,7 +314,7 @@ mod tests {
         api.insert("event_buffer".into(), 9.into());
         flags.insert("api".into(), api.into());
         let c = Config::load(Some(&file), flags).expect("loads");
-        assert_eq!(c.protocol.max_envelope_size, 4096);
+        assert_eq!(c.protocol.max_envelope_size, 65536);
         assert_eq!(c.api.event_buffer, 9);
         assert_eq!(c.data_dir, dir.path());
         let back: Config = toml::from_str(&c.to_toml()).expect("parses");

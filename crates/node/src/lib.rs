@@ -10,6 +10,7 @@ mod actor;
 pub mod api;
 pub mod config;
 pub mod data_dir;
+pub mod json;
 pub mod net;
 pub mod node;
 mod outbox;
@@ -17,6 +18,7 @@ pub mod ratelimit;
 pub mod secure;
 pub mod stats;
 pub mod store;
+pub mod transfer;
 
 pub use config::Config;
 /// The libp2p version the node is built on, for embedders that need its types.

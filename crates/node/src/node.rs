@@ -8,7 +8,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
+use peer_core::chunk::{self, TransferId};
 use peer_core::envelope::FIXED_OVERHEAD;
 use peer_core::session::keys::TAG_LEN;
 use peer_core::{EntityId, Identity, MsgType};
@@ -17,6 +19,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::actor::{self, Command};
 use crate::config::Config;
+use crate::json::RawJson;
 use crate::net;
 use crate::secure::SessionView;
 use crate::stats::{Metrics, StatsView};
@@ -32,14 +35,47 @@ const COMMAND_QUEUE: usize = 1024;
 pub enum Event {
     /// An application message arrived and was verified.
     Message {
-        /// The message's id.
+        /// The message's id (for a message that came as a chunked transfer, the
+        /// transfer's id).
         message_id: String,
         /// The sender's entity id.
         from: EntityId,
         /// Its type.
         msg_type: String,
-        /// Its JSON payload.
-        payload: serde_json::Value,
+        /// Its JSON payload, exactly as sent.
+        payload: RawJson,
+    },
+    /// A chunked transfer moved on: sent when it starts, then each time another
+    /// tenth of its chunks has been accepted (outbound) or received (inbound).
+    TransferProgress {
+        /// The transfer's id.
+        transfer_id: String,
+        /// The other end: the receiver (outbound) or the sender (inbound).
+        peer: EntityId,
+        /// Which way it goes.
+        direction: Direction,
+        /// Bytes of the message accepted or received so far.
+        done_bytes: u64,
+        /// Length of the whole message.
+        total_bytes: u64,
+        /// Chunks accepted or received so far.
+        done_chunks: u32,
+        /// Chunks in the transfer.
+        chunk_count: u32,
+    },
+    /// A chunked transfer stopped without delivering its message.
+    TransferFailed {
+        /// The transfer's id.
+        transfer_id: String,
+        /// The other end.
+        peer: EntityId,
+        /// Which way it went.
+        direction: Direction,
+        /// A protocol error code, or `EXPIRED` for an incoming transfer that
+        /// made no progress for `transfer.expiry_secs`.
+        code: String,
+        /// Why.
+        reason: String,
     },
     /// A peer connected.
     PeerConnected {
@@ -51,6 +87,16 @@ pub enum Event {
         /// Its entity id.
         entity_id: EntityId,
     },
+}
+
+/// Which way a transfer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From this node.
+    Outbound,
+    /// To this node.
+    Inbound,
 }
 
 /// A peer as listed by `GET /v1/peers`.
@@ -104,6 +150,14 @@ pub enum NodeError {
         /// For `RATE_LIMITED`: how long to wait before sending again.
         retry_after_ms: Option<u64>,
     },
+    /// The message is larger than this node sends (`transfer.max_message_size`).
+    #[error("message of {size} bytes exceeds transfer.max_message_size ({limit} bytes)")]
+    TooLarge {
+        /// The payload's length.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// No open connection to the entity.
     #[error("not connected to {0}; connect to one of its addresses first (POST /v1/peers)")]
     NotConnected(EntityId),
@@ -129,6 +183,8 @@ pub enum NodeError {
 pub struct NodeHandle {
     tx: mpsc::Sender<Command>,
     max_envelope_size: usize,
+    chunk_size: usize,
+    max_message_size: u64,
     entity_id: EntityId,
     peer_id: PeerId,
     events: broadcast::Sender<Event>,
@@ -174,16 +230,27 @@ impl NodeHandle {
         self.ask(|tx| Command::Connect(addr, tx)).await?
     }
 
+    /// Largest payload [`NodeHandle::send`] takes (`transfer.max_message_size`).
+    pub fn max_message_size(&self) -> u64 {
+        self.max_message_size
+    }
+
     /// Sends a message and answers once the recipient accepted or refused it.
     /// Application messages (`MsgType::is_application`) are sealed in an
     /// end-to-end session with the recipient, which is set up (or renewed after
     /// its lifetime) on the way; other types travel signed but not sealed.
+    /// An application payload larger than `transfer.chunk_size` goes as a
+    /// chunked transfer, and the answer comes once every chunk is accepted.
     pub async fn send(
         &self,
         to: EntityId,
         msg_type: MsgType,
-        payload: Vec<u8>,
+        payload: impl Into<Bytes>,
     ) -> Result<Delivered, NodeError> {
+        let payload: Bytes = payload.into();
+        if msg_type.is_application() && payload.len() > self.chunk_size {
+            return self.send_transfer(to, msg_type, payload).await;
+        }
         // Version "1.2", the recipient, a session id and the AEAD tag at most.
         let worst = FIXED_OVERHEAD + 3 + msg_type.as_str().len() + 32 + 16 + TAG_LEN;
         let size = worst + payload.len();
@@ -196,6 +263,38 @@ impl NodeHandle {
         self.ask(|reply| Command::Send {
             to,
             msg_type,
+            payload: payload.into(),
+            reply,
+        })
+        .await?
+    }
+
+    async fn send_transfer(
+        &self,
+        to: EntityId,
+        msg_type: MsgType,
+        payload: Bytes,
+    ) -> Result<Delivered, NodeError> {
+        let size = payload.len() as u64;
+        if size > self.max_message_size {
+            return Err(NodeError::TooLarge {
+                size,
+                limit: self.max_message_size,
+            });
+        }
+        // Hashing a large message takes tens of ms: not on a runtime worker.
+        let chunk_size = self.chunk_size;
+        let (manifest, payload) = tokio::task::spawn_blocking(move || {
+            let id = TransferId::from_random(rand::random());
+            let manifest = chunk::split(msg_type, &payload, chunk_size, id).map(|(m, _)| m);
+            (manifest, payload)
+        })
+        .await
+        .map_err(|_| NodeError::Stopped)?;
+        let manifest = manifest.map_err(|e| NodeError::Invalid(e.to_string()))?;
+        self.ask(|reply| Command::Transfer {
+            to,
+            manifest,
             payload,
             reply,
         })
@@ -264,12 +363,19 @@ pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHan
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, _) = broadcast::channel(config.api.event_buffer.max(1));
-    let handle_parts = (identity.entity_id(), config.protocol.max_envelope_size);
+    let limits = (
+        config.protocol.max_envelope_size,
+        config.transfer.chunk_size,
+        config.transfer.max_message_size,
+    );
+    let entity_id = identity.entity_id();
     let metrics = actor::spawn(swarm, config, identity, store, events.clone(), rx);
     Ok(NodeHandle {
         tx,
-        max_envelope_size: handle_parts.1,
-        entity_id: handle_parts.0,
+        max_envelope_size: limits.0,
+        chunk_size: limits.1,
+        max_message_size: limits.2,
+        entity_id,
         peer_id,
         events,
         metrics,

@@ -8,8 +8,12 @@ use std::collections::{HashMap, VecDeque};
 use peer_core::reorder::{self, Reorder};
 use peer_core::seq_window::Window;
 use peer_core::session::{self, Link, Message, Random, Role, Session, State};
-use peer_core::{EntityId, Envelope, ErrorCode, Identity, MsgType, Rejection, SessionId};
+use peer_core::{
+    EntityId, Envelope, ErrorCode, Identity, MessageId, MsgType, Rejection, SessionId,
+};
 use serde::{Deserialize, Serialize};
+
+use crate::json::RawJson;
 
 /// End-to-end session settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,25 +89,48 @@ pub struct SessionView {
     pub expires_ms: u64,
 }
 
-/// An opened application message, released in send order.
-#[derive(Debug)]
+/// An application message for the agent, released in send order.
+#[derive(Debug, Clone)]
 pub struct Opened {
-    /// The envelope's message id.
+    /// The envelope's message id (a transfer's id for a reassembled message).
     pub message_id: String,
-    /// The envelope's type.
+    /// The message's type.
     pub msg_type: MsgType,
     /// The plaintext, which is JSON.
-    pub payload: serde_json::Value,
+    pub payload: RawJson,
 }
 
 /// An application payload as JSON; `MALFORMED_MESSAGE` if it is not.
-pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, Rejection> {
-    serde_json::from_slice(bytes).map_err(|e| {
+pub fn parse_json(bytes: Vec<u8>) -> Result<RawJson, Rejection> {
+    RawJson::parse(bytes).map_err(|e| {
         refuse(
             ErrorCode::MalformedMessage,
             format!("payload is not JSON: {e}"),
         )
     })
+}
+
+/// Where a sealed message sits in its session's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The session.
+    pub session_id: SessionId,
+    /// The sequence number.
+    pub sequence_num: u64,
+}
+
+/// A sealed envelope, opened: authenticated, decrypted, its sequence number
+/// used up. Its place in the order is given back with [`Secure::release`].
+#[derive(Debug)]
+pub struct Unsealed {
+    /// Its place in the session's order.
+    pub slot: Slot,
+    /// The envelope's message id.
+    pub message_id: MessageId,
+    /// The envelope's type.
+    pub msg_type: MsgType,
+    /// The plaintext.
+    pub plaintext: Vec<u8>,
 }
 
 /// What to do with an application message for a peer.
@@ -140,7 +167,9 @@ pub struct SealedParts {
 struct Live {
     session: Session,
     window: Window,
-    reorder: Reorder<Opened>,
+    /// `None` for a sequence number that delivers nothing (a chunk, a refused
+    /// message): it still fills its place, so later messages do not wait for it.
+    reorder: Reorder<Option<Opened>>,
 }
 
 impl Live {
@@ -174,7 +203,7 @@ impl<T> Peer<T> {
     fn retire(&mut self) {
         if let Some(mut old) = self.live.take() {
             let held = old.reorder.handle_timeout(u64::MAX);
-            self.retired.extend(held.into_iter().map(|(_, o)| o));
+            self.retired.extend(held.into_iter().filter_map(|(_, o)| o));
         }
     }
 }
@@ -400,9 +429,10 @@ impl<T> Secure<T> {
             .unwrap_or_default()
     }
 
-    /// Opens a sealed application envelope: session lookup, replay window,
-    /// decryption, then in-order release. Returns the messages now deliverable.
-    pub fn open(&mut self, now_ms: u64, env: Envelope) -> Result<Vec<Opened>, Rejection> {
+    /// Opens a sealed envelope: session lookup, replay window, decryption. The
+    /// sequence number is used up once the payload authenticates; the caller
+    /// then reads the plaintext and gives the slot back with [`Secure::release`].
+    pub fn open(&mut self, now_ms: u64, env: Envelope) -> Result<Unsealed, Rejection> {
         let Some(session_id) = env.session_id else {
             return Err(refuse(
                 ErrorCode::EncryptionRequired,
@@ -428,19 +458,43 @@ impl<T> Secure<T> {
         let plaintext = live
             .session
             .open(now_ms, &env.msg_type, env.sequence_num, &env.payload)?;
-        let payload = parse_json(&plaintext)?;
         live.window.update(env.sequence_num);
-        let opened = Opened {
-            message_id: env.message_id.to_string(),
+        Ok(Unsealed {
+            slot: Slot {
+                session_id,
+                sequence_num: env.sequence_num,
+            },
+            message_id: env.message_id,
             msg_type: env.msg_type,
-            payload,
-        };
-        Ok(live
-            .reorder
-            .push(now_ms, env.sequence_num, opened)
-            .into_iter()
-            .map(|(_, o)| o)
-            .collect())
+            plaintext,
+        })
+    }
+
+    /// Gives back the slot of a message from `from` that [`Secure::open`]
+    /// opened, with what it delivers (`None`: nothing); returns the messages
+    /// now deliverable in order. If the session has been replaced meanwhile,
+    /// `item` is returned at once.
+    pub fn release(
+        &mut self,
+        now_ms: u64,
+        from: EntityId,
+        slot: Slot,
+        item: Option<Opened>,
+    ) -> Vec<Opened> {
+        let live = self
+            .peers
+            .get_mut(&from)
+            .and_then(|p| p.live.as_mut())
+            .filter(|l| l.session.id() == slot.session_id);
+        match live {
+            Some(live) => live
+                .reorder
+                .push(now_ms, slot.sequence_num, item)
+                .into_iter()
+                .filter_map(|(_, o)| o)
+                .collect(),
+            None => item.into_iter().collect(),
+        }
     }
 
     /// Applies timers: releases messages whose gaps waited too long, ends expired
@@ -456,7 +510,7 @@ impl<T> Secure<T> {
                     live.reorder
                         .handle_timeout(now_ms)
                         .into_iter()
-                        .map(|(_, o)| (*id, o)),
+                        .filter_map(|(_, o)| Some((*id, o?))),
                 );
                 if live.session.is_expired(now_ms) && live.reorder.is_empty() {
                     peer.live = None;
@@ -561,18 +615,26 @@ mod tests {
             env.sequence_num = parts.sequence_num;
             env
         };
-        let first = envelope(&released[0].0, 100);
-        assert_eq!(b.open(NOW, first).expect("opens").len(), 1);
+        let mut receive = |env: Envelope| {
+            let u = b.open(NOW, env).expect("opens");
+            let opened = Opened {
+                message_id: u.message_id.to_string(),
+                msg_type: u.msg_type,
+                payload: parse_json(u.plaintext).expect("json"),
+            };
+            b.release(NOW, a_id, u.slot, Some(opened))
+        };
+        assert_eq!(receive(envelope(&released[0].0, 100)).len(), 1);
         for (i, parts) in sealed.iter().enumerate().skip(1) {
             let env = envelope(parts, 101 + i as u8);
-            assert!(
-                b.open(NOW, env).expect("opens").is_empty(),
-                "held behind the gap"
-            );
+            assert!(receive(env).is_empty(), "held behind the gap");
         }
         b.forget(a_id, sealed[0].session_id);
         let (opened, _) = b.handle_timeout(NOW);
-        let texts: Vec<_> = opened.iter().map(|(_, o)| o.payload["t"].clone()).collect();
+        let texts: Vec<_> = opened
+            .iter()
+            .map(|(_, o)| o.payload.to_value()["t"].clone())
+            .collect();
         assert_eq!(texts, vec!["2", "3"], "released in order, not dropped");
     }
 

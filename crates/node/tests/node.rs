@@ -61,7 +61,7 @@ async fn messages_cross_over_quic() {
         match events.recv().await.expect("event") {
             Event::Message { from, payload, .. } => {
                 assert_eq!(from, a.handle.entity_id());
-                assert_eq!(payload["n"], 1);
+                assert_eq!(payload.to_value()["n"], 1);
                 break;
             }
             _ => continue,
@@ -89,7 +89,7 @@ async fn a_slow_event_reader_is_told_how_many_it_missed() {
     }
     for n in 6..10 {
         match slow.recv().await.expect("event") {
-            Event::Message { payload, .. } => assert_eq!(payload["n"], n),
+            Event::Message { payload, .. } => assert_eq!(payload.to_value()["n"], n),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -33,7 +33,7 @@ async fn next_message_from(
         match ev {
             Event::Message {
                 from: f, payload, ..
-            } if f == from => return payload,
+            } if f == from => return payload.to_value(),
             _ => {}
         }
     }

@@ -44,7 +44,10 @@ async fn next_text(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Stri
             .expect("event in time")
             .expect("event");
         if let Event::Message { payload, .. } = ev {
-            return payload["text"].as_str().expect("text").to_owned();
+            return payload.to_value()["text"]
+                .as_str()
+                .expect("text")
+                .to_owned();
         }
     }
 }
@@ -115,7 +118,7 @@ async fn the_payload_on_the_wire_is_ciphertext_and_both_sides_hold_the_same_keys
     assert_eq!(raw.send(d.sign(&raw.identity).encode()).await, None);
     loop {
         if let Event::Message { payload, .. } = events.recv().await.expect("event") {
-            assert_eq!(payload["text"], "back");
+            assert_eq!(payload.to_value()["text"], "back");
             break;
         }
     }
@@ -273,7 +276,7 @@ async fn many_concurrent_sealed_messages_each_arrive_once() {
     let mut seen = Vec::new();
     while seen.len() < 200 {
         if let Event::Message { payload, .. } = events.recv().await.expect("event") {
-            seen.push(payload["n"].as_u64().expect("n"));
+            seen.push(payload.to_value()["n"].as_u64().expect("n"));
         }
     }
     seen.sort_unstable();

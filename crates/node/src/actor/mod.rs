@@ -6,16 +6,20 @@
 //! their own (results come back on `verified`), and so does signing of outbound
 //! envelopes (results come back on `signed`).
 
-use std::collections::HashMap;
+mod transfers;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify};
+use peer_core::chunk::{self, Manifest, Reassembler, TransferId};
 use peer_core::inbound::{Acceptor, Refusal};
 use peer_core::rate::Class;
 use peer_core::session::Message;
@@ -30,9 +34,10 @@ use crate::net::{self, Behaviour, BehaviourEvent};
 use crate::node::{Delivered, Event, NodeError, PeerView, ReplyView, now_ms};
 use crate::outbox::{Admit, Outbox};
 use crate::ratelimit::Limits;
-use crate::secure::{Released, SealedParts, Secure, Send};
+use crate::secure::{Opened, Released, SealedParts, Secure, Send};
 use crate::stats::{Metrics, Stats, StatsView};
 use crate::store::{PeerRecord, Store};
+use crate::transfer::{Outgoing as OutgoingTransfer, Part};
 
 /// Capacity of the channels from verification and signing tasks back to the
 /// actor. The tasks themselves are bounded: verification by the open inbound
@@ -55,19 +60,36 @@ pub(crate) enum Command {
         payload: Vec<u8>,
         reply: Reply<Delivered>,
     },
+    Transfer {
+        to: EntityId,
+        manifest: Manifest,
+        payload: Bytes,
+        reply: Reply<Delivered>,
+    },
     Peers(Reply<Vec<PeerView>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Stats(oneshot::Sender<StatsView>),
 }
 
-/// An agent waiting on a message, and what it takes to send it once more.
+/// Who waits on a message's outcome.
 #[derive(Debug)]
-struct Waiter {
-    reply: Reply<Delivered>,
-    /// An application message's type and plaintext, kept so that it can be sent
-    /// again, once, in a new session if the peer no longer has ours (it
-    /// restarted, or expired the session first).
-    resend: Option<(MsgType, Vec<u8>)>,
+enum Waiter {
+    /// The agent, for a message it sent.
+    Agent {
+        reply: Reply<Delivered>,
+        /// An application message's type and plaintext, kept so that it can be
+        /// sent again, once, in a new session if the peer no longer has ours
+        /// (it restarted, or expired the session first).
+        resend: Option<(MsgType, Vec<u8>)>,
+    },
+    /// An outgoing transfer, for one of its parts.
+    Part {
+        to: EntityId,
+        id: TransferId,
+        part: Part,
+    },
+    /// Nobody: a `chunk_resend` of ours, whose answer changes nothing.
+    Nobody,
 }
 
 /// Why a request is sent, and who waits for its answer.
@@ -81,14 +103,6 @@ enum Purpose {
     },
     /// A handshake step; its reply carries the peer's next step.
     Handshake,
-}
-
-impl Purpose {
-    fn fail(self, e: NodeError) {
-        if let Purpose::Message { waiter, .. } = self {
-            _ = waiter.reply.send(Err(e));
-        }
-    }
 }
 
 /// A signed envelope on its way out.
@@ -134,6 +148,12 @@ struct Actor {
     sends: HashMap<OutboundRequestId, Pending>,
     outbox: Outbox<PeerId, Outgoing>,
     limits: Limits,
+    /// Transfers this node sends, by receiver and transfer id.
+    sending: HashMap<(EntityId, TransferId), OutgoingTransfer<Reply<Delivered>>>,
+    /// Transfers in `sending` not started yet, per receiver, oldest first.
+    queued_transfers: HashMap<EntityId, VecDeque<TransferId>>,
+    /// Transfers this node receives.
+    receiving: Reassembler<EntityId>,
     listen_addrs: Vec<Multiaddr>,
     verified_tx: mpsc::Sender<Verified>,
     signed_tx: mpsc::Sender<Outgoing>,
@@ -184,6 +204,29 @@ fn rejection_of(env: &Envelope) -> Rejection {
     Rejection::new(code.unwrap_or(ErrorCode::InvalidState), reason)
 }
 
+/// Whether `msg_type` travels sealed in a session: application messages and
+/// the chunked-transfer types that carry them.
+fn is_sealed(msg_type: &MsgType) -> bool {
+    msg_type.is_application() || chunk::is_chunk_msg_type(msg_type.as_str())
+}
+
+/// Whether a peer's answer says it no longer has the session a message was
+/// sealed in.
+fn lost_session(e: &NodeError) -> bool {
+    matches!(e, NodeError::Rejected { code, .. }
+        if code == ErrorCode::SessionNotFound.as_str()
+            || code == ErrorCode::SessionExpired.as_str())
+}
+
+/// A refusal of the envelope `id`, without a retry-after.
+fn refusal(id: MessageId, rejection: Rejection) -> (Refusal, Option<Duration>) {
+    let refusal = Refusal {
+        rejection,
+        message_id: Some(id),
+    };
+    (refusal, None)
+}
+
 fn rejected(r: Rejection) -> NodeError {
     NodeError::Rejected {
         code: r.code.to_string(),
@@ -222,6 +265,9 @@ pub(crate) fn spawn(
             config.network.max_outbound_in_flight,
         ),
         limits: Limits::new(&config.rate_limits),
+        sending: HashMap::new(),
+        queued_transfers: HashMap::new(),
+        receiving: Reassembler::new(config.transfer.reassembly()),
         config,
         listen_addrs: Vec::new(),
         verified_tx,
@@ -277,22 +323,28 @@ impl Actor {
                 let resend = msg_type
                     .is_application()
                     .then(|| (msg_type.clone(), payload.clone()));
-                self.send(to, msg_type, payload, Waiter { reply, resend });
+                self.send(to, msg_type, payload, Waiter::Agent { reply, resend });
             }
+            Command::Transfer {
+                to,
+                manifest,
+                payload,
+                reply,
+            } => self.start_transfer(to, manifest, payload, reply),
             Command::Peers(reply) => _ = reply.send(self.peers()),
             Command::ListenAddrs(reply) => _ = reply.send(self.listen_addrs.clone()),
             Command::Stats(reply) => _ = reply.send(self.stats.view()),
         }
     }
 
-    /// An agent's message: sealed in the session with `to` if it is an
-    /// application message (starting a handshake if needed), else signed as is.
+    /// A message: sealed in the session with `to` if its type travels sealed
+    /// (starting a handshake if needed), else signed as is.
     fn send(&mut self, to: EntityId, msg_type: MsgType, payload: Vec<u8>, waiter: Waiter) {
         if !self.by_entity.contains_key(&to) {
-            _ = waiter.reply.send(Err(NodeError::NotConnected(to)));
+            self.fail(waiter, NodeError::NotConnected(to));
             return;
         }
-        if !msg_type.is_application() {
+        if !is_sealed(&msg_type) {
             self.sign_and_send(to, draft(Some(to), msg_type, payload), Some(waiter));
             return;
         }
@@ -303,7 +355,22 @@ impl Actor {
                     self.send_handshake(to, &init);
                 }
             }
-            Send::Refused(waiter, r) => _ = waiter.reply.send(Err(rejected(r))),
+            Send::Refused(waiter, r) => self.fail(waiter, rejected(r)),
+        }
+    }
+
+    /// Tells whoever waits on a message that it failed.
+    fn fail(&mut self, waiter: Waiter, e: NodeError) {
+        match waiter {
+            Waiter::Agent { reply, .. } => _ = reply.send(Err(e)),
+            Waiter::Part { to, id, part } => self.part_failed(to, id, part, e),
+            Waiter::Nobody => {}
+        }
+    }
+
+    fn fail_purpose(&mut self, purpose: Purpose, e: NodeError) {
+        if let Purpose::Message { waiter, .. } = purpose {
+            self.fail(waiter, e);
         }
     }
 
@@ -345,13 +412,16 @@ impl Actor {
     fn enqueue(&mut self, out: Outgoing) {
         let Some(peer) = self.by_entity.get(&out.to).copied() else {
             let to = out.to;
-            out.purpose.fail(NodeError::NotConnected(to));
+            self.fail_purpose(out.purpose, NodeError::NotConnected(to));
             return;
         };
         match self.outbox.admit(peer, out) {
             Admit::Send(out) => self.dispatch_request(peer, out),
             Admit::Queued => {}
-            Admit::Full(out) => out.purpose.fail(NodeError::Busy(self.outbox.limit())),
+            Admit::Full(out) => {
+                let e = NodeError::Busy(self.outbox.limit());
+                self.fail_purpose(out.purpose, e);
+            }
         }
     }
 
@@ -377,13 +447,15 @@ impl Actor {
     }
 
     fn handle_timeout(&mut self) {
-        let (opened, failed) = self.secure.handle_timeout(now_ms());
+        let now = now_ms();
+        let (opened, failed) = self.secure.handle_timeout(now);
         for (from, o) in opened {
-            self.deliver(from, o.message_id, o.msg_type, o.payload);
+            self.deliver(from, o);
         }
         for (waiter, r) in failed {
-            _ = waiter.reply.send(Err(rejected(r)));
+            self.fail(waiter, rejected(r));
         }
+        self.transfer_timers(now);
     }
 
     fn peers(&self) -> Result<Vec<PeerView>, NodeError> {
@@ -432,7 +504,7 @@ impl Actor {
                     self.by_entity.remove(&c.entity);
                     self.stats.set_connected(self.connected.len());
                     for out in self.outbox.drain_waiting(peer_id) {
-                        out.purpose.fail(NodeError::NotConnected(c.entity));
+                        self.fail_purpose(out.purpose, NodeError::NotConnected(c.entity));
                     }
                     _ = self.events.send(Event::PeerDisconnected {
                         entity_id: c.entity,
@@ -544,7 +616,7 @@ impl Actor {
                         let r = Rejection::new(ErrorCode::InvalidState, e.to_string());
                         self.fail_waiting(p.to, &r);
                     }
-                    p.purpose.fail(e);
+                    self.fail_purpose(p.purpose, e);
                     self.request_done(p.peer);
                 }
             }
@@ -590,7 +662,7 @@ impl Actor {
             .and_then(|env| self.acceptor.admit(now_ms(), env))
             .map_err(|r| (r, None))
             .and_then(|env| self.within_rate(env))
-            .and_then(|env| self.dispatch(env).map_err(|r| (r, None)));
+            .and_then(|env| self.dispatch(env));
         let response = match outcome {
             Ok(response) => response,
             Err((refusal, retry_after)) => {
@@ -613,31 +685,38 @@ impl Actor {
 
     /// Takes a token from the sender's bucket for the message's class. Runs after
     /// the signature and nonce checks, so only the sender can spend its budget.
+    /// A `chunk` takes none here: a transfer is counted once, by its manifest,
+    /// and a chunk only if it is refused (see `transfers.rs`).
     fn within_rate(&mut self, env: Envelope) -> Result<Envelope, (Refusal, Option<Duration>)> {
-        let class = Class::of(&env.msg_type);
-        match self.limits.check(env.sender_id, class) {
-            Ok(()) => Ok(env),
-            Err(wait) => {
-                let reason = format!(
-                    "over the {class} rate limit; retry after {} ms",
-                    wait.as_millis()
-                );
-                let refusal = Refusal {
-                    rejection: Rejection::new(ErrorCode::RateLimited, reason),
-                    message_id: Some(env.message_id),
-                };
-                Err((refusal, Some(wait)))
-            }
+        if env.msg_type.as_str() == chunk::MSG_CHUNK {
+            return Ok(env);
         }
+        self.charge(env.sender_id, Class::of(&env.msg_type), env.message_id)?;
+        Ok(env)
+    }
+
+    /// Takes a token from `from`'s bucket for `class`; `RATE_LIMITED` for the
+    /// envelope `id` if there is none.
+    fn charge(
+        &mut self,
+        from: EntityId,
+        class: Class,
+        id: MessageId,
+    ) -> Result<(), (Refusal, Option<Duration>)> {
+        self.limits.check(from, class).map_err(|wait| {
+            let reason = format!(
+                "over the {class} rate limit; retry after {} ms",
+                wait.as_millis()
+            );
+            let (refusal, _) = refusal(id, Rejection::new(ErrorCode::RateLimited, reason));
+            (refusal, Some(wait))
+        })
     }
 
     /// Handles an admitted envelope by its msg_type.
-    fn dispatch(&mut self, env: Envelope) -> Result<Response, Refusal> {
+    fn dispatch(&mut self, env: Envelope) -> Result<Response, (Refusal, Option<Duration>)> {
         let id = env.message_id;
-        let refuse = |r: Rejection| Refusal {
-            rejection: r,
-            message_id: Some(id),
-        };
+        let refuse = |r: Rejection| refusal(id, r);
         let now = now_ms();
         if env.msg_type == *MsgType::PING {
             let pong = draft(
@@ -666,7 +745,7 @@ impl Actor {
                 None => Response::Accepted,
             });
         }
-        if !env.msg_type.is_application() {
+        if !is_sealed(&env.msg_type) {
             return Err(refuse(Rejection::new(
                 ErrorCode::UnsupportedMsgType,
                 format!(
@@ -677,35 +756,64 @@ impl Actor {
         }
         let from = env.sender_id;
         if env.session_id.is_some() {
-            for o in self.secure.open(now, env).map_err(refuse)? {
-                self.deliver(from, o.message_id, o.msg_type, o.payload);
+            let unsealed = self.secure.open(now, env).map_err(refuse)?;
+            let read = self.read(now, from, id, unsealed.msg_type, unsealed.plaintext);
+            let (item, result) = match read {
+                Ok(item) => (item, Ok(Response::Accepted)),
+                Err(e) => (None, Err(e)),
+            };
+            // A refused message still fills its place in the order.
+            for o in self.secure.release(now, from, unsealed.slot, item) {
+                self.deliver(from, o);
             }
-        } else if self.secure.require_encryption() {
+            return result;
+        }
+        if self.secure.require_encryption() {
             return Err(refuse(Rejection::new(
                 ErrorCode::EncryptionRequired,
                 "this node accepts application messages only sealed in a session",
             )));
-        } else {
-            let payload = crate::secure::parse_json(&env.payload).map_err(refuse)?;
-            self.deliver(from, env.message_id.to_string(), env.msg_type, payload);
+        }
+        if let Some(o) = self.read(now, from, id, env.msg_type, env.payload)? {
+            self.deliver(from, o);
         }
         Ok(Response::Accepted)
     }
 
-    /// Hands an application message to the agent.
-    fn deliver(
+    /// Reads a plaintext application or chunked-transfer payload: an
+    /// application message to deliver, or a transfer's part (which delivers its
+    /// message when it completes the transfer).
+    fn read(
         &mut self,
+        now: u64,
         from: EntityId,
-        message_id: String,
+        id: MessageId,
         msg_type: MsgType,
-        payload: serde_json::Value,
-    ) {
+        plaintext: Vec<u8>,
+    ) -> Result<Option<Opened>, (Refusal, Option<Duration>)> {
+        match msg_type.as_str() {
+            chunk::MSG_MANIFEST => self.on_manifest(now, from, id, &plaintext).map(|()| None),
+            chunk::MSG_CHUNK => self.on_chunk(now, from, id, &plaintext),
+            chunk::MSG_RESEND => self.on_resend(from, id, &plaintext).map(|()| None),
+            _ => {
+                let payload = crate::secure::parse_json(plaintext).map_err(|r| refusal(id, r))?;
+                Ok(Some(Opened {
+                    message_id: id.to_string(),
+                    msg_type,
+                    payload,
+                }))
+            }
+        }
+    }
+
+    /// Hands an application message to the agent.
+    fn deliver(&mut self, from: EntityId, o: Opened) {
         self.stats.received(from);
         _ = self.events.send(Event::Message {
-            message_id,
+            message_id: o.message_id,
             from,
-            msg_type: msg_type.to_string(),
-            payload,
+            msg_type: o.msg_type.to_string(),
+            payload: o.payload,
         });
     }
 
@@ -722,7 +830,7 @@ impl Actor {
 
     fn fail_waiting(&mut self, to: EntityId, r: &Rejection) {
         for (waiter, r) in self.secure.fail_waiting(to, r) {
-            _ = waiter.reply.send(Err(rejected(r)));
+            self.fail(waiter, rejected(r));
         }
     }
 
@@ -758,7 +866,7 @@ impl Actor {
         match p.purpose {
             Purpose::Message {
                 message_id,
-                mut waiter,
+                waiter,
                 session,
             } => {
                 let result = match response {
@@ -770,28 +878,55 @@ impl Actor {
                         check_reply(p.to, &bytes).and_then(|env| Self::read_reply(env, message_id))
                     }
                 };
-                let lost_session = matches!(&result, Err(NodeError::Rejected { code, .. })
-                    if code == ErrorCode::SessionNotFound.as_str()
-                        || code == ErrorCode::SessionExpired.as_str());
-                if lost_session
-                    && let (Some(id), Some((msg_type, payload))) = (session, waiter.resend.take())
-                {
-                    // The peer no longer has our session: start a new one and
-                    // send the message again, once, without the agent noticing.
+                let lost = result.as_ref().err().is_some_and(lost_session);
+                if let (true, Some(id)) = (lost, session) {
+                    // The peer no longer has our session: the next send starts a new one.
                     self.secure.forget(p.to, id);
-                    self.send(p.to, msg_type, payload, waiter);
-                } else {
-                    match &result {
-                        Ok(_) => self.stats.sent(p.to),
-                        Err(NodeError::Rejected { code, .. }) => self.stats.refused(p.to, code),
-                        Err(_) => {}
-                    }
-                    _ = waiter.reply.send(result);
                 }
+                self.answered(p.to, waiter, result, lost);
             }
             Purpose::Handshake => self.on_handshake_reply(p.to, response),
         }
         self.request_done(p.peer);
+    }
+
+    /// A message's answer reached us: tells whoever waits on it. An agent's
+    /// message whose session the peer had lost is sent again, once, in a new
+    /// session, without the agent noticing.
+    fn answered(
+        &mut self,
+        to: EntityId,
+        waiter: Waiter,
+        result: Result<Delivered, NodeError>,
+        lost: bool,
+    ) {
+        match waiter {
+            Waiter::Agent {
+                reply,
+                resend: Some((msg_type, payload)),
+            } if lost => self.send(
+                to,
+                msg_type,
+                payload,
+                Waiter::Agent {
+                    reply,
+                    resend: None,
+                },
+            ),
+            Waiter::Agent { reply, .. } => {
+                match &result {
+                    Ok(_) => self.stats.sent(to),
+                    Err(NodeError::Rejected { code, .. }) => self.stats.refused(to, code),
+                    Err(_) => {}
+                }
+                _ = reply.send(result);
+            }
+            Waiter::Part { to, id, part } => match result {
+                Ok(_) => self.part_accepted(to, id, part),
+                Err(e) => self.part_failed(to, id, part, e),
+            },
+            Waiter::Nobody => {}
+        }
     }
 
     /// The peer's answer to one of our handshake steps: its next step, or a refusal.
@@ -812,7 +947,7 @@ impl Actor {
         if env.msg_type == *MsgType::ERROR {
             let r = rejection_of(&env);
             for (waiter, r) in self.secure.handshake_refused(to, &r) {
-                _ = waiter.reply.send(Err(rejected(r)));
+                self.fail(waiter, rejected(r));
             }
             return;
         }

@@ -1,0 +1,453 @@
+//! Chunked transfer as the node drives it (protocol section 9): the settings,
+//! and the sending side's state for one transfer. The receiving side is
+//! [`peer_core::chunk::Reassembler`]. No I/O: the actor seals, signs and sends
+//! the parts this hands out, and reports back what became of them.
+
+use bytes::Bytes;
+use peer_core::EntityId;
+use peer_core::chunk::{self, Chunk, Manifest};
+use serde::{Deserialize, Serialize};
+
+/// Chunked-transfer settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferConfig {
+    /// Application payloads larger than this are sent as a transfer, cut in
+    /// chunks of this many bytes (default 32,768; 1,024 to 1 MiB, and a chunk's
+    /// envelope must fit `protocol.max_envelope_size`).
+    pub chunk_size: usize,
+    /// Largest message sent or received as a transfer, in bytes (default 64 MiB).
+    /// A larger incoming manifest is refused `MESSAGE_TOO_LARGE` before anything is
+    /// buffered; a larger `POST /v1/messages` body is refused with HTTP 413.
+    pub max_message_size: u64,
+    /// Largest `chunk_size` accepted from a peer (default 1 MiB).
+    pub max_chunk_size: u32,
+    /// Incoming transfers open at once from one peer (default 4).
+    pub max_transfers_per_peer: usize,
+    /// Incoming transfers open at once from all peers (default 1,024).
+    pub max_transfers: usize,
+    /// Bytes reserved at once by open incoming transfers, all peers together
+    /// (default 1 GiB; at least `max_message_size`).
+    pub max_buffered_bytes: u64,
+    /// An incoming transfer with no new chunk for this many seconds is dropped
+    /// (default 1,800).
+    pub expiry_secs: u64,
+    /// An incoming transfer with no new chunk for this many ms gets a
+    /// `chunk_resend` for its missing chunks (default 5,000).
+    pub resend_after_ms: u64,
+    /// Resend requests per stalled incoming transfer, with no progress between
+    /// them (default 6).
+    pub max_resend_requests: u32,
+    /// Chunks of one outgoing transfer in flight at once (default 32).
+    pub window: usize,
+    /// Outgoing transfers at once; more are refused `UNAVAILABLE` (default 16).
+    pub max_outgoing: usize,
+    /// Times a part is sent before the transfer fails, when its request fails in
+    /// transport or its session was lost (default 3).
+    pub max_attempts: u32,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        let c = chunk::Config::default();
+        Self {
+            chunk_size: chunk::DEFAULT_CHUNK_SIZE,
+            max_message_size: c.max_message_size,
+            max_chunk_size: c.max_chunk_size,
+            max_transfers_per_peer: c.max_transfers_per_peer,
+            max_transfers: c.max_transfers,
+            max_buffered_bytes: c.max_buffered_bytes,
+            expiry_secs: c.expiry_ms / 1000,
+            resend_after_ms: 5_000,
+            max_resend_requests: 6,
+            window: 32,
+            max_outgoing: 16,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl TransferConfig {
+    /// The receiving side's limits.
+    pub fn reassembly(&self) -> chunk::Config {
+        chunk::Config {
+            max_message_size: self.max_message_size,
+            max_chunk_size: self.max_chunk_size,
+            max_transfers_per_peer: self.max_transfers_per_peer,
+            max_transfers: self.max_transfers,
+            max_buffered_bytes: self.max_buffered_bytes,
+            expiry_ms: self.expiry_secs.saturating_mul(1000),
+        }
+    }
+
+    /// Checks the ranges; `max_envelope_size` is the node's envelope limit.
+    pub fn validate(&self, max_envelope_size: usize) -> Result<(), String> {
+        const MIN_CHUNK: usize = 1024;
+        let max_chunk = usize::try_from(self.max_chunk_size).unwrap_or(usize::MAX);
+        if !(MIN_CHUNK..=1024 * 1024).contains(&self.chunk_size) {
+            return Err(format!(
+                "transfer.chunk_size must be 1024 to 1048576 bytes, not {}",
+                self.chunk_size
+            ));
+        }
+        // A sealed chunk: the chunk header, the AEAD tag, and the envelope around it.
+        let envelope = self.chunk_size + chunk::CHUNK_OVERHEAD + 1024;
+        if envelope > max_envelope_size {
+            return Err(format!(
+                "transfer.chunk_size {} does not fit an envelope of protocol.max_envelope_size {max_envelope_size} bytes (a chunk needs about {envelope})",
+                self.chunk_size
+            ));
+        }
+        if max_chunk < MIN_CHUNK {
+            return Err(format!(
+                "transfer.max_chunk_size must be at least 1024, not {}",
+                self.max_chunk_size
+            ));
+        }
+        if self.max_buffered_bytes < self.max_message_size {
+            return Err(format!(
+                "transfer.max_buffered_bytes ({}) must be at least transfer.max_message_size ({})",
+                self.max_buffered_bytes, self.max_message_size
+            ));
+        }
+        let at_least_one = [
+            ("max_transfers_per_peer", self.max_transfers_per_peer),
+            ("max_transfers", self.max_transfers),
+            ("window", self.window),
+            ("max_outgoing", self.max_outgoing),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("transfer.{name} must be at least 1"));
+        }
+        if self.max_attempts == 0 {
+            return Err("transfer.max_attempts must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// One envelope's worth of an outgoing transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// The `chunk_manifest`.
+    Manifest,
+    /// The `chunk` with this index.
+    Chunk(u32),
+}
+
+/// Why an outgoing transfer stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GaveUp {
+    /// The part that failed its last attempt.
+    pub part: Part,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// The sending side of one transfer: what to send next, what is in flight, what
+/// the receiver has. Sends the manifest first and no chunk until it is
+/// accepted, then keeps up to `window` chunks in flight, sending first those to
+/// send again (failed or asked for by a `chunk_resend`), then new ones in order.
+#[derive(Debug)]
+pub struct Outgoing<R> {
+    /// The receiver.
+    pub to: EntityId,
+    /// The manifest announcing the transfer.
+    pub manifest: Manifest,
+    /// Whom to tell the outcome.
+    pub reply: R,
+    payload: Bytes,
+    announced: bool,
+    manifest_in_flight: bool,
+    next: u32,
+    again: std::collections::BTreeSet<u32>,
+    in_flight: std::collections::BTreeSet<u32>,
+    acked: Vec<bool>,
+    done_chunks: u32,
+    done_bytes: u64,
+    manifest_attempts: u32,
+    chunk_attempts: std::collections::HashMap<u32, u32>,
+}
+
+impl<R> Outgoing<R> {
+    /// A transfer of `payload` (which `manifest` describes) to `to`.
+    pub fn new(to: EntityId, manifest: Manifest, payload: Bytes, reply: R) -> Self {
+        let count = usize::try_from(manifest.chunk_count).unwrap_or(0);
+        Self {
+            to,
+            reply,
+            payload,
+            announced: false,
+            manifest_in_flight: false,
+            next: 0,
+            again: Default::default(),
+            in_flight: Default::default(),
+            acked: vec![false; count],
+            done_chunks: 0,
+            done_bytes: 0,
+            manifest_attempts: 0,
+            chunk_attempts: Default::default(),
+            manifest,
+        }
+    }
+
+    /// The parts to send now, marked in flight: the manifest until it is
+    /// accepted, then chunks up to `window` in flight.
+    pub fn due(&mut self, window: usize) -> Vec<Part> {
+        if !self.announced {
+            if self.manifest_in_flight {
+                return Vec::new();
+            }
+            self.manifest_in_flight = true;
+            return vec![Part::Manifest];
+        }
+        let mut out = Vec::new();
+        while self.in_flight.len() < window {
+            let index = match self.again.pop_first() {
+                Some(i) => i,
+                None if self.next < self.manifest.chunk_count => {
+                    self.next += 1;
+                    self.next - 1
+                }
+                None => break,
+            };
+            if self.in_flight.insert(index) {
+                out.push(Part::Chunk(index));
+            }
+        }
+        out
+    }
+
+    /// The payload of `part`'s envelope (before sealing).
+    pub fn encode(&self, part: Part) -> Vec<u8> {
+        match part {
+            Part::Manifest => self.manifest.encode(),
+            Part::Chunk(i) => {
+                let data = self
+                    .manifest
+                    .chunk_range(i)
+                    .and_then(|r| self.payload.get(r))
+                    .unwrap_or_default();
+                Chunk::new(self.manifest.transfer_id, i, data.to_vec()).encode()
+            }
+        }
+    }
+
+    /// The receiver accepted `part`. Returns whether every chunk now is.
+    pub fn accepted(&mut self, part: Part) -> bool {
+        match part {
+            Part::Manifest => {
+                self.manifest_in_flight = false;
+                self.announced = true;
+            }
+            Part::Chunk(i) => {
+                self.in_flight.remove(&i);
+                if let Some(acked) = self.acked.get_mut(usize::try_from(i).unwrap_or(usize::MAX))
+                    && !*acked
+                {
+                    *acked = true;
+                    self.done_chunks += 1;
+                    self.done_bytes += self.manifest.chunk_len(i).unwrap_or(0);
+                }
+            }
+        }
+        self.is_complete()
+    }
+
+    /// Whether the receiver accepted every chunk.
+    pub fn is_complete(&self) -> bool {
+        self.announced && self.done_chunks == self.manifest.chunk_count
+    }
+
+    /// `part` did not arrive (its request failed, or the receiver had lost the
+    /// session): it is sent again, unless it has had `max_attempts` already.
+    pub fn failed(&mut self, part: Part, max_attempts: u32) -> Result<(), GaveUp> {
+        let attempts = match part {
+            Part::Manifest => {
+                self.manifest_in_flight = false;
+                &mut self.manifest_attempts
+            }
+            Part::Chunk(i) => {
+                self.in_flight.remove(&i);
+                self.chunk_attempts.entry(i).or_default()
+            }
+        };
+        *attempts += 1;
+        if *attempts >= max_attempts {
+            return Err(GaveUp {
+                part,
+                attempts: *attempts,
+            });
+        }
+        if let Part::Chunk(i) = part {
+            self.again.insert(i);
+        }
+        Ok(())
+    }
+
+    /// The receiver asked for `indexes` again (`chunk_resend`): those that exist
+    /// and are not in flight are queued. Ignored before the manifest is accepted.
+    pub fn resend(&mut self, indexes: &[u32]) {
+        if !self.announced {
+            return;
+        }
+        let count = self.manifest.chunk_count;
+        for &i in indexes.iter().filter(|&&i| i < count) {
+            if !self.in_flight.contains(&i) {
+                self.again.insert(i);
+            }
+        }
+    }
+
+    /// Chunks and bytes the receiver accepted.
+    pub fn progress(&self) -> (u32, u64) {
+        (self.done_chunks, self.done_bytes)
+    }
+}
+
+/// Whether going from `before` to `after` of `count` chunks crosses a tenth:
+/// progress is reported at most ten times a transfer.
+pub fn crosses_tenth(before: u32, after: u32, count: u32) -> bool {
+    let tenth = |n: u32| u64::from(n) * 10 / u64::from(count.max(1));
+    after > before && tenth(after) > tenth(before)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peer_core::MsgType;
+    use peer_core::chunk::{Reassembler, TransferId};
+
+    const WINDOW: usize = 3;
+
+    fn outgoing(len: usize) -> (Outgoing<()>, Vec<u8>) {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let msg_type: MsgType = "message".parse().expect("valid");
+        let (manifest, _) =
+            chunk::split(msg_type, &payload, 4, TransferId::from_random([9; 16])).expect("split");
+        let to = peer_core::Identity::from_secret(&[1; 32]).entity_id();
+        let out = Outgoing::new(to, manifest, Bytes::from(payload.clone()), ());
+        (out, payload)
+    }
+
+    #[test]
+    fn the_manifest_goes_alone_and_first_then_chunks_fill_the_window() {
+        let (mut out, _) = outgoing(18); // 5 chunks
+        assert_eq!(out.due(WINDOW), [Part::Manifest]);
+        assert!(out.due(WINDOW).is_empty(), "nothing until it is accepted");
+        assert!(!out.accepted(Part::Manifest));
+        assert_eq!(
+            out.due(WINDOW),
+            [Part::Chunk(0), Part::Chunk(1), Part::Chunk(2)]
+        );
+        assert!(out.due(WINDOW).is_empty(), "the window is full");
+        out.accepted(Part::Chunk(1));
+        assert_eq!(out.due(WINDOW), [Part::Chunk(3)]);
+        for i in [0, 2, 3] {
+            assert!(!out.accepted(Part::Chunk(i)));
+        }
+        assert_eq!(out.due(WINDOW), [Part::Chunk(4)]);
+        assert!(out.due(WINDOW).is_empty());
+        assert!(out.accepted(Part::Chunk(4)), "every chunk accepted");
+        assert_eq!(out.progress(), (5, 18));
+    }
+
+    #[test]
+    fn failed_parts_are_sent_again_until_the_attempts_run_out() {
+        let (mut out, _) = outgoing(8); // 2 chunks
+        out.due(WINDOW);
+        out.failed(Part::Manifest, 3).expect("second attempt");
+        assert_eq!(out.due(WINDOW), [Part::Manifest]);
+        out.accepted(Part::Manifest);
+        assert_eq!(out.due(WINDOW), [Part::Chunk(0), Part::Chunk(1)]);
+        out.failed(Part::Chunk(1), 3).expect("again");
+        assert_eq!(out.due(WINDOW), [Part::Chunk(1)]);
+        out.failed(Part::Chunk(1), 3).expect("third");
+        assert_eq!(out.due(WINDOW), [Part::Chunk(1)]);
+        let gave_up = out.failed(Part::Chunk(1), 3).expect_err("three attempts");
+        assert_eq!(
+            gave_up,
+            GaveUp {
+                part: Part::Chunk(1),
+                attempts: 3
+            }
+        );
+    }
+
+    #[test]
+    fn resend_requests_queue_chunks_not_in_flight() {
+        let (mut out, _) = outgoing(18);
+        out.resend(&[0]);
+        assert_eq!(
+            out.due(WINDOW),
+            [Part::Manifest],
+            "ignored before the manifest"
+        );
+        out.accepted(Part::Manifest);
+        assert_eq!(
+            out.due(WINDOW),
+            [Part::Chunk(0), Part::Chunk(1), Part::Chunk(2)]
+        );
+        for i in 0..3 {
+            out.accepted(Part::Chunk(i));
+        }
+        // 1 was accepted but the receiver asks again; 2 is asked twice; 9 does not exist.
+        out.resend(&[1, 2, 2, 9]);
+        assert_eq!(
+            out.due(WINDOW),
+            [Part::Chunk(1), Part::Chunk(2), Part::Chunk(3)]
+        );
+    }
+
+    #[test]
+    fn the_encoded_parts_reassemble_the_payload() {
+        let (out, payload) = outgoing(18);
+        let mut r: Reassembler = Reassembler::new(chunk::Config::default());
+        let peer = peer_core::Identity::from_secret(&[2; 32]).entity_id();
+        let manifest = Manifest::decode(&out.encode(Part::Manifest)).expect("manifest");
+        r.begin(0, &peer, &manifest).expect("begin");
+        for i in (0..5).rev() {
+            let chunk = Chunk::decode(&out.encode(Part::Chunk(i))).expect("chunk");
+            if let chunk::Progress::Complete { payload: p, .. } =
+                r.add(0, &peer, &chunk).expect("add")
+            {
+                assert_eq!(p, payload);
+                return;
+            }
+        }
+        panic!("never completed");
+    }
+
+    #[test]
+    fn progress_is_reported_at_each_tenth() {
+        let reports = (0..100).filter(|&n| crosses_tenth(n, n + 1, 100)).count();
+        assert_eq!(reports, 10);
+        assert!(crosses_tenth(0, 1, 3), "small transfers report each chunk");
+        assert!(!crosses_tenth(5, 5, 100), "a duplicate is not progress");
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let ok = TransferConfig::default();
+        assert_eq!(ok.validate(1024 * 1024), Ok(()));
+        let small_envelope = ok.validate(32 * 1024).expect_err("chunk does not fit");
+        assert!(
+            small_envelope.contains("transfer.chunk_size"),
+            "{small_envelope}"
+        );
+        let bad = TransferConfig {
+            window: 0,
+            ..TransferConfig::default()
+        };
+        assert!(
+            bad.validate(1024 * 1024)
+                .expect_err("zero")
+                .contains("transfer.window")
+        );
+        let bad = TransferConfig {
+            max_buffered_bytes: 1,
+            ..TransferConfig::default()
+        };
+        assert!(bad.validate(1024 * 1024).is_err());
+    }
+}
