@@ -8,15 +8,7 @@ use peer_node::node::Event;
 use tokio::sync::broadcast::error::RecvError;
 
 mod common;
-use common::{TestNode, start_node_with};
-
-async fn pair(listen: &str, tune: impl Fn(&mut peer_node::Config) + Copy) -> (TestNode, TestNode) {
-    let a = start_node_with(listen, tune).await;
-    let b = start_node_with(listen, tune).await;
-    let peer = a.handle.connect(b.addr.clone()).await.expect("connect");
-    assert_eq!(peer.entity_id, b.handle.entity_id());
-    (a, b)
-}
+use common::{pair, start_node_with};
 
 /// Sends every payload from `from` to `to` at once; the answers in order.
 async fn send_all(

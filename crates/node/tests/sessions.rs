@@ -64,32 +64,7 @@ async fn the_payload_on_the_wire_is_ciphertext_and_both_sides_hold_the_same_keys
     let to = raw.entity_id();
     let sent = tokio::spawn(async move { sender.send(to, message_type(), msg(secret)).await });
 
-    let mut link = Link::new(
-        session::Config::default(),
-        raw.entity_id(),
-        node.handle.entity_id(),
-    );
-    let session = loop {
-        let (env, _, channel) = raw.next_request().await;
-        let step = Message::from_envelope(&env).expect("a handshake step comes first");
-        let reply = link
-            .handle(now_ms(), &raw.identity, &env.sender_key, &step, || {
-                random(1)
-            })
-            .expect("the node's handshake is valid")
-            .expect("every initiator step gets an answer");
-        let d = raw.draft(node.handle.entity_id(), reply.msg_type());
-        let reply_env = peer_core::Draft {
-            payload: reply.encode(),
-            ..d
-        }
-        .sign(&raw.identity);
-        raw.respond(channel, Response::Reply(reply_env.encode()))
-            .await;
-        if let Some(s) = link.poll_session() {
-            break s;
-        }
-    };
+    let session = raw.accept_session(node.handle.entity_id()).await;
 
     let (env, wire, channel) = raw.next_request().await;
     assert_eq!(env.session_id, Some(session.id()));
@@ -185,21 +160,7 @@ async fn a_tampered_or_swapped_ephemeral_key_fails_the_handshake() {
 }
 
 async fn pair(tune: impl Fn(&mut peer_node::Config) + Copy) -> (TestNode, TestNode) {
-    let a = start_node_with(TCP, tune).await;
-    let b = start_node_with(TCP, tune).await;
-    a.handle.connect(b.addr.clone()).await.expect("connect");
-    // Wait until b has registered the connection too.
-    for _ in 0..100 {
-        let peers = b.handle.peers().await.expect("peers");
-        if peers
-            .iter()
-            .any(|p| p.entity_id == a.handle.entity_id() && p.connected)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    (a, b)
+    common::pair(TCP, tune).await
 }
 
 /// Sends "one", lets 1.1 s pass (beyond a 1 s session lifetime), sends "two";

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
+use peer_core::session::{self, Link, Message, Random, Session};
 use peer_core::{Draft, EntityId, Envelope, Identity, MessageId};
 use peer_node::config::ProtocolConfig;
 use peer_node::net::codec::{Frame, Request, Response};
@@ -215,4 +216,106 @@ pub async fn wait_connected(node: &NodeHandle, peer: EntityId) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("{peer} never showed as connected");
+}
+
+/// Fresh randomness for one handshake attempt.
+pub fn handshake_random() -> Random {
+    let mut bytes = [0u8; Random::LEN];
+    bytes[..32].copy_from_slice(&rand::random::<[u8; 32]>());
+    bytes[32..64].copy_from_slice(&rand::random::<[u8; 32]>());
+    bytes[64..].copy_from_slice(&rand::random::<[u8; 32]>());
+    Random::from_bytes(&bytes)
+}
+
+impl RawPeer {
+    /// Runs the six-step handshake with the node as initiator; returns the session.
+    pub async fn open_session(&mut self, to: EntityId) -> Session {
+        let mut link = Link::new(session::Config::default(), self.entity_id(), to);
+        let mut step = link.connect(now_ms(), handshake_random()).expect("init");
+        loop {
+            let env = Draft {
+                payload: step.encode(),
+                ..self.draft(to, step.msg_type())
+            }
+            .sign(&self.identity);
+            let Response::Reply(bytes) = self.request(env.encode()).await else {
+                panic!("every handshake step is answered");
+            };
+            let reply = Envelope::decode(&bytes).expect("decodes");
+            let msg = Message::from_envelope(&reply).expect("the node answers with its step");
+            let next = link
+                .handle(
+                    now_ms(),
+                    &self.identity,
+                    &reply.sender_key,
+                    &msg,
+                    handshake_random,
+                )
+                .expect("the node's step is valid");
+            if let Some(session) = link.poll_session() {
+                return session;
+            }
+            step = next.expect("the handshake goes on");
+        }
+    }
+
+    /// Answers the handshake the node starts with the core machine; returns the
+    /// session.
+    pub async fn accept_session(&mut self, from: EntityId) -> Session {
+        let mut link = Link::new(session::Config::default(), self.entity_id(), from);
+        loop {
+            let (env, _, channel) = self.next_request().await;
+            let step = Message::from_envelope(&env).expect("a handshake step comes first");
+            let reply = link
+                .handle(
+                    now_ms(),
+                    &self.identity,
+                    &env.sender_key,
+                    &step,
+                    handshake_random,
+                )
+                .expect("the node's handshake is valid")
+                .expect("every initiator step gets an answer");
+            let reply_env = Draft {
+                payload: reply.encode(),
+                ..self.draft(from, reply.msg_type())
+            }
+            .sign(&self.identity);
+            self.respond(channel, Response::Reply(reply_env.encode()))
+                .await;
+            if let Some(session) = link.poll_session() {
+                return session;
+            }
+        }
+    }
+
+    /// Seals `plaintext` as a `msg_type` envelope in `session`, sends it, and
+    /// returns `None` if accepted, else the error code.
+    pub async fn send_sealed(
+        &mut self,
+        session: &mut Session,
+        to: EntityId,
+        msg_type: &str,
+        plaintext: &[u8],
+    ) -> Option<String> {
+        let mut d = self.draft(to, msg_type);
+        let (seq, ciphertext) = session
+            .seal(now_ms(), &d.msg_type, plaintext)
+            .expect("seal");
+        d.session_id = Some(session.id());
+        d.sequence_num = seq;
+        d.payload = ciphertext;
+        self.send(d.sign(&self.identity).encode()).await
+    }
+}
+
+/// Two nodes listening on `listen` with `tune` applied, the first connected to
+/// the second and both aware of it.
+pub async fn pair(listen: &str, tune: impl Fn(&mut Config) + Copy) -> (TestNode, TestNode) {
+    let a = start_node_with(listen, tune).await;
+    let b = start_node_with(listen, tune).await;
+    let peer = a.handle.connect(b.addr.clone()).await.expect("connect");
+    assert_eq!(peer.entity_id, b.handle.entity_id());
+    wait_connected(&b.handle, a.handle.entity_id()).await;
+    (a, b)
 }

@@ -1,0 +1,389 @@
+//! Chunked transfer between real nodes on 127.0.0.1, and with a raw peer that
+//! withholds, drops or asks for chunks, to see each rule of protocol section 9
+//! carried out by a node.
+
+use std::time::Duration;
+
+use peer_core::chunk::{self, Chunk, Progress, Reassembler, ResendRequest, TransferId};
+use peer_core::{EntityId, MsgType};
+use peer_node::NodeError;
+use peer_node::net::codec::Response;
+use peer_node::node::{Direction, Event, now_ms};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::Receiver;
+
+mod common;
+use common::{RawPeer, pair, start_node_with, wait_connected};
+
+const TCP: &str = "/ip4/127.0.0.1/tcp/0";
+const MIB: usize = 1024 * 1024;
+
+fn message_type() -> MsgType {
+    "message".parse().expect("valid")
+}
+
+/// A JSON string of exactly `len` bytes, its characters pseudo-random.
+fn json_string(len: usize, seed: u64) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    out.push(b'"');
+    out.extend((2..len).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ALPHABET[(x % ALPHABET.len() as u64) as usize]
+    }));
+    out.push(b'"');
+    out
+}
+
+async fn next_event(events: &mut Receiver<Event>) -> Event {
+    tokio::time::timeout(Duration::from_secs(60), events.recv())
+        .await
+        .expect("an event in time")
+        .expect("event")
+}
+
+/// The inbound progress reports (chunks done) up to the message, and the message.
+async fn progress_then_message(events: &mut Receiver<Event>) -> (Vec<u32>, String, Vec<u8>) {
+    let mut progress = Vec::new();
+    loop {
+        match next_event(events).await {
+            Event::TransferProgress {
+                direction: Direction::Inbound,
+                done_chunks,
+                ..
+            } => progress.push(done_chunks),
+            Event::Message {
+                message_id,
+                payload,
+                ..
+            } => return (progress, message_id, payload.as_str().as_bytes().to_vec()),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_100_mib_message_crosses_between_two_nodes_with_its_hash_intact() {
+    let (a, b) = pair(TCP, |c| {
+        c.transfer.max_message_size = 128 * MIB as u64;
+    })
+    .await;
+    let mut a_events = a.handle.subscribe();
+    let mut b_events = b.handle.subscribe();
+    let payload = json_string(100 * MIB, 1);
+    let digest = Sha256::digest(&payload);
+    let delivered = a
+        .handle
+        .send(b.handle.entity_id(), message_type(), payload)
+        .await
+        .expect("delivered");
+
+    let (progress, message_id, received) = progress_then_message(&mut b_events).await;
+    assert_eq!(message_id, delivered.message_id, "named by its transfer id");
+    assert_eq!(Sha256::digest(&received), digest, "the hash is intact");
+    // 3,200 chunks of 32 KiB: the start, then each tenth.
+    let tenths: Vec<u32> = (0..=10).map(|t| t * 320).collect();
+    assert_eq!(progress, tenths);
+    let mut outbound = Vec::new();
+    while let Ok(ev) = a_events.try_recv() {
+        if let Event::TransferProgress {
+            direction: Direction::Outbound,
+            done_bytes,
+            total_bytes,
+            ..
+        } = ev
+        {
+            assert_eq!(total_bytes, 100 * MIB as u64);
+            outbound.push(done_bytes);
+        }
+    }
+    assert_eq!(outbound.len(), 11, "{outbound:?}");
+    assert_eq!(outbound.last(), Some(&(100 * MIB as u64)));
+    // One message each way in the counters, not 3,201 envelopes.
+    let stats = b.handle.stats().await.expect("stats");
+    assert_eq!(stats.peers[&a.handle.entity_id().to_string()].received, 1);
+}
+
+#[tokio::test]
+async fn a_transfer_over_the_size_limit_is_refused_before_any_chunk_is_sent() {
+    let a = start_node_with(TCP, |c| c.transfer.max_message_size = 4 * MIB as u64).await;
+    let b = start_node_with(TCP, |c| c.transfer.max_message_size = MIB as u64).await;
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    wait_connected(&b.handle, a.handle.entity_id()).await;
+    let mut a_events = a.handle.subscribe();
+    let mut b_events = b.handle.subscribe();
+    let to = b.handle.entity_id();
+
+    // Over the sender's own limit: refused without a word on the network.
+    let err = a
+        .handle
+        .send(to, message_type(), json_string(4 * MIB + 1, 2))
+        .await
+        .expect_err("too large to send");
+    assert!(matches!(err, NodeError::TooLarge { .. }), "{err}");
+
+    // Over the receiver's limit: its manifest is refused, no chunk follows.
+    let err = a
+        .handle
+        .send(to, message_type(), json_string(2 * MIB, 3))
+        .await
+        .expect_err("too large to receive");
+    let NodeError::Rejected { code, reason, .. } = err else {
+        panic!("refused by the receiver, got {err}");
+    };
+    assert_eq!(code, "MESSAGE_TOO_LARGE", "{reason}");
+    match next_event(&mut a_events).await {
+        Event::TransferFailed {
+            direction, code, ..
+        } => {
+            assert_eq!(direction, Direction::Outbound);
+            assert_eq!(code, "MESSAGE_TOO_LARGE");
+        }
+        other => panic!("no progress before the refusal, got {other:?}"),
+    }
+    assert!(
+        b_events.try_recv().is_err(),
+        "nothing reached the receiver's agent"
+    );
+    let stats = b.handle.stats().await.expect("stats");
+    let from_a = &stats.peers[&a.handle.entity_id().to_string()];
+    assert_eq!(from_a.rejected.get("MESSAGE_TOO_LARGE"), Some(&1));
+    assert_eq!(from_a.rejected.len(), 1, "no chunk came to be refused");
+
+    // The receiver goes on: a message within its limit arrives.
+    a.handle
+        .send(to, message_type(), json_string(MIB, 4))
+        .await
+        .expect("within the limit");
+}
+
+/// A raw peer with a session to `node`, a 4-chunk message and its transfer.
+struct Sender {
+    raw: RawPeer,
+    session: peer_core::session::Session,
+    to: EntityId,
+    data: Vec<u8>,
+    manifest: chunk::Manifest,
+    chunks: Vec<Chunk>,
+}
+
+impl Sender {
+    async fn new(node: &common::TestNode) -> Self {
+        let mut raw = RawPeer::connect(&node.addr).await;
+        let to = node.handle.entity_id();
+        let session = raw.open_session(to).await;
+        wait_connected(&node.handle, raw.entity_id()).await;
+        let data = json_string(100_000, 5);
+        let id = TransferId::from_random(rand::random());
+        let (manifest, chunks) =
+            chunk::split(message_type(), &data, chunk::DEFAULT_CHUNK_SIZE, id).expect("split");
+        let chunks: Vec<Chunk> = chunks.collect();
+        assert_eq!(chunks.len(), 4);
+        Self {
+            raw,
+            session,
+            to,
+            data,
+            manifest,
+            chunks,
+        }
+    }
+
+    async fn send(&mut self, msg_type: &str, plaintext: &[u8]) -> Option<String> {
+        self.raw
+            .send_sealed(&mut self.session, self.to, msg_type, plaintext)
+            .await
+    }
+
+    async fn send_chunk(&mut self, chunk: &Chunk) -> Option<String> {
+        let bytes = chunk.encode();
+        self.send(chunk::MSG_CHUNK, &bytes).await
+    }
+}
+
+#[tokio::test]
+async fn a_withheld_chunk_is_asked_for_again_and_the_message_completes() {
+    let node = start_node_with(TCP, |c| c.transfer.resend_after_ms = 500).await;
+    let mut s = Sender::new(&node).await;
+    let mut events = node.handle.subscribe();
+    let manifest = s.manifest.encode();
+    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+
+    // An inconsistent chunk is refused and changes nothing.
+    let mut bad = s.chunks[0].clone();
+    bad.data[0] ^= 1;
+    assert_eq!(s.send_chunk(&bad).await.as_deref(), Some("CHUNK_ERROR"));
+    // Chunk 1 is withheld.
+    for i in [3, 0, 2] {
+        let c = s.chunks[i].clone();
+        assert_eq!(s.send_chunk(&c).await, None, "chunk {i}");
+    }
+
+    // The node asks for what it misses, sealed in the session.
+    let (env, _, channel) = s.raw.next_request().await;
+    assert_eq!(env.msg_type.as_str(), chunk::MSG_RESEND);
+    assert_eq!(env.session_id, Some(s.session.id()));
+    let plaintext = s
+        .session
+        .open(now_ms(), &env.msg_type, env.sequence_num, &env.payload)
+        .expect("sealed for us");
+    let request = ResendRequest::decode(&plaintext).expect("a resend request");
+    assert_eq!(request.transfer_id, s.manifest.transfer_id);
+    assert_eq!(request.indexes(), [1]);
+    s.raw.respond(channel, Response::Accepted).await;
+    let c = s.chunks[1].clone();
+    assert_eq!(s.send_chunk(&c).await, None);
+
+    let (progress, message_id, received) = progress_then_message(&mut events).await;
+    assert_eq!(message_id, s.manifest.transfer_id.to_string());
+    assert_eq!(received, s.data);
+    assert_eq!(progress, [0, 1, 2, 3, 4]);
+    // A late duplicate finds the transfer closed.
+    assert_eq!(s.send_chunk(&c).await.as_deref(), Some("CHUNK_ERROR"));
+}
+
+#[tokio::test]
+async fn an_idle_incoming_transfer_expires() {
+    let node = start_node_with(TCP, |c| {
+        c.transfer.expiry_secs = 1;
+        c.transfer.resend_after_ms = 60_000;
+    })
+    .await;
+    let mut s = Sender::new(&node).await;
+    let mut events = node.handle.subscribe();
+    let manifest = s.manifest.encode();
+    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+    let c = s.chunks[0].clone();
+    assert_eq!(s.send_chunk(&c).await, None);
+    loop {
+        if let Event::TransferFailed {
+            transfer_id,
+            direction,
+            code,
+            ..
+        } = next_event(&mut events).await
+        {
+            assert_eq!(transfer_id, s.manifest.transfer_id.to_string());
+            assert_eq!(direction, Direction::Inbound);
+            assert_eq!(code, "EXPIRED");
+            break;
+        }
+    }
+    let c = s.chunks[1].clone();
+    assert_eq!(s.send_chunk(&c).await.as_deref(), Some("CHUNK_ERROR"));
+}
+
+#[tokio::test]
+async fn refused_chunks_spend_the_senders_chunk_budget_but_a_good_transfer_does_not() {
+    let node = start_node_with(TCP, |c| {
+        c.rate_limits.chunk.burst = 3;
+        c.rate_limits.chunk.per_minute = 1;
+    })
+    .await;
+    let mut s = Sender::new(&node).await;
+    // One token for the manifest; its four chunks take none.
+    let manifest = s.manifest.encode();
+    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+    for c in s.chunks.clone() {
+        assert_eq!(s.send_chunk(&c).await, None);
+    }
+    // Chunks of no open transfer: refused, each for a token, then rate limited.
+    let stray = s.chunks[0].clone();
+    for _ in 0..2 {
+        assert_eq!(s.send_chunk(&stray).await.as_deref(), Some("CHUNK_ERROR"));
+    }
+    assert_eq!(s.send_chunk(&stray).await.as_deref(), Some("RATE_LIMITED"));
+}
+
+/// The node sends to a raw peer that loses one chunk on the way and asks for
+/// another again: both reach it, and the node reports the message delivered.
+#[tokio::test]
+async fn a_chunk_lost_on_the_way_is_sent_again_and_resend_requests_are_answered() {
+    // One chunk in flight at a time, so the raw peer sees a fixed order.
+    let node = start_node_with(TCP, |c| c.transfer.window = 1).await;
+    let mut raw = RawPeer::connect(&node.addr).await;
+    let to = raw.entity_id();
+    wait_connected(&node.handle, to).await;
+    let data = json_string(100_000, 6);
+    let sender = node.handle.clone();
+    let payload = data.clone();
+    let sent = tokio::spawn(async move { sender.send(to, message_type(), payload).await });
+
+    let from = node.handle.entity_id();
+    let mut session = raw.accept_session(from).await;
+    let mut r: Reassembler = Reassembler::new(chunk::Config::default());
+    let mut seen = Vec::new();
+    let mut asked = false;
+    let message = loop {
+        let (env, _, channel) = raw.next_request().await;
+        let plaintext = session
+            .open(now_ms(), &env.msg_type, env.sequence_num, &env.payload)
+            .expect("sealed for us");
+        if env.msg_type.as_str() == chunk::MSG_MANIFEST {
+            let m = chunk::Manifest::decode(&plaintext).expect("manifest");
+            r.begin(now_ms(), &from, &m).expect("begin");
+            raw.respond(channel, Response::Accepted).await;
+            continue;
+        }
+        let c = Chunk::decode(&plaintext).expect("a chunk");
+        seen.push(c.index);
+        if seen == [0, 1] {
+            // Lost: the request is never answered.
+            drop(channel);
+            continue;
+        }
+        if c.index == 1 && !asked {
+            // Before answering, ask for chunk 0 once more.
+            asked = true;
+            let request = ResendRequest::new(c.transfer_id, [0]);
+            assert_eq!(
+                raw.send_sealed(&mut session, from, chunk::MSG_RESEND, &request.encode())
+                    .await,
+                None
+            );
+        }
+        let progress = r.add(now_ms(), &from, &c).expect("a good chunk");
+        raw.respond(channel, Response::Accepted).await;
+        if let Progress::Complete { payload, .. } = progress {
+            break payload;
+        }
+    };
+    assert_eq!(message, data);
+    assert_eq!(seen, [0, 1, 1, 0, 2, 3], "1 sent again, 0 sent when asked");
+    let delivered = sent.await.expect("task").expect("delivered");
+    assert!(delivered.reply.is_none());
+}
+
+#[tokio::test]
+async fn outgoing_transfers_beyond_the_limit_are_refused() {
+    let node = start_node_with(TCP, |c| c.transfer.max_outgoing = 1).await;
+    // A peer that never answers: the first transfer waits for its handshake.
+    let raw = RawPeer::connect(&node.addr).await;
+    let to = raw.entity_id();
+    wait_connected(&node.handle, to).await;
+    let send = |seed| {
+        let sender = node.handle.clone();
+        tokio::spawn(async move {
+            sender
+                .send(to, message_type(), json_string(MIB, seed))
+                .await
+        })
+    };
+    let (mut one, mut two) = (send(7), send(8));
+    // One of them waits for ever; the other is refused at once.
+    let (refused, waiting) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            r = &mut one => (r, two),
+            r = &mut two => (r, one),
+        }
+    })
+    .await
+    .expect("one is refused in time");
+    let err = refused.expect("task").expect_err("refused");
+    assert!(matches!(err, NodeError::Busy(1)), "{err}");
+    waiting.abort();
+    drop(raw);
+}
