@@ -63,7 +63,8 @@ enum Command {
         entity_id: String,
         /// Message type, e.g. message, task_delegate, ping.
         msg_type: String,
-        /// JSON payload, e.g. '{"text":"hi"}'.
+        /// JSON payload: inline, e.g. '{"text":"hi"}'; `@FILE` to read it from a
+        /// file (for payloads too large for a command line); `-` for standard input.
         payload: String,
     },
     /// Configuration commands.
@@ -203,7 +204,8 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             msg_type,
             payload,
         } => {
-            let payload: Value = serde_json::from_str(payload).with_context(|| {
+            let text = read_payload(payload)?;
+            let payload: Value = serde_json::from_str(&text).with_context(|| {
                 format!("the payload {payload:?} is not JSON; quote it, e.g. '{{\"text\":\"hi\"}}'")
             })?;
             let c = Client::new(&dir, cli.api_url.as_deref())?;
@@ -211,6 +213,21 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
                 serde_json::json!({"to": entity_id, "msg_type": msg_type, "payload": payload});
             print_json(out, &c.post("/v1/messages", &body)?)
         }
+    }
+}
+
+/// The payload argument's text: inline, `@FILE` or `-` (standard input).
+fn read_payload(arg: &str) -> Result<String> {
+    if arg == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read the payload from standard input")?;
+        return Ok(text);
+    }
+    match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the payload file {path:?}")),
+        None => Ok(arg.to_owned()),
     }
 }
 

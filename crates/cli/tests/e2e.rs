@@ -454,11 +454,18 @@ async fn three_nodes_exchange_messages_through_api_and_cli() {
     });
     let mut sent: Vec<Sent> = futures::future::join_all(sends).await;
 
-    // One through the CLI, on the link the CLI made, the other way round.
+    // Through the CLI, on the link the CLI made, the other way round: inline,
+    // and from a file (as for payloads too large for a command line).
     let p = payload(&c, &a, PER_DIRECTION);
     let answer = c
         .cli(&["send", &a.entity_id, "message", &p.to_string()])
         .await;
+    sent.push(Sent::new(&c, &a, text(&answer["message_id"]), p));
+    let p = payload(&c, &a, PER_DIRECTION + 2);
+    let file = tmp.path().join("payload.json");
+    std::fs::write(&file, p.to_string()).expect("write payload");
+    let at_file = format!("@{}", file.display());
+    let answer = c.cli(&["send", &a.entity_id, "message", &at_file]).await;
     sent.push(Sent::new(&c, &a, text(&answer["message_id"]), p));
 
     // ping is answered with a pong echoing the payload, and is no event.

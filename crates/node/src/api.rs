@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -161,6 +162,22 @@ async fn require_token(
     }
 }
 
+/// The request body, or a JSON error: 413 `MESSAGE_TOO_LARGE` over the body
+/// limit (`transfer.max_message_size` + 64 KiB).
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooLarge.as_str(),
+                "the request body is larger than this node takes: transfer.max_message_size plus 64 KiB",
+            )
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })
+}
+
 fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
@@ -185,9 +202,9 @@ struct ConnectBody {
 
 async fn connect(
     State(s): State<AppState>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body: ConnectBody = parse_json(&body)?;
+    let body: ConnectBody = parse_json(&read_body(body)?)?;
     let addr = body.addr.parse().map_err(|e| {
         ApiError::bad_request(format!("addr {:?} is not a multiaddr: {e}", body.addr))
     })?;
@@ -220,7 +237,11 @@ fn sub_bytes(body: &Bytes, inner: &str) -> Bytes {
     }
 }
 
-async fn send(State(s): State<AppState>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+async fn send(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = read_body(body)?;
     let (to, msg_type, payload) = read_send_body(&body)?;
     // The payload shares the body's buffer; only the payload is kept.
     drop(body);

@@ -387,3 +387,54 @@ async fn outgoing_transfers_beyond_the_limit_are_refused() {
     waiting.abort();
     drop(raw);
 }
+
+/// Serves `node`'s HTTP API on 127.0.0.1; returns its base URL.
+async fn serve_api(node: &common::TestNode, token: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = peer_node::api::router(
+        node.handle.clone(),
+        token.to_owned(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn the_api_takes_payloads_up_to_the_transfer_limit_and_passes_them_verbatim() {
+    let (a, b) = pair(TCP, |c| c.transfer.max_message_size = 4 * MIB as u64).await;
+    let base = serve_api(&a, "t0ken").await;
+    let mut events = b.handle.subscribe();
+    let http = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        http.post(format!("{base}/v1/messages"))
+            .bearer_auth("t0ken")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // 3 MiB, beyond axum's default 2 MiB body limit; odd spacing kept as sent.
+    let payload = format!(
+        "{{ \"blob\" :{} ,\"n\": 1 }}",
+        String::from_utf8(json_string(3 * MIB, 9)).expect("ascii")
+    );
+    let body = format!(
+        "{{\"to\":\"{}\",\"msg_type\":\"message\",\"payload\":{payload}}}",
+        b.handle.entity_id()
+    );
+    let resp = post(body.into_bytes()).await.expect("post");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let answer: serde_json::Value = resp.json().await.expect("json");
+    let (_, message_id, received) = progress_then_message(&mut events).await;
+    assert_eq!(answer["message_id"], message_id);
+    assert_eq!(received, payload.as_bytes(), "the payload arrives verbatim");
+
+    // Over the limit: a JSON error, not a bare 413.
+    let resp = post(vec![b' '; 5 * MIB]).await.expect("post");
+    assert_eq!(resp.status(), reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+    let answer: serde_json::Value = resp.json().await.expect("a JSON error");
+    assert_eq!(answer["error"]["code"], "MESSAGE_TOO_LARGE", "{answer}");
+}
