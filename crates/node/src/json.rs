@@ -4,13 +4,28 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 
 /// A valid JSON value, held as its text. Cloning shares it.
 #[derive(Clone)]
-pub struct RawJson(Arc<Box<RawValue>>);
+pub struct RawJson(Arc<Held>);
+
+struct Held {
+    raw: Box<RawValue>,
+    /// Counts this text's bytes while it lives, if set.
+    gauge: Option<Arc<AtomicU64>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauge {
+            g.fetch_sub(self.raw.get().len() as u64, Ordering::Relaxed);
+        }
+    }
+}
 
 impl RawJson {
     /// Checks that `bytes` are one JSON value (surrounding whitespace allowed)
@@ -18,13 +33,24 @@ impl RawJson {
     pub fn parse(bytes: Vec<u8>) -> Result<Self, String> {
         let text = String::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
         RawValue::from_string(text)
-            .map(|raw| Self(Arc::new(raw)))
+            .map(|raw| Self(Arc::new(Held { raw, gauge: None })))
             .map_err(|e| e.to_string())
+    }
+
+    /// Adds this text's length to `gauge` until the last clone is dropped, so
+    /// that the memory held by messages not yet consumed can be bounded.
+    /// Only a fresh, unshared, uncounted value is counted.
+    pub fn counted_in(mut self, gauge: &Arc<AtomicU64>) -> Self {
+        if let Some(held) = Arc::get_mut(&mut self.0).filter(|h| h.gauge.is_none()) {
+            gauge.fetch_add(held.raw.get().len() as u64, Ordering::Relaxed);
+            held.gauge = Some(gauge.clone());
+        }
+        self
     }
 
     /// The JSON text.
     pub fn as_str(&self) -> &str {
-        self.0.get()
+        self.0.raw.get()
     }
 
     /// Parsed into a [`serde_json::Value`] (a copy, for small payloads).
@@ -52,7 +78,7 @@ impl fmt::Debug for RawJson {
 
 impl Serialize for RawJson {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        self.0.raw.serialize(s)
     }
 }
 
@@ -76,6 +102,20 @@ mod tests {
         assert!(RawJson::parse(b"{".to_vec()).is_err());
         assert!(RawJson::parse(b"1 2".to_vec()).is_err());
         assert!(RawJson::parse(vec![b'"', 0xff, b'"']).is_err());
+    }
+
+    #[test]
+    fn a_counted_value_is_counted_until_its_last_clone_is_dropped() {
+        let gauge = Arc::new(AtomicU64::new(0));
+        let raw = RawJson::parse(b"[1,2]".to_vec())
+            .expect("valid")
+            .counted_in(&gauge);
+        let copy = raw.clone().counted_in(&gauge);
+        assert_eq!(gauge.load(Ordering::Relaxed), 5, "counted once");
+        drop(raw);
+        assert_eq!(gauge.load(Ordering::Relaxed), 5);
+        drop(copy);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
     }
 
     #[test]

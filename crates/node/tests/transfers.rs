@@ -438,3 +438,37 @@ async fn the_api_takes_payloads_up_to_the_transfer_limit_and_passes_them_verbati
     let answer: serde_json::Value = resp.json().await.expect("a JSON error");
     assert_eq!(answer["error"]["code"], "MESSAGE_TOO_LARGE", "{answer}");
 }
+
+#[tokio::test]
+async fn messages_the_agent_has_not_read_count_against_the_reassembly_budget() {
+    let (a, b) = pair(TCP, |c| {
+        c.transfer.max_message_size = 2 * MIB as u64;
+        c.transfer.max_buffered_bytes = 3 * MIB as u64;
+    })
+    .await;
+    let to = b.handle.entity_id();
+    // An agent that subscribed and does not read yet.
+    let mut events = b.handle.subscribe();
+    a.handle
+        .send(to, message_type(), json_string(2 * MIB, 10))
+        .await
+        .expect("the first fits");
+    let err = a
+        .handle
+        .send(to, message_type(), json_string(2 * MIB, 11))
+        .await
+        .expect_err("2 MiB wait for the agent, 2 more would exceed 3 MiB");
+    let NodeError::Rejected { code, reason, .. } = err else {
+        panic!("refused by the receiver, got {err}");
+    };
+    assert_eq!(code, "CHUNK_ERROR");
+    assert!(reason.contains("receiver busy"), "{reason}");
+    // Once the agent has read the message, there is room again.
+    let (_, _, first) = progress_then_message(&mut events).await;
+    assert_eq!(first.len(), 2 * MIB);
+    drop(first);
+    a.handle
+        .send(to, message_type(), json_string(2 * MIB, 12))
+        .await
+        .expect("room again");
+}

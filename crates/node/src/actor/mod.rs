@@ -10,6 +10,7 @@ mod transfers;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -154,6 +155,10 @@ struct Actor {
     queued_transfers: HashMap<EntityId, VecDeque<TransferId>>,
     /// Transfers this node receives.
     receiving: Reassembler<EntityId>,
+    /// Bytes of message payloads handed to the event stream and not yet
+    /// consumed by every reader: counted against `transfer.max_buffered_bytes`
+    /// when a transfer is offered.
+    undelivered: Arc<AtomicU64>,
     listen_addrs: Vec<Multiaddr>,
     verified_tx: mpsc::Sender<Verified>,
     signed_tx: mpsc::Sender<Outgoing>,
@@ -268,6 +273,7 @@ pub(crate) fn spawn(
         sending: HashMap::new(),
         queued_transfers: HashMap::new(),
         receiving: Reassembler::new(config.transfer.reassembly()),
+        undelivered: Arc::new(AtomicU64::new(0)),
         config,
         listen_addrs: Vec::new(),
         verified_tx,
@@ -813,7 +819,7 @@ impl Actor {
             message_id: o.message_id,
             from,
             msg_type: o.msg_type.to_string(),
-            payload: o.payload,
+            payload: o.payload.counted_in(&self.undelivered),
         });
     }
 

@@ -7,6 +7,7 @@
 //! count only when refused, so a peer cannot flood chunks for free but a
 //! transfer within the receiver's limits is not slowed to 120 chunks a minute.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -208,6 +209,22 @@ impl Actor {
         let new = self.receiving.status(&from, m.transfer_id).is_none();
         // The message it carries counts against its own class, as if it came whole.
         self.charge(from, Class::of(&m.msg_type), id)?;
+        // Messages the agent has not read yet share the reassembly budget.
+        let held = self.undelivered.load(Ordering::Relaxed);
+        let reserved = self.receiving.reserved_bytes();
+        let budget = self.config.transfer.max_buffered_bytes;
+        if new && held.saturating_add(reserved).saturating_add(m.total_len) > budget {
+            return Err(refusal(
+                id,
+                Rejection::new(
+                    ErrorCode::ChunkError,
+                    format!(
+                        "receiver busy: {held} bytes of messages wait for its agent and {reserved} are reserved by open transfers; {} more would exceed its budget of {budget} bytes; retry later",
+                        m.total_len
+                    ),
+                ),
+            ));
+        }
         self.receiving
             .begin(now, &from, &m)
             .map_err(|r| refusal(id, r))?;
