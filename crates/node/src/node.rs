@@ -405,6 +405,36 @@ mod tests {
     }
 
     #[test]
+    fn events_are_tagged_by_type_and_carry_payloads_verbatim() {
+        let peer = Identity::from_secret(&[3; 32]).entity_id();
+        let progress = Event::TransferProgress {
+            transfer_id: "t".into(),
+            peer,
+            direction: Direction::Inbound,
+            done_bytes: 1,
+            total_bytes: 2,
+            done_chunks: 3,
+            chunk_count: 4,
+        };
+        assert_eq!(
+            serde_json::to_value(&progress).expect("json"),
+            serde_json::json!({
+                "type": "transfer_progress", "transfer_id": "t", "peer": peer,
+                "direction": "inbound", "done_bytes": 1, "total_bytes": 2,
+                "done_chunks": 3, "chunk_count": 4,
+            })
+        );
+        let message = Event::Message {
+            message_id: "m".into(),
+            from: peer,
+            msg_type: "message".into(),
+            payload: RawJson::parse(br#"{ "a" : 1 }"#.to_vec()).expect("json"),
+        };
+        let text = serde_json::to_string(&message).expect("json");
+        assert!(text.contains(r#""payload":{ "a" : 1 }"#), "{text}");
+    }
+
+    #[test]
     fn the_error_chain_skips_repeats_and_empty_texts() {
         #[derive(Debug)]
         struct Outer(std::io::Error, &'static str);
