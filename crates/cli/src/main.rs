@@ -205,13 +205,21 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             payload,
         } => {
             let text = read_payload(payload)?;
-            let payload: Value = serde_json::from_str(&text).with_context(|| {
-                format!("the payload {payload:?} is not JSON; quote it, e.g. '{{\"text\":\"hi\"}}'")
-            })?;
+            let raw: &serde_json::value::RawValue =
+                serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "the payload {payload:?} is not JSON; quote it, e.g. '{{\"text\":\"hi\"}}'"
+                    )
+                })?;
             let c = Client::new(&dir, cli.api_url.as_deref())?;
-            let body =
-                serde_json::json!({"to": entity_id, "msg_type": msg_type, "payload": payload});
-            print_json(out, &c.post("/v1/messages", &body)?)
+            // The payload goes as written, not re-serialised.
+            let body = format!(
+                "{{\"to\":{},\"msg_type\":{},\"payload\":{}}}",
+                Value::from(entity_id.as_str()),
+                Value::from(msg_type.as_str()),
+                raw.get()
+            );
+            print_json(out, &c.post_text("/v1/messages", body)?)
         }
     }
 }
@@ -309,6 +317,16 @@ impl Client {
 
     fn post(&self, path: &str, body: &Value) -> Result<Value> {
         self.finish(self.http.post(format!("{}{path}", self.base)).json(body))
+    }
+
+    /// Posts `body`, which is JSON text already.
+    fn post_text(&self, path: &str, body: String) -> Result<Value> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.finish(req)
     }
 
     fn finish(&self, req: reqwest::blocking::RequestBuilder) -> Result<Value> {

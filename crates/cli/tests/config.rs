@@ -39,18 +39,21 @@ fn file_env_and_flags_layer_in_order() {
 
     std::fs::write(
         dir.path().join("config.toml"),
-        "[protocol]\nmax_envelope_size = 2048\nreplay_capacity = 10\n",
+        "[protocol]\nmax_envelope_size = 65536\nreplay_capacity = 10\n",
     )
     .expect("write config");
     let from_file = show(dir.path(), &[], &[]);
     assert!(
-        from_file.contains("max_envelope_size = 2048"),
+        from_file.contains("max_envelope_size = 65536"),
         "{from_file}"
     );
 
-    let env = [("PEER_PROTOCOL__MAX_ENVELOPE_SIZE", "4096")];
+    let env = [("PEER_PROTOCOL__MAX_ENVELOPE_SIZE", "131072")];
     let from_env = show(dir.path(), &env, &[]);
-    assert!(from_env.contains("max_envelope_size = 4096"), "{from_env}");
+    assert!(
+        from_env.contains("max_envelope_size = 131072"),
+        "{from_env}"
+    );
     assert!(
         from_env.contains("replay_capacity = 10"),
         "the file still applies: {from_env}"

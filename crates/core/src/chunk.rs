@@ -28,7 +28,7 @@
 //! chunk, writes chunks into place, and returns the message only if its SHA-256
 //! matches the manifest. See [`Reassembler`] for each refusal and its error code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
 use sha2::{Digest, Sha256};
@@ -515,6 +515,10 @@ pub struct Status {
 pub enum Progress {
     /// The chunk is stored (or was already); chunks are still missing.
     Partial(Status),
+    /// The transfer was completed a short while ago (it is among the last
+    /// `max_transfers` completed): a late repeat of one of its chunks, for
+    /// instance resent because the answer to it was lost. Changes nothing.
+    AlreadyComplete,
     /// That was the last missing chunk and the message's SHA-256 matches the
     /// manifest. The transfer is closed.
     Complete {
@@ -599,7 +603,7 @@ fn chunk_error(reason: impl Into<String>) -> Rejection {
 /// | `begin` | `chunk_count` ≠ `max(1, ceil(total_len / chunk_size))` | `CHUNK_ERROR` |
 /// | `begin` | the peer has `max_transfers_per_peer` transfers open | `CHUNK_ERROR` |
 /// | `begin` | `max_transfers` open, or `max_buffered_bytes` would be exceeded | `CHUNK_ERROR` |
-/// | `add` | no open transfer with this id from this peer | `CHUNK_ERROR` |
+/// | `add` | no open transfer with this id from this peer (but an intact chunk of one of the last `max_transfers` transfers completed is [`Progress::AlreadyComplete`]) | `CHUNK_ERROR` |
 /// | `add` | index ≥ `chunk_count` | `CHUNK_ERROR` |
 /// | `add` | data length ≠ the chunk's length | `CHUNK_ERROR` |
 /// | `add` | `chunk_sha256` ≠ SHA-256(data) | `CHUNK_ERROR` |
@@ -614,6 +618,8 @@ pub struct Reassembler<P = EntityId> {
     config: Config,
     transfers: BTreeMap<(P, TransferId), Transfer>,
     reserved_bytes: u64,
+    /// The last `max_transfers` transfers completed, oldest first.
+    completed: VecDeque<(P, TransferId)>,
 }
 
 impl<P: Ord + Clone> Reassembler<P> {
@@ -623,6 +629,7 @@ impl<P: Ord + Clone> Reassembler<P> {
             config,
             transfers: BTreeMap::new(),
             reserved_bytes: 0,
+            completed: VecDeque::new(),
         }
     }
 
@@ -753,6 +760,9 @@ impl<P: Ord + Clone> Reassembler<P> {
         let id = chunk.transfer_id;
         let key = (peer.clone(), id);
         let Some(t) = self.transfers.get_mut(&key) else {
+            if chunk.is_intact() && self.completed.contains(&key) {
+                return Ok(Progress::AlreadyComplete);
+            }
             return Err(chunk_error(format!(
                 "no open transfer {id} from this peer (never begun, already complete, aborted or expired)"
             )));
@@ -822,6 +832,10 @@ impl<P: Ord + Clone> Reassembler<P> {
                 "transfer {id}: the reassembled message does not match the manifest's sha256; transfer dropped"
             )));
         }
+        if self.completed.len() >= self.config.max_transfers.max(1) {
+            self.completed.pop_front();
+        }
+        self.completed.push_back(key);
         Ok(Progress::Complete {
             msg_type: t.manifest.msg_type,
             payload: t.data,
@@ -1412,6 +1426,41 @@ mod tests {
     }
 
     #[test]
+    fn late_repeats_of_recently_completed_transfers_are_accepted_and_change_nothing() {
+        let mut r = Reassembler::new(Config {
+            max_transfers: 1,
+            ..Config::default()
+        });
+        let data = payload(10, 1);
+        let (_, chunks) = begun(&mut r, &data, 4, 1);
+        for c in &chunks {
+            r.add(T0, &peer(1), c).expect("add");
+        }
+        assert_eq!(
+            r.add(T0, &peer(1), &chunks[0]),
+            Ok(Progress::AlreadyComplete)
+        );
+        assert_refused(
+            r.add(T0, &peer(2), &chunks[0]),
+            ErrorCode::ChunkError,
+            "no open transfer",
+        );
+        let mut corrupt = chunks[0].clone();
+        corrupt.data[0] ^= 1;
+        assert_refused(r.add(T0, &peer(1), &corrupt), ErrorCode::ChunkError, "");
+        // Only the last `max_transfers` completed are remembered.
+        let (_, other) = begun(&mut r, &data, 4, 2);
+        for c in &other {
+            r.add(T0, &peer(1), c).expect("add");
+        }
+        assert_refused(
+            r.add(T0, &peer(1), &chunks[0]),
+            ErrorCode::ChunkError,
+            "no open transfer",
+        );
+    }
+
+    #[test]
     fn chunk_ranges_cover_the_message() {
         let m = manifest(10, 4, 1);
         assert_eq!(m.chunk_range(0), Some(0..4));
@@ -1695,9 +1744,9 @@ mod tests {
                         prop_assert!(done.is_none());
                         prop_assert_eq!(msg_type, mt("app.blob"));
                         done = Some(payload);
-                        // Later duplicates find the transfer closed.
-                        break;
                     }
+                    // Later duplicates are late repeats of a completed transfer.
+                    Progress::AlreadyComplete => prop_assert!(done.is_some()),
                 }
             }
             prop_assert_eq!(done.expect("complete"), data);

@@ -123,7 +123,7 @@ impl From<NodeError> for ApiError {
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()),
             NodeError::Dial(_) => (StatusCode::BAD_GATEWAY, "DIAL_FAILED".into()),
             NodeError::Transport(_) => (StatusCode::GATEWAY_TIMEOUT, "DELIVERY_FAILED".into()),
-            NodeError::Busy(_) | NodeError::Stopped => {
+            NodeError::Busy(_) | NodeError::TooManyTransfers(_) | NodeError::Stopped => {
                 (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE".into())
             }
         };

@@ -173,6 +173,9 @@ pub enum NodeError {
     /// Too many requests are in flight; retry later.
     #[error("too many messages in flight ({0}); retry later")]
     Busy(usize),
+    /// Too many outgoing transfers are held (`transfer.max_outgoing`); retry later.
+    #[error("too many large messages being sent ({0}, transfer.max_outgoing); retry later")]
+    TooManyTransfers(usize),
     /// The node has stopped.
     #[error("the node has stopped")]
     Stopped,

@@ -167,6 +167,8 @@ pub struct Outgoing<R> {
     done_bytes: u64,
     manifest_attempts: u32,
     chunk_attempts: std::collections::HashMap<u32, u32>,
+    /// No chunk goes out before this time (ms), after a `RATE_LIMITED`.
+    resume_at_ms: Option<u64>,
 }
 
 impl<R> Outgoing<R> {
@@ -187,13 +189,18 @@ impl<R> Outgoing<R> {
             done_bytes: 0,
             manifest_attempts: 0,
             chunk_attempts: Default::default(),
+            resume_at_ms: None,
             manifest,
         }
     }
 
-    /// The parts to send now, marked in flight: the manifest until it is
-    /// accepted, then chunks up to `window` in flight.
-    pub fn due(&mut self, window: usize) -> Vec<Part> {
+    /// The parts to send at `now_ms`, marked in flight: the manifest until it
+    /// is accepted, then chunks up to `window` in flight (none while throttled).
+    pub fn due(&mut self, now_ms: u64, window: usize) -> Vec<Part> {
+        match self.resume_at_ms {
+            Some(t) if now_ms < t => return Vec::new(),
+            _ => self.resume_at_ms = None,
+        }
         if !self.announced {
             if self.manifest_in_flight {
                 return Vec::new();
@@ -285,14 +292,28 @@ impl<R> Outgoing<R> {
         Ok(())
     }
 
-    /// The receiver asked for `indexes` again (`chunk_resend`): those that exist
-    /// and are not in flight are queued. Ignored before the manifest is accepted.
+    /// The receiver refused chunk `index` with `RATE_LIMITED`: it is sent
+    /// again, and no chunk goes out before `until_ms`. Not counted as an attempt.
+    pub fn throttled(&mut self, index: u32, until_ms: u64) {
+        self.in_flight.remove(&index);
+        self.again.insert(index);
+        self.resume_at_ms = Some(self.resume_at_ms.map_or(until_ms, |t| t.max(until_ms)));
+    }
+
+    /// When a throttled transfer may send again, if it is throttled.
+    pub fn resume_at(&self) -> Option<u64> {
+        self.resume_at_ms
+    }
+
+    /// The receiver asked for `indexes` again (`chunk_resend`): those sent
+    /// before and not in flight now are queued; indexes not sent yet go out in
+    /// their turn, and others do not exist. Ignored before the manifest is
+    /// accepted.
     pub fn resend(&mut self, indexes: &[u32]) {
         if !self.announced {
             return;
         }
-        let count = self.manifest.chunk_count;
-        for &i in indexes.iter().filter(|&&i| i < count) {
+        for &i in indexes.iter().filter(|&&i| i < self.next) {
             if !self.in_flight.contains(&i) {
                 self.again.insert(i);
             }
@@ -333,21 +354,24 @@ mod tests {
     #[test]
     fn the_manifest_goes_alone_and_first_then_chunks_fill_the_window() {
         let (mut out, _) = outgoing(18); // 5 chunks
-        assert_eq!(out.due(WINDOW), [Part::Manifest]);
-        assert!(out.due(WINDOW).is_empty(), "nothing until it is accepted");
+        assert_eq!(out.due(0, WINDOW), [Part::Manifest]);
+        assert!(
+            out.due(0, WINDOW).is_empty(),
+            "nothing until it is accepted"
+        );
         assert!(!out.accepted(Part::Manifest));
         assert_eq!(
-            out.due(WINDOW),
+            out.due(0, WINDOW),
             [Part::Chunk(0), Part::Chunk(1), Part::Chunk(2)]
         );
-        assert!(out.due(WINDOW).is_empty(), "the window is full");
+        assert!(out.due(0, WINDOW).is_empty(), "the window is full");
         out.accepted(Part::Chunk(1));
-        assert_eq!(out.due(WINDOW), [Part::Chunk(3)]);
+        assert_eq!(out.due(0, WINDOW), [Part::Chunk(3)]);
         for i in [0, 2, 3] {
             assert!(!out.accepted(Part::Chunk(i)));
         }
-        assert_eq!(out.due(WINDOW), [Part::Chunk(4)]);
-        assert!(out.due(WINDOW).is_empty());
+        assert_eq!(out.due(0, WINDOW), [Part::Chunk(4)]);
+        assert!(out.due(0, WINDOW).is_empty());
         assert!(out.accepted(Part::Chunk(4)), "every chunk accepted");
         assert_eq!(out.progress(), (5, 18));
     }
@@ -355,15 +379,15 @@ mod tests {
     #[test]
     fn failed_parts_are_sent_again_until_the_attempts_run_out() {
         let (mut out, _) = outgoing(8); // 2 chunks
-        out.due(WINDOW);
+        out.due(0, WINDOW);
         out.failed(Part::Manifest, 3).expect("second attempt");
-        assert_eq!(out.due(WINDOW), [Part::Manifest]);
+        assert_eq!(out.due(0, WINDOW), [Part::Manifest]);
         out.accepted(Part::Manifest);
-        assert_eq!(out.due(WINDOW), [Part::Chunk(0), Part::Chunk(1)]);
+        assert_eq!(out.due(0, WINDOW), [Part::Chunk(0), Part::Chunk(1)]);
         out.failed(Part::Chunk(1), 3).expect("again");
-        assert_eq!(out.due(WINDOW), [Part::Chunk(1)]);
+        assert_eq!(out.due(0, WINDOW), [Part::Chunk(1)]);
         out.failed(Part::Chunk(1), 3).expect("third");
-        assert_eq!(out.due(WINDOW), [Part::Chunk(1)]);
+        assert_eq!(out.due(0, WINDOW), [Part::Chunk(1)]);
         let gave_up = out.failed(Part::Chunk(1), 3).expect_err("three attempts");
         assert_eq!(
             gave_up,
@@ -379,24 +403,44 @@ mod tests {
         let (mut out, _) = outgoing(18);
         out.resend(&[0]);
         assert_eq!(
-            out.due(WINDOW),
+            out.due(0, WINDOW),
             [Part::Manifest],
             "ignored before the manifest"
         );
         out.accepted(Part::Manifest);
         assert_eq!(
-            out.due(WINDOW),
+            out.due(0, WINDOW),
             [Part::Chunk(0), Part::Chunk(1), Part::Chunk(2)]
         );
         for i in 0..3 {
             out.accepted(Part::Chunk(i));
         }
-        // 1 was accepted but the receiver asks again; 2 is asked twice; 9 does not exist.
-        out.resend(&[1, 2, 2, 9]);
+        // 1 was accepted but the receiver asks again; 2 is asked twice; 4 is not
+        // sent yet (it goes in its turn, once); 9 does not exist.
+        out.resend(&[1, 2, 2, 4, 9]);
         assert_eq!(
-            out.due(WINDOW),
+            out.due(0, WINDOW),
             [Part::Chunk(1), Part::Chunk(2), Part::Chunk(3)]
         );
+        for i in 1..4 {
+            out.accepted(Part::Chunk(i));
+        }
+        assert_eq!(out.due(0, WINDOW), [Part::Chunk(4)]);
+        assert!(out.accepted(Part::Chunk(4)));
+        assert!(out.due(0, WINDOW).is_empty());
+    }
+
+    #[test]
+    fn a_throttled_transfer_waits_then_sends_the_chunk_again() {
+        let (mut out, _) = outgoing(18);
+        out.due(0, WINDOW);
+        out.accepted(Part::Manifest);
+        assert_eq!(out.due(0, WINDOW).len(), 3);
+        out.throttled(1, 500);
+        assert_eq!(out.resume_at(), Some(500));
+        assert!(out.due(499, WINDOW).is_empty(), "waits");
+        assert_eq!(out.due(500, WINDOW), [Part::Chunk(1)]);
+        assert_eq!(out.resume_at(), None);
     }
 
     #[test]

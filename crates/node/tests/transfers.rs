@@ -241,8 +241,10 @@ async fn a_withheld_chunk_is_asked_for_again_and_the_message_completes() {
     assert_eq!(message_id, s.manifest.transfer_id.to_string());
     assert_eq!(received, s.data);
     assert_eq!(progress, [0, 1, 2, 3, 4]);
-    // A late duplicate finds the transfer closed.
-    assert_eq!(s.send_chunk(&c).await.as_deref(), Some("CHUNK_ERROR"));
+    // A late repeat (as when the answer to the last chunk was lost) is accepted
+    // and delivers nothing again.
+    assert_eq!(s.send_chunk(&c).await, None);
+    assert!(events.try_recv().is_err(), "no second message");
 }
 
 #[tokio::test]
@@ -291,15 +293,16 @@ async fn refused_chunks_spend_the_senders_chunk_budget_but_a_good_transfer_does_
         assert_eq!(s.send_chunk(&c).await, None);
     }
     // Chunks of no open transfer: refused, each for a token, then rate limited.
-    let stray = s.chunks[0].clone();
+    let stray = Chunk::new(TransferId::from_random(rand::random()), 0, b"x".to_vec());
     for _ in 0..2 {
         assert_eq!(s.send_chunk(&stray).await.as_deref(), Some("CHUNK_ERROR"));
     }
     assert_eq!(s.send_chunk(&stray).await.as_deref(), Some("RATE_LIMITED"));
 }
 
-/// The node sends to a raw peer that loses one chunk on the way and asks for
-/// another again: both reach it, and the node reports the message delivered.
+/// The node sends to a raw peer that loses one chunk on the way, asks for
+/// another again and rate-limits a third: all reach it, and the node reports
+/// the message delivered.
 #[tokio::test]
 async fn a_chunk_lost_on_the_way_is_sent_again_and_resend_requests_are_answered() {
     // One chunk in flight at a time, so the raw peer sees a fixed order.
@@ -317,6 +320,7 @@ async fn a_chunk_lost_on_the_way_is_sent_again_and_resend_requests_are_answered(
     let mut r: Reassembler = Reassembler::new(chunk::Config::default());
     let mut seen = Vec::new();
     let mut asked = false;
+    let mut limited_at = None;
     let message = loop {
         let (env, _, channel) = raw.next_request().await;
         let plaintext = session
@@ -345,6 +349,26 @@ async fn a_chunk_lost_on_the_way_is_sent_again_and_resend_requests_are_answered(
                 None
             );
         }
+        if c.index == 2 && limited_at.is_none() {
+            // Over our (made-up) limit: the node must wait 300 ms, then resend.
+            limited_at = Some(std::time::Instant::now());
+            let payload = serde_json::json!({
+                "error_code": "RATE_LIMITED",
+                "error_message": "slow down",
+                "retry_after_ms": 300,
+            });
+            let d = peer_core::Draft {
+                payload: payload.to_string().into_bytes(),
+                ..raw.draft(from, "error")
+            };
+            let reply = Response::Reply(d.sign(&raw.identity).encode());
+            raw.respond(channel, reply).await;
+            continue;
+        }
+        if c.index == 2 {
+            let waited = limited_at.expect("limited first").elapsed();
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        }
         let progress = r.add(now_ms(), &from, &c).expect("a good chunk");
         raw.respond(channel, Response::Accepted).await;
         if let Progress::Complete { payload, .. } = progress {
@@ -352,7 +376,11 @@ async fn a_chunk_lost_on_the_way_is_sent_again_and_resend_requests_are_answered(
         }
     };
     assert_eq!(message, data);
-    assert_eq!(seen, [0, 1, 1, 0, 2, 3], "1 sent again, 0 sent when asked");
+    assert_eq!(
+        seen,
+        [0, 1, 1, 0, 2, 2, 3],
+        "1 sent again, 0 sent when asked, 2 after the wait"
+    );
     let delivered = sent.await.expect("task").expect("delivered");
     assert!(delivered.reply.is_none());
 }
@@ -383,7 +411,7 @@ async fn outgoing_transfers_beyond_the_limit_are_refused() {
     .await
     .expect("one is refused in time");
     let err = refused.expect("task").expect_err("refused");
-    assert!(matches!(err, NodeError::Busy(1)), "{err}");
+    assert!(matches!(err, NodeError::TooManyTransfers(1)), "{err}");
     waiting.abort();
     drop(raw);
 }
@@ -471,4 +499,49 @@ async fn messages_the_agent_has_not_read_count_against_the_reassembly_budget() {
         .send(to, message_type(), json_string(2 * MIB, 12))
         .await
         .expect("room again");
+}
+
+#[tokio::test]
+async fn transfer_parts_follow_the_nodes_policies() {
+    let node = start_node_with(TCP, |c| {
+        c.rate_limits.task.burst = 1;
+        c.rate_limits.task.per_minute = 1;
+    })
+    .await;
+    let mut s = Sender::new(&node).await;
+
+    // Only application messages travel as transfers.
+    let (ping, _) = chunk::split(
+        "ping".parse().expect("valid"),
+        &s.data,
+        chunk::DEFAULT_CHUNK_SIZE,
+        TransferId::from_random(rand::random()),
+    )
+    .expect("split");
+    let code = s.send(chunk::MSG_MANIFEST, &ping.encode()).await;
+    assert_eq!(code.as_deref(), Some("UNSUPPORTED_MSG_TYPE"));
+
+    // Parts outside the session are refused while encryption is required.
+    let mut d = s.raw.draft(s.to, chunk::MSG_MANIFEST);
+    d.payload = s.manifest.encode();
+    let code = s.raw.send(d.sign(&s.raw.identity).encode()).await;
+    assert_eq!(code.as_deref(), Some("ENCRYPTION_REQUIRED"));
+
+    // A resend request for a transfer the node does not send is ignored.
+    let stray = ResendRequest::new(TransferId::from_random(rand::random()), [0]);
+    assert_eq!(s.send(chunk::MSG_RESEND, &stray.encode()).await, None);
+
+    // A transfer counts against the class of the message it carries: the
+    // task bucket holds one, so the second manifest is refused.
+    let manifest = s.manifest.encode();
+    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+    let (second, _) = chunk::split(
+        message_type(),
+        &s.data,
+        chunk::DEFAULT_CHUNK_SIZE,
+        TransferId::from_random(rand::random()),
+    )
+    .expect("split");
+    let code = s.send(chunk::MSG_MANIFEST, &second.encode()).await;
+    assert_eq!(code.as_deref(), Some("RATE_LIMITED"));
 }

@@ -17,7 +17,7 @@ use peer_core::rate::Class;
 use peer_core::{EntityId, ErrorCode, MessageId, MsgType, Rejection};
 
 use super::{Actor, Reply, Waiter, lost_session, refusal};
-use crate::node::{Delivered, Direction, Event, NodeError};
+use crate::node::{Delivered, Direction, Event, NodeError, now_ms};
 use crate::secure::{Opened, parse_json};
 use crate::transfer::{Outgoing, Part, crosses_tenth};
 
@@ -49,7 +49,7 @@ impl Actor {
         }
         let max = self.config.transfer.max_outgoing;
         if self.sending.len() >= max {
-            _ = reply.send(Err(NodeError::Busy(max)));
+            _ = reply.send(Err(NodeError::TooManyTransfers(max)));
             return;
         }
         let id = manifest.transfer_id;
@@ -100,7 +100,7 @@ impl Actor {
             return;
         };
         let parts: Vec<(Part, Vec<u8>)> = t
-            .due(window)
+            .due(now_ms(), window)
             .into_iter()
             .map(|part| (part, t.encode(part)))
             .collect();
@@ -154,6 +154,21 @@ impl Actor {
         let Some(t) = self.sending.get_mut(&(to, id)) else {
             return;
         };
+        if let (
+            Part::Chunk(i),
+            NodeError::Rejected {
+                code,
+                retry_after_ms,
+                ..
+            },
+        ) = (part, &e)
+            && code == ErrorCode::RateLimited.as_str()
+        {
+            // The receiver counts chunks against its limits: wait as it says.
+            let wait = retry_after_ms.unwrap_or(1000);
+            t.throttled(i, now_ms().saturating_add(wait));
+            return;
+        }
         let again = matches!(e, NodeError::Transport(_)) || lost_session(&e);
         let e = match again.then(|| t.failed(part, max_attempts)) {
             Some(Ok(())) => return self.pump(to, id),
@@ -209,25 +224,27 @@ impl Actor {
         let new = self.receiving.status(&from, m.transfer_id).is_none();
         // The message it carries counts against its own class, as if it came whole.
         self.charge(from, Class::of(&m.msg_type), id)?;
+        self.receiving
+            .begin(now, &from, &m)
+            .map_err(|r| refusal(id, r))?;
         // Messages the agent has not read yet share the reassembly budget.
         let held = self.undelivered.load(Ordering::Relaxed);
         let reserved = self.receiving.reserved_bytes();
         let budget = self.config.transfer.max_buffered_bytes;
-        if new && held.saturating_add(reserved).saturating_add(m.total_len) > budget {
+        if new && held.saturating_add(reserved) > budget {
+            self.receiving.abort(&from, m.transfer_id);
             return Err(refusal(
                 id,
                 Rejection::new(
                     ErrorCode::ChunkError,
                     format!(
-                        "receiver busy: {held} bytes of messages wait for its agent and {reserved} are reserved by open transfers; {} more would exceed its budget of {budget} bytes; retry later",
+                        "receiver busy: {held} bytes of messages wait for its agent and {} are reserved by open transfers; {} more would exceed its budget of {budget} bytes; retry later",
+                        reserved - m.total_len,
                         m.total_len
                     ),
                 ),
             ));
         }
-        self.receiving
-            .begin(now, &from, &m)
-            .map_err(|r| refusal(id, r))?;
         if new {
             self.inbound_progress(from, m.transfer_id, 0, 0, &m);
         }
@@ -275,7 +292,10 @@ impl Actor {
         match self.receiving.add(now, &from, &chunk) {
             Ok(Progress::Partial(st)) => {
                 let done_before = before.map_or(0, |b| b.received_chunks);
-                if crosses_tenth(done_before, st.received_chunks, st.chunk_count) {
+                if st.received_chunks == done_before {
+                    // A repeat: accepted, but not for free.
+                    self.charge(from, Class::Chunk, id)?;
+                } else if crosses_tenth(done_before, st.received_chunks, st.chunk_count) {
                     _ = self.events.send(Event::TransferProgress {
                         transfer_id: tid.to_string(),
                         peer: from,
@@ -288,30 +308,35 @@ impl Actor {
                 }
                 Ok(None)
             }
-            Ok(Progress::Complete { msg_type, payload }) => {
-                if let Some(b) = before {
-                    _ = self.events.send(Event::TransferProgress {
-                        transfer_id: tid.to_string(),
-                        peer: from,
-                        direction: Direction::Inbound,
-                        done_bytes: b.total_len,
-                        total_bytes: b.total_len,
-                        done_chunks: b.chunk_count,
-                        chunk_count: b.chunk_count,
-                    });
-                }
-                match parse_json(payload) {
-                    Ok(payload) => Ok(Some(Opened {
+            Ok(Progress::AlreadyComplete) => {
+                self.charge(from, Class::Chunk, id)?;
+                Ok(None)
+            }
+            Ok(Progress::Complete { msg_type, payload }) => match parse_json(payload) {
+                Ok(payload) => {
+                    if let Some(b) = before {
+                        _ = self.events.send(Event::TransferProgress {
+                            transfer_id: tid.to_string(),
+                            peer: from,
+                            direction: Direction::Inbound,
+                            done_bytes: b.total_len,
+                            total_bytes: b.total_len,
+                            done_chunks: b.chunk_count,
+                            chunk_count: b.chunk_count,
+                        });
+                    }
+                    Ok(Some(Opened {
                         message_id: tid.to_string(),
                         msg_type,
                         payload,
-                    })),
-                    Err(r) => {
-                        self.inbound_failed(from, tid, &r);
-                        Err(refusal(id, r))
-                    }
+                    }))
                 }
-            }
+                Err(r) => {
+                    self.inbound_failed(from, tid, &r);
+                    self.charge(from, Class::Chunk, id)?;
+                    Err(refusal(id, r))
+                }
+            },
             Err(r) => {
                 if before.is_some() && self.receiving.status(&from, tid).is_none() {
                     // The whole message did not match its manifest: dropped.
@@ -354,6 +379,15 @@ impl Actor {
     /// Drops incoming transfers idle past `transfer.expiry_secs`, and asks for
     /// the missing chunks of those idle past `transfer.resend_after_ms`.
     pub(super) fn transfer_timers(&mut self, now: u64) {
+        let resumed: Vec<(EntityId, TransferId)> = self
+            .sending
+            .iter()
+            .filter(|(_, t)| t.resume_at().is_some_and(|at| at <= now))
+            .map(|(key, _)| *key)
+            .collect();
+        for (to, id) in resumed {
+            self.pump(to, id);
+        }
         if self.receiving.is_empty() {
             return;
         }
