@@ -896,9 +896,13 @@ impl<P: Ord + Clone> Reassembler<P> {
         due
     }
 
-    /// Drops transfer `id` from `peer` and its buffer. Returns whether it was open.
+    /// Drops transfer `id` from `peer` and its buffer, or forgets that it was
+    /// completed (for a message refused after reassembly, so that a repeat of its
+    /// chunks is not taken as delivered). Returns whether it was open.
     pub fn abort(&mut self, peer: &P, id: TransferId) -> bool {
-        match self.transfers.remove(&(peer.clone(), id)) {
+        let key = (peer.clone(), id);
+        self.completed.retain(|k| *k != key);
+        match self.transfers.remove(&key) {
             Some(t) => {
                 self.reserved_bytes = self.reserved_bytes.saturating_sub(t.manifest.total_len);
                 true
@@ -1448,13 +1452,29 @@ mod tests {
         let mut corrupt = chunks[0].clone();
         corrupt.data[0] ^= 1;
         assert_refused(r.add(T0, &peer(1), &corrupt), ErrorCode::ChunkError, "");
-        // Only the last `max_transfers` completed are remembered.
-        let (_, other) = begun(&mut r, &data, 4, 2);
-        for c in &other {
-            r.add(T0, &peer(1), c).expect("add");
-        }
+        // Aborted after completion: no longer taken as delivered.
+        assert!(!r.abort(&peer(1), tid(1)));
         assert_refused(
             r.add(T0, &peer(1), &chunks[0]),
+            ErrorCode::ChunkError,
+            "no open transfer",
+        );
+        // Only the last `max_transfers` completed are remembered.
+        let mut complete = |b: u8| {
+            let (_, chunks) = begun(&mut r, &data, 4, b);
+            for c in &chunks {
+                r.add(T0, &peer(1), c).expect("add");
+            }
+            chunks
+        };
+        let second = complete(2);
+        let third = complete(3);
+        assert_eq!(
+            r.add(T0, &peer(1), &third[0]),
+            Ok(Progress::AlreadyComplete)
+        );
+        assert_refused(
+            r.add(T0, &peer(1), &second[0]),
             ErrorCode::ChunkError,
             "no open transfer",
         );

@@ -531,17 +531,24 @@ async fn transfer_parts_follow_the_nodes_policies() {
     let stray = ResendRequest::new(TransferId::from_random(rand::random()), [0]);
     assert_eq!(s.send(chunk::MSG_RESEND, &stray.encode()).await, None);
 
-    // A transfer counts against the class of the message it carries: the
-    // task bucket holds one, so the second manifest is refused.
-    let manifest = s.manifest.encode();
-    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
-    let (second, _) = chunk::split(
+    // A reassembled message must be JSON like any other; once refused, a repeat
+    // of its last chunk does not pass for delivered.
+    let (not_json, chunks) = chunk::split(
         message_type(),
-        &s.data,
+        b"not json",
         chunk::DEFAULT_CHUNK_SIZE,
         TransferId::from_random(rand::random()),
     )
     .expect("split");
-    let code = s.send(chunk::MSG_MANIFEST, &second.encode()).await;
+    let last = chunks.last().expect("one chunk");
+    assert_eq!(s.send(chunk::MSG_MANIFEST, &not_json.encode()).await, None);
+    let code = s.send_chunk(&last).await;
+    assert_eq!(code.as_deref(), Some("MALFORMED_MESSAGE"));
+    assert_eq!(s.send_chunk(&last).await.as_deref(), Some("CHUNK_ERROR"));
+
+    // A transfer counts against the class of the message it carries: the
+    // task bucket held one, taken by the transfer above.
+    let manifest = s.manifest.encode();
+    let code = s.send(chunk::MSG_MANIFEST, &manifest).await;
     assert_eq!(code.as_deref(), Some("RATE_LIMITED"));
 }

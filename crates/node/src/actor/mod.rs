@@ -788,8 +788,25 @@ impl Actor {
 
     /// Reads a plaintext application or chunked-transfer payload: an
     /// application message to deliver, or a transfer's part (which delivers its
-    /// message when it completes the transfer).
+    /// message when it completes the transfer). A message's payload counts as
+    /// undelivered from here (it may wait in the reorder buffer) until the
+    /// agent has read it.
     fn read(
+        &mut self,
+        now: u64,
+        from: EntityId,
+        id: MessageId,
+        msg_type: MsgType,
+        plaintext: Vec<u8>,
+    ) -> Result<Option<Opened>, (Refusal, Option<Duration>)> {
+        let opened = self.read_part_or_message(now, from, id, msg_type, plaintext)?;
+        Ok(opened.map(|o| Opened {
+            payload: o.payload.counted_in(&self.undelivered),
+            ..o
+        }))
+    }
+
+    fn read_part_or_message(
         &mut self,
         now: u64,
         from: EntityId,
@@ -819,7 +836,7 @@ impl Actor {
             message_id: o.message_id,
             from,
             msg_type: o.msg_type.to_string(),
-            payload: o.payload.counted_in(&self.undelivered),
+            payload: o.payload,
         });
     }
 

@@ -332,6 +332,9 @@ impl Actor {
                     }))
                 }
                 Err(r) => {
+                    // Refused after all: a repeat of its chunks must not pass
+                    // for delivered.
+                    self.receiving.abort(&from, tid);
                     self.inbound_failed(from, tid, &r);
                     self.charge(from, Class::Chunk, id)?;
                     Err(refusal(id, r))
