@@ -1,6 +1,7 @@
 //! `peer-load`: starts two real nodes in this process, connected over
 //! 127.0.0.1 (TCP or QUIC), and measures signed-message throughput with many
-//! messages in flight, or latency at a fixed send rate.
+//! messages in flight, or latency at a fixed send rate. Payloads larger than
+//! `transfer.chunk_size` go as chunked transfers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use peer_node::config::NetworkConfig;
 use peer_node::node::{self, NodeHandle};
 use peer_node::ratelimit::RateLimitConfig;
 use peer_node::store::Store;
+use peer_node::transfer::TransferConfig;
 use peer_node::{Config, data_dir};
 
 #[derive(Parser, Debug)]
@@ -43,6 +45,15 @@ struct Args {
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// `transfer.max_message_size` of both nodes (node default if not given).
+    #[arg(long)]
+    max_message_size: Option<u64>,
+    /// `transfer.chunk_size` of both nodes (node default if not given).
+    #[arg(long)]
+    chunk_size: Option<usize>,
+    /// `transfer.window` of both nodes (node default if not given).
+    #[arg(long)]
+    window: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -57,21 +68,24 @@ enum Transport {
     Quic,
 }
 
-async fn start(
-    dir: &std::path::Path,
-    transport: Transport,
-    in_flight: usize,
-) -> Result<NodeHandle> {
-    let listen = match transport {
+async fn start(dir: &std::path::Path, args: &Args) -> Result<NodeHandle> {
+    let listen = match args.transport {
         Transport::Tcp => "/ip4/127.0.0.1/tcp/0",
         Transport::Quic => "/ip4/127.0.0.1/udp/0/quic-v1",
     };
+    let defaults = TransferConfig::default();
     let config = Config {
         data_dir: dir.to_path_buf(),
         network: NetworkConfig {
             listen: vec![listen.parse()?],
-            max_outbound_in_flight: in_flight.max(4096),
+            max_outbound_in_flight: args.in_flight.max(4096),
             ..NetworkConfig::default()
+        },
+        transfer: TransferConfig {
+            max_message_size: args.max_message_size.unwrap_or(defaults.max_message_size),
+            chunk_size: args.chunk_size.unwrap_or(defaults.chunk_size),
+            window: args.window.unwrap_or(defaults.window),
+            ..defaults
         },
         // Measure the protocol, not the per-peer limits.
         rate_limits: RateLimitConfig {
@@ -80,6 +94,10 @@ async fn start(
         },
         ..Config::default()
     };
+    config
+        .transfer
+        .validate(config.protocol.max_envelope_size)
+        .map_err(anyhow::Error::msg)?;
     let secrets = data_dir::init(dir, peer_node::fresh_secrets)?;
     let store = Store::open(&dir.join(data_dir::DB_FILE))?;
     Ok(node::start(config, secrets.identity, store)?)
@@ -114,8 +132,8 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let sender = start(&tmp.path().join("a"), args.transport, args.in_flight).await?;
-    let receiver = start(&tmp.path().join("b"), args.transport, args.in_flight).await?;
+    let sender = start(&tmp.path().join("a"), &args).await?;
+    let receiver = start(&tmp.path().join("b"), &args).await?;
     sender
         .connect(listen_addr(&receiver).await?)
         .await
@@ -188,8 +206,9 @@ async fn run(args: Args) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let ok = hist.len();
     println!(
-        "delivered={ok} failed={failed} seconds={secs:.2} rate={:.0} msg/s",
-        ok as f64 / secs
+        "delivered={ok} failed={failed} seconds={secs:.2} rate={:.0} msg/s = {:.1} MB/s of payload",
+        ok as f64 / secs,
+        (ok as f64 * payload.len() as f64) / secs / 1e6
     );
     println!(
         "latency_us p50={} p90={} p99={} p999={} max={}",
@@ -199,5 +218,16 @@ async fn run(args: Args) -> Result<()> {
         hist.value_at_quantile(0.999),
         hist.max()
     );
+    // Peak resident memory of this process (Linux): both nodes, and the
+    // payload this load generator holds and copies for each send.
+    if let Some(peak) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:").map(str::to_owned))
+        })
+    {
+        println!("peak_rss={}", peak.trim());
+    }
     Ok(())
 }
