@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -13,6 +13,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use bytes::BytesMut;
 use futures::Stream;
 use futures::StreamExt;
 use peer_core::{EntityId, ErrorCode, MsgType};
@@ -34,15 +35,22 @@ struct AppState {
     node: NodeHandle,
     token: String,
     stopping: CancellationToken,
+    /// Largest request body: a message up to the transfer limit, and its JSON
+    /// wrapping.
+    body_limit: usize,
 }
 
 /// The API router over `node`, guarded by `token`. Event streams end when
 /// `stopping` is cancelled, so a graceful shutdown does not wait on them.
 pub fn router(node: NodeHandle, token: String, stopping: CancellationToken) -> Router {
+    let body_limit = usize::try_from(node.max_message_size())
+        .unwrap_or(usize::MAX)
+        .saturating_add(BODY_SLACK);
     let state = AppState {
         node,
         token,
         stopping,
+        body_limit,
     };
     let private = Router::new()
         .route("/v1/peers", get(list_peers).post(connect))
@@ -51,10 +59,6 @@ pub fn router(node: NodeHandle, token: String, stopping: CancellationToken) -> R
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    // A message up to the transfer limit, and its JSON wrapping.
-    let body_limit = usize::try_from(state.node.max_message_size())
-        .unwrap_or(usize::MAX)
-        .saturating_add(BODY_SLACK);
     Router::new()
         .route("/v1/health", get(health))
         .merge(private)
@@ -123,7 +127,7 @@ impl From<NodeError> for ApiError {
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()),
             NodeError::Dial(_) => (StatusCode::BAD_GATEWAY, "DIAL_FAILED".into()),
             NodeError::Transport(_) => (StatusCode::GATEWAY_TIMEOUT, "DELIVERY_FAILED".into()),
-            NodeError::Busy(_) | NodeError::TooManyTransfers(_) | NodeError::Stopped => {
+            NodeError::Busy(_) | NodeError::TooManyTransfers { .. } | NodeError::Stopped => {
                 (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE".into())
             }
         };
@@ -162,20 +166,47 @@ async fn require_token(
     }
 }
 
+fn body_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::MessageTooLarge.as_str(),
+        "the request body is larger than this node takes: transfer.max_message_size plus 64 KiB",
+    )
+}
+
 /// The request body, or a JSON error: 413 `MESSAGE_TOO_LARGE` over the body
 /// limit (`transfer.max_message_size` + 64 KiB).
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::MessageTooLarge.as_str(),
-                "the request body is larger than this node takes: transfer.max_message_size plus 64 KiB",
-            )
+            body_too_large()
         } else {
             ApiError::bad_request(e.body_text())
         }
     })
+}
+
+/// Reads a body of up to `limit` bytes into one buffer, sized from
+/// `Content-Length` when given: a large message is neither copied once more
+/// nor held twice, as collecting it piece by piece would.
+async fn read_large_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(body_too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut data = body.into_data_stream();
+    while let Some(piece) = data.next().await {
+        let piece = piece.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        if buf.len().saturating_add(piece.len()) > limit {
+            return Err(body_too_large());
+        }
+        buf.extend_from_slice(&piece);
+    }
+    Ok(buf.freeze())
 }
 
 fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -239,9 +270,10 @@ fn sub_bytes(body: &Bytes, inner: &str) -> Bytes {
 
 async fn send(
     State(s): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body = read_body(body)?;
+    let body = read_large_body(&headers, body, s.body_limit).await?;
     let (to, msg_type, payload) = read_send_body(&body)?;
     // The payload shares the body's buffer; only the payload is kept.
     drop(body);

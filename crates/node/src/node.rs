@@ -173,9 +173,21 @@ pub enum NodeError {
     /// Too many requests are in flight; retry later.
     #[error("too many messages in flight ({0}); retry later")]
     Busy(usize),
-    /// Too many outgoing transfers are held (`transfer.max_outgoing`); retry later.
-    #[error("too many large messages being sent ({0}, transfer.max_outgoing); retry later")]
-    TooManyTransfers(usize),
+    /// Outgoing transfers hold as many messages or bytes as they may
+    /// (`transfer.max_outgoing`, `transfer.max_outgoing_bytes`); retry later.
+    #[error(
+        "too many large messages being sent ({transfers} held, {bytes} bytes; transfer.max_outgoing is {max_transfers}, transfer.max_outgoing_bytes {max_bytes}); retry later"
+    )]
+    TooManyTransfers {
+        /// Transfers held.
+        transfers: usize,
+        /// Their payload bytes.
+        bytes: u64,
+        /// `transfer.max_outgoing`.
+        max_transfers: usize,
+        /// `transfer.max_outgoing_bytes`.
+        max_bytes: u64,
+    },
     /// The node has stopped.
     #[error("the node has stopped")]
     Stopped,

@@ -40,8 +40,13 @@ pub struct TransferConfig {
     pub max_resend_requests: u32,
     /// Chunks of one outgoing transfer in flight at once (default 32).
     pub window: usize,
-    /// Outgoing transfers at once; more are refused `UNAVAILABLE` (default 16).
+    /// Outgoing transfers held at once, running or waiting their turn; more are
+    /// refused `UNAVAILABLE` (default 256).
     pub max_outgoing: usize,
+    /// Payload bytes held at once by outgoing transfers; a transfer that would
+    /// go over is refused `UNAVAILABLE` (default 256 MiB; at least
+    /// `max_message_size`, so one message of any allowed size always fits).
+    pub max_outgoing_bytes: u64,
     /// Times a part is sent before the transfer fails, when its request fails in
     /// transport or its session was lost (default 3).
     pub max_attempts: u32,
@@ -61,7 +66,8 @@ impl Default for TransferConfig {
             resend_after_ms: 5_000,
             max_resend_requests: 6,
             window: 32,
-            max_outgoing: 16,
+            max_outgoing: 256,
+            max_outgoing_bytes: 256 * 1024 * 1024,
             max_attempts: 3,
         }
     }
@@ -104,11 +110,16 @@ impl TransferConfig {
                 self.max_chunk_size
             ));
         }
-        if self.max_buffered_bytes < self.max_message_size {
-            return Err(format!(
-                "transfer.max_buffered_bytes ({}) must be at least transfer.max_message_size ({})",
-                self.max_buffered_bytes, self.max_message_size
-            ));
+        for (name, value) in [
+            ("max_buffered_bytes", self.max_buffered_bytes),
+            ("max_outgoing_bytes", self.max_outgoing_bytes),
+        ] {
+            if value < self.max_message_size {
+                return Err(format!(
+                    "transfer.{name} ({value}) must be at least transfer.max_message_size ({})",
+                    self.max_message_size
+                ));
+            }
         }
         let at_least_one = [
             ("max_transfers_per_peer", self.max_transfers_per_peer),

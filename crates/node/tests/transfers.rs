@@ -385,10 +385,11 @@ async fn a_chunk_lost_on_the_way_is_sent_again_and_resend_requests_are_answered(
     assert!(delivered.reply.is_none());
 }
 
-#[tokio::test]
-async fn outgoing_transfers_beyond_the_limit_are_refused() {
-    let node = start_node_with(TCP, |c| c.transfer.max_outgoing = 1).await;
-    // A peer that never answers: the first transfer waits for its handshake.
+/// Starts two 1 MiB transfers to a peer that never answers (the first waits
+/// for ever for its handshake) on a node tuned by `tune`; returns the refusal
+/// of the other.
+async fn second_transfer_refusal(tune: impl Fn(&mut peer_node::Config) + Copy) -> NodeError {
+    let node = start_node_with(TCP, tune).await;
     let raw = RawPeer::connect(&node.addr).await;
     let to = raw.entity_id();
     wait_connected(&node.handle, to).await;
@@ -401,7 +402,6 @@ async fn outgoing_transfers_beyond_the_limit_are_refused() {
         })
     };
     let (mut one, mut two) = (send(7), send(8));
-    // One of them waits for ever; the other is refused at once.
     let (refused, waiting) = tokio::time::timeout(Duration::from_secs(10), async {
         tokio::select! {
             r = &mut one => (r, two),
@@ -410,10 +410,26 @@ async fn outgoing_transfers_beyond_the_limit_are_refused() {
     })
     .await
     .expect("one is refused in time");
-    let err = refused.expect("task").expect_err("refused");
-    assert!(matches!(err, NodeError::TooManyTransfers(1)), "{err}");
     waiting.abort();
-    drop(raw);
+    refused.expect("task").expect_err("refused")
+}
+
+#[tokio::test]
+async fn outgoing_transfers_beyond_the_count_or_byte_limit_are_refused() {
+    let err = second_transfer_refusal(|c| c.transfer.max_outgoing = 1).await;
+    assert!(
+        matches!(err, NodeError::TooManyTransfers { transfers: 1, .. }),
+        "{err}"
+    );
+    let err = second_transfer_refusal(|c| {
+        c.transfer.max_message_size = MIB as u64;
+        c.transfer.max_outgoing_bytes = (MIB + MIB / 2) as u64;
+    })
+    .await;
+    assert!(
+        matches!(err, NodeError::TooManyTransfers { bytes, .. } if bytes == MIB as u64),
+        "{err}"
+    );
 }
 
 /// Serves `node`'s HTTP API on 127.0.0.1; returns its base URL.

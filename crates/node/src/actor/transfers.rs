@@ -47,9 +47,20 @@ impl Actor {
             _ = reply.send(Err(NodeError::NotConnected(to)));
             return;
         }
-        let max = self.config.transfer.max_outgoing;
-        if self.sending.len() >= max {
-            _ = reply.send(Err(NodeError::TooManyTransfers(max)));
+        let (max_transfers, max_bytes) = (
+            self.config.transfer.max_outgoing,
+            self.config.transfer.max_outgoing_bytes,
+        );
+        let bytes: u64 = self.sending.values().map(|t| t.manifest.total_len).sum();
+        if self.sending.len() >= max_transfers
+            || bytes.saturating_add(manifest.total_len) > max_bytes
+        {
+            _ = reply.send(Err(NodeError::TooManyTransfers {
+                transfers: self.sending.len(),
+                bytes,
+                max_transfers,
+                max_bytes,
+            }));
             return;
         }
         let id = manifest.transfer_id;
