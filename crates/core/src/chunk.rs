@@ -662,13 +662,18 @@ impl<P: Ord + Clone> Reassembler<P> {
 
     /// Opens a transfer announced by `peer`'s `chunk_manifest`. Checks the manifest
     /// against the limits and itself before anything is buffered (see the table on
-    /// [`Reassembler`]); nothing is allocated until the first chunk. A manifest
-    /// identical to an already open transfer's is accepted and changes nothing.
-    pub fn begin(&mut self, now_ms: u64, peer: &P, manifest: &Manifest) -> Result<(), Rejection> {
+    /// [`Reassembler`]); nothing is allocated until the first chunk. Returns
+    /// whether this call opened it: a manifest identical to an already open
+    /// transfer's, or for one of the last `max_transfers` transfers completed (a
+    /// late copy), is accepted and changes nothing.
+    pub fn begin(&mut self, now_ms: u64, peer: &P, manifest: &Manifest) -> Result<bool, Rejection> {
         let id = manifest.transfer_id;
+        if self.completed.contains(&(peer.clone(), id)) {
+            return Ok(false);
+        }
         if let Some(open) = self.transfers.get(&(peer.clone(), id)) {
             if open.manifest == *manifest {
-                return Ok(());
+                return Ok(false);
             }
             return Err(chunk_error(format!(
                 "transfer {id} is already open with a different manifest"
@@ -749,7 +754,7 @@ impl<P: Ord + Clone> Reassembler<P> {
                 status,
             },
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Stores a `chunk` from `peer` in its transfer (see the table on [`Reassembler`]
@@ -894,6 +899,31 @@ impl<P: Ord + Clone> Reassembler<P> {
             ));
         }
         due
+    }
+
+    /// Drops the open transfers that got `max_requests` resend requests (see
+    /// [`Reassembler::resend_due`]) with no progress since, the last more than
+    /// `idle_ms` ago: their sender has given up. Returns them in `(peer, id)`
+    /// order.
+    pub fn drop_stalled(
+        &mut self,
+        now_ms: u64,
+        idle_ms: u64,
+        max_requests: u32,
+    ) -> Vec<(P, TransferId)> {
+        let mut dropped = Vec::new();
+        let mut freed = 0u64;
+        self.transfers.retain(|(peer, id), t| {
+            let stalled = t.resend_requests >= max_requests
+                && now_ms.saturating_sub(t.last_request_ms) > idle_ms;
+            if stalled {
+                dropped.push((peer.clone(), *id));
+                freed = freed.saturating_add(t.manifest.total_len);
+            }
+            !stalled
+        });
+        self.reserved_bytes = self.reserved_bytes.saturating_sub(freed);
+        dropped
     }
 
     /// Drops transfer `id` from `peer` and its buffer, or forgets that it was
@@ -1427,6 +1457,12 @@ mod tests {
         r.add(T0 + 9000, &peer(1), &chunks[0]).expect("0");
         let due = r.resend_due(T0 + 9501, 500, 2);
         assert_eq!(due[0].1.indexes(), [2]);
+        // Unanswered to the last request: the transfer is dropped.
+        r.resend_due(T0 + 10_002, 500, 2);
+        assert!(r.drop_stalled(T0 + 10_502, 500, 2).is_empty(), "not yet");
+        assert_eq!(r.drop_stalled(T0 + 10_503, 500, 2), [(peer(1), tid(1))]);
+        assert!(r.is_empty());
+        assert_eq!(r.reserved_bytes(), 0);
     }
 
     #[test]
@@ -1444,6 +1480,10 @@ mod tests {
             r.add(T0, &peer(1), &chunks[0]),
             Ok(Progress::AlreadyComplete)
         );
+        // A late copy of its manifest does not open it again.
+        let (m, _) = split(mt("message"), &data, 4, tid(1)).expect("split");
+        assert_eq!(r.begin(T0, &peer(1), &m), Ok(false));
+        assert!(r.is_empty());
         assert_refused(
             r.add(T0, &peer(2), &chunks[0]),
             ErrorCode::ChunkError,

@@ -251,6 +251,7 @@ async fn list_peers(State(s): State<AppState>) -> Result<Json<serde_json::Value>
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SendBody<'a> {
     to: String,
     msg_type: String,
@@ -259,11 +260,14 @@ struct SendBody<'a> {
 }
 
 /// The part of `body` that `inner` covers, without copying if `inner` is a
-/// slice of `body` (a borrowed `RawValue` is).
+/// slice of `body` (a borrowed `RawValue` is) and most of it: a slice keeps the
+/// whole body alive, so a small payload in a padded body is copied out.
 fn sub_bytes(body: &Bytes, inner: &str) -> Bytes {
     let start = (inner.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
     match start.checked_add(inner.len()) {
-        Some(end) if end <= body.len() => body.slice(start..end),
+        Some(end) if end <= body.len() && body.len() - inner.len() <= BODY_SLACK => {
+            body.slice(start..end)
+        }
         _ => Bytes::copy_from_slice(inner.as_bytes()),
     }
 }
@@ -351,6 +355,24 @@ mod tests {
         let response = ApiError::from(other).into_response();
         assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert!(!response.headers().contains_key(header::RETRY_AFTER));
+    }
+
+    #[test]
+    fn a_payload_shares_its_body_unless_the_body_is_mostly_something_else() {
+        let body = Bytes::from(format!(r#"{{"payload":"{}"}}"#, "x".repeat(100)));
+        let text = std::str::from_utf8(&body[11..113]).expect("utf8");
+        let shared = sub_bytes(&body, text);
+        assert_eq!(&shared[..], text.as_bytes());
+        assert_eq!(shared.as_ptr(), text.as_ptr(), "no copy");
+        let padded = Bytes::from(format!("{}{}", "x".repeat(10), " ".repeat(BODY_SLACK + 1)));
+        let small = std::str::from_utf8(&padded[..10]).expect("utf8");
+        assert_ne!(
+            sub_bytes(&padded, small).as_ptr(),
+            small.as_ptr(),
+            "copied out"
+        );
+        let elsewhere = "not in the body";
+        assert_eq!(&sub_bytes(&body, elsewhere)[..], elsewhere.as_bytes());
     }
 
     #[test]

@@ -137,6 +137,15 @@ impl TransferConfig {
     }
 }
 
+/// Longest a sender waits before sending a throttled chunk again, whatever
+/// `retry_after_ms` the receiver asked for (ms).
+pub const MAX_THROTTLE_WAIT_MS: u64 = 60_000;
+
+/// Throttles (a chunk refused `RATE_LIMITED`, or held back by the node's own
+/// outbound limit) a transfer takes in a row with no chunk accepted in between
+/// before it fails.
+pub const MAX_THROTTLES: u32 = 20;
+
 /// One envelope's worth of an outgoing transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Part {
@@ -180,6 +189,8 @@ pub struct Outgoing<R> {
     chunk_attempts: std::collections::HashMap<u32, u32>,
     /// No chunk goes out before this time (ms), after a `RATE_LIMITED`.
     resume_at_ms: Option<u64>,
+    /// Throttles since the last chunk accepted.
+    throttles: u32,
 }
 
 impl<R> Outgoing<R> {
@@ -201,6 +212,7 @@ impl<R> Outgoing<R> {
             manifest_attempts: 0,
             chunk_attempts: Default::default(),
             resume_at_ms: None,
+            throttles: 0,
             manifest,
         }
     }
@@ -260,6 +272,7 @@ impl<R> Outgoing<R> {
             }
             Part::Chunk(i) => {
                 self.in_flight.remove(&i);
+                self.throttles = 0;
                 if let Some(acked) = self.acked.get_mut(usize::try_from(i).unwrap_or(usize::MAX))
                     && !*acked
                 {
@@ -303,12 +316,28 @@ impl<R> Outgoing<R> {
         Ok(())
     }
 
-    /// The receiver refused chunk `index` with `RATE_LIMITED`: it is sent
-    /// again, and no chunk goes out before `until_ms`. Not counted as an attempt.
-    pub fn throttled(&mut self, index: u32, until_ms: u64) {
+    /// Chunk `index` was refused `RATE_LIMITED` (or held back locally) at
+    /// `now_ms`: it is sent again, and no chunk goes out for `wait_ms` (at most
+    /// [`MAX_THROTTLE_WAIT_MS`]). Not counted as an attempt, but after
+    /// [`MAX_THROTTLES`] in a row with no chunk accepted the transfer gives up.
+    pub fn throttled(&mut self, index: u32, now_ms: u64, wait_ms: u64) -> Result<(), GaveUp> {
         self.in_flight.remove(&index);
+        self.throttles += 1;
+        if self.throttles > MAX_THROTTLES {
+            return Err(GaveUp {
+                part: Part::Chunk(index),
+                attempts: self.throttles,
+            });
+        }
         self.again.insert(index);
-        self.resume_at_ms = Some(self.resume_at_ms.map_or(until_ms, |t| t.max(until_ms)));
+        let until = now_ms.saturating_add(wait_ms.min(MAX_THROTTLE_WAIT_MS));
+        self.resume_at_ms = Some(self.resume_at_ms.map_or(until, |t| t.max(until)));
+        Ok(())
+    }
+
+    /// Whether the receiver accepted the manifest (the transfer has started).
+    pub fn is_announced(&self) -> bool {
+        self.announced
     }
 
     /// When a throttled transfer may send again, if it is throttled.
@@ -447,11 +476,32 @@ mod tests {
         out.due(0, WINDOW);
         out.accepted(Part::Manifest);
         assert_eq!(out.due(0, WINDOW).len(), 3);
-        out.throttled(1, 500);
+        out.throttled(1, 0, 500).expect("waits");
         assert_eq!(out.resume_at(), Some(500));
         assert!(out.due(499, WINDOW).is_empty(), "waits");
         assert_eq!(out.due(500, WINDOW), [Part::Chunk(1)]);
         assert_eq!(out.resume_at(), None);
+        // A wait asked for is capped; throttles in a row are bounded.
+        out.throttled(1, 1000, u64::MAX).expect("capped");
+        assert_eq!(out.resume_at(), Some(1000 + MAX_THROTTLE_WAIT_MS));
+        for _ in 3..=MAX_THROTTLES {
+            out.throttled(1, 0, 0).expect("still within the bound");
+        }
+        assert!(out.throttled(1, 0, 0).is_err(), "gives up");
+    }
+
+    #[test]
+    fn an_accepted_chunk_resets_the_throttle_count() {
+        let (mut out, _) = outgoing(18);
+        out.due(0, WINDOW);
+        out.accepted(Part::Manifest);
+        out.due(0, WINDOW);
+        for _ in 0..MAX_THROTTLES {
+            out.throttled(1, 0, 0).expect("within the bound");
+        }
+        out.accepted(Part::Chunk(0));
+        out.throttled(1, 0, 0)
+            .expect("counted from the last acceptance");
     }
 
     #[test]

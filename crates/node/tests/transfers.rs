@@ -292,11 +292,14 @@ async fn refused_chunks_spend_the_senders_chunk_budget_but_a_good_transfer_does_
     for c in s.chunks.clone() {
         assert_eq!(s.send_chunk(&c).await, None);
     }
-    // Chunks of no open transfer: refused, each for a token, then rate limited.
+    // Chunks of no open transfer: refused, each for a token; so is a chunk
+    // refused before its transfer sees it (outside the session); then rate limited.
     let stray = Chunk::new(TransferId::from_random(rand::random()), 0, b"x".to_vec());
-    for _ in 0..2 {
-        assert_eq!(s.send_chunk(&stray).await.as_deref(), Some("CHUNK_ERROR"));
-    }
+    assert_eq!(s.send_chunk(&stray).await.as_deref(), Some("CHUNK_ERROR"));
+    let mut d = s.raw.draft(s.to, chunk::MSG_CHUNK);
+    d.payload = stray.encode();
+    let code = s.raw.send(d.sign(&s.raw.identity).encode()).await;
+    assert_eq!(code.as_deref(), Some("ENCRYPTION_REQUIRED"));
     assert_eq!(s.send_chunk(&stray).await.as_deref(), Some("RATE_LIMITED"));
 }
 
@@ -567,4 +570,42 @@ async fn transfer_parts_follow_the_nodes_policies() {
     let manifest = s.manifest.encode();
     let code = s.send(chunk::MSG_MANIFEST, &manifest).await;
     assert_eq!(code.as_deref(), Some("RATE_LIMITED"));
+}
+
+#[tokio::test]
+async fn a_throttled_transfer_ends_when_its_peer_disconnects() {
+    let node = start_node_with(TCP, |c| c.transfer.window = 1).await;
+    let mut raw = RawPeer::connect(&node.addr).await;
+    let to = raw.entity_id();
+    wait_connected(&node.handle, to).await;
+    let sender = node.handle.clone();
+    let sent =
+        tokio::spawn(async move { sender.send(to, message_type(), json_string(MIB, 13)).await });
+    let from = node.handle.entity_id();
+    raw.accept_session(from).await;
+    let (_, _, channel) = raw.next_request().await;
+    raw.respond(channel, Response::Accepted).await; // the manifest
+    // The first chunk is refused RATE_LIMITED with an endless wait; then the
+    // peer goes away. Nothing is in flight, yet the transfer must end.
+    let (_, _, channel) = raw.next_request().await;
+    let payload = serde_json::json!({
+        "error_code": "RATE_LIMITED",
+        "error_message": "come back in a year",
+        "retry_after_ms": u64::MAX,
+    });
+    let d = peer_core::Draft {
+        payload: payload.to_string().into_bytes(),
+        ..raw.draft(from, "error")
+    };
+    raw.respond(channel, Response::Reply(d.sign(&raw.identity).encode()))
+        .await;
+    drop(raw);
+    let result = tokio::time::timeout(Duration::from_secs(10), sent)
+        .await
+        .expect("ended in time")
+        .expect("task");
+    assert!(
+        matches!(result, Err(NodeError::NotConnected(_))),
+        "{result:?}"
+    );
 }

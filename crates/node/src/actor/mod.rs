@@ -512,6 +512,7 @@ impl Actor {
                     for out in self.outbox.drain_waiting(peer_id) {
                         self.fail_purpose(out.purpose, NodeError::NotConnected(c.entity));
                     }
+                    self.peer_gone(c.entity);
                     _ = self.events.send(Event::PeerDisconnected {
                         entity_id: c.entity,
                     });
@@ -761,8 +762,12 @@ impl Actor {
             )));
         }
         let from = env.sender_id;
+        let is_chunk = env.msg_type.as_str() == chunk::MSG_CHUNK;
         if env.session_id.is_some() {
-            let unsealed = self.secure.open(now, env).map_err(refuse)?;
+            let unsealed = match self.secure.open(now, env) {
+                Ok(u) => u,
+                Err(r) => return self.refuse_unopened(is_chunk, from, id, r),
+            };
             let read = self.read(now, from, id, unsealed.msg_type, unsealed.plaintext);
             let (item, result) = match read {
                 Ok(item) => (item, Ok(Response::Accepted)),
@@ -775,15 +780,31 @@ impl Actor {
             return result;
         }
         if self.secure.require_encryption() {
-            return Err(refuse(Rejection::new(
+            let r = Rejection::new(
                 ErrorCode::EncryptionRequired,
                 "this node accepts application messages only sealed in a session",
-            )));
+            );
+            return self.refuse_unopened(is_chunk, from, id, r);
         }
         if let Some(o) = self.read(now, from, id, env.msg_type, env.payload)? {
             self.deliver(from, o);
         }
         Ok(Response::Accepted)
+    }
+
+    /// Refuses a sealed-type envelope that could not be opened. A chunk took no
+    /// token on its way in (`within_rate`), so it takes one here.
+    fn refuse_unopened(
+        &mut self,
+        is_chunk: bool,
+        from: EntityId,
+        id: MessageId,
+        r: Rejection,
+    ) -> Result<Response, (Refusal, Option<Duration>)> {
+        if is_chunk {
+            self.charge(from, Class::Chunk, id)?;
+        }
+        Err(refusal(id, r))
     }
 
     /// Reads a plaintext application or chunked-transfer payload: an

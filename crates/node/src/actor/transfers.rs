@@ -23,6 +23,12 @@ use crate::transfer::{Outgoing, Part, crosses_tenth};
 
 type Refused = (Refusal, Option<Duration>);
 
+/// The `transfer_failed` code of an incoming transfer dropped for lack of progress.
+const EXPIRED: &str = "EXPIRED";
+
+/// How long a chunk waits when this node's own outbound queue was full (ms).
+const LOCAL_BUSY_WAIT_MS: u64 = 100;
+
 fn malformed(id: MessageId, what: &str, e: impl std::fmt::Display) -> Refused {
     refusal(
         id,
@@ -165,30 +171,61 @@ impl Actor {
         let Some(t) = self.sending.get_mut(&(to, id)) else {
             return;
         };
-        if let (
-            Part::Chunk(i),
-            NodeError::Rejected {
-                code,
-                retry_after_ms,
-                ..
-            },
-        ) = (part, &e)
-            && code == ErrorCode::RateLimited.as_str()
-        {
-            // The receiver counts chunks against its limits: wait as it says.
-            let wait = retry_after_ms.unwrap_or(1000);
-            t.throttled(i, now_ms().saturating_add(wait));
-            return;
-        }
-        let again = matches!(e, NodeError::Transport(_)) || lost_session(&e);
-        let e = match again.then(|| t.failed(part, max_attempts)) {
-            Some(Ok(())) => return self.pump(to, id),
+        // The receiver counts chunks against its limits (wait as it says), or
+        // this node's outbound queue is full (wait a moment): throttled.
+        let wait = match (&e, part) {
+            (
+                NodeError::Rejected {
+                    code,
+                    retry_after_ms,
+                    ..
+                },
+                Part::Chunk(_),
+            ) if code == ErrorCode::RateLimited.as_str() => Some(retry_after_ms.unwrap_or(1000)),
+            (NodeError::Busy(_), Part::Chunk(_)) => Some(LOCAL_BUSY_WAIT_MS),
+            _ => None,
+        };
+        // `Ok(true)`: send again now; `Ok(false)`: after the wait.
+        let outcome = match (wait, part) {
+            (Some(ms), Part::Chunk(i)) => Some(t.throttled(i, now_ms(), ms).map(|()| false)),
+            _ if matches!(e, NodeError::Transport(_)) || lost_session(&e) => {
+                Some(t.failed(part, max_attempts).map(|()| true))
+            }
+            _ => None,
+        };
+        let e = match outcome {
+            Some(Ok(now)) => {
+                if now {
+                    self.pump(to, id);
+                }
+                return;
+            }
             Some(Err(gave_up)) => NodeError::Transport(format!(
-                "transfer {id}: {:?} failed {} times, the last: {e}",
+                "transfer {id}: {:?} failed or was held back {} times, the last: {e}",
                 gave_up.part, gave_up.attempts
             )),
             None => e,
         };
+        self.fail_transfer(to, id, e);
+    }
+
+    /// The last connection to `to` closed: its transfers end, running or
+    /// queued (nothing re-dials it).
+    pub(super) fn peer_gone(&mut self, to: EntityId) {
+        self.queued_transfers.remove(&to);
+        let ids: Vec<TransferId> = self
+            .sending
+            .keys()
+            .filter(|(peer, _)| *peer == to)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in ids {
+            self.fail_transfer(to, id, NodeError::NotConnected(to));
+        }
+    }
+
+    /// Ends transfer `id` to `to` with `e`: tells the agent and the event stream.
+    fn fail_transfer(&mut self, to: EntityId, id: TransferId, e: NodeError) {
         let Some(t) = self.end_transfer(to, id) else {
             return;
         };
@@ -232,10 +269,10 @@ impl Actor {
                 ),
             ));
         }
-        let new = self.receiving.status(&from, m.transfer_id).is_none();
         // The message it carries counts against its own class, as if it came whole.
         self.charge(from, Class::of(&m.msg_type), id)?;
-        self.receiving
+        let new = self
+            .receiving
             .begin(now, &from, &m)
             .map_err(|r| refusal(id, r))?;
         // Messages the agent has not read yet share the reassembly budget.
@@ -250,7 +287,7 @@ impl Actor {
                     ErrorCode::ChunkError,
                     format!(
                         "receiver busy: {held} bytes of messages wait for its agent and {} are reserved by open transfers; {} more would exceed its budget of {budget} bytes; retry later",
-                        reserved - m.total_len,
+                        reserved.saturating_sub(m.total_len),
                         m.total_len
                     ),
                 ),
@@ -346,7 +383,7 @@ impl Actor {
                     // Refused after all: a repeat of its chunks must not pass
                     // for delivered.
                     self.receiving.abort(&from, tid);
-                    self.inbound_failed(from, tid, &r);
+                    self.inbound_failed(from, tid, r.code.as_str(), r.reason.clone());
                     self.charge(from, Class::Chunk, id)?;
                     Err(refusal(id, r))
                 }
@@ -354,7 +391,7 @@ impl Actor {
             Err(r) => {
                 if before.is_some() && self.receiving.status(&from, tid).is_none() {
                     // The whole message did not match its manifest: dropped.
-                    self.inbound_failed(from, tid, &r);
+                    self.inbound_failed(from, tid, r.code.as_str(), r.reason.clone());
                 }
                 self.charge(from, Class::Chunk, id)?;
                 Err(refusal(id, r))
@@ -362,13 +399,13 @@ impl Actor {
         }
     }
 
-    fn inbound_failed(&self, from: EntityId, id: TransferId, r: &Rejection) {
+    fn inbound_failed(&self, from: EntityId, id: TransferId, code: &str, reason: String) {
         _ = self.events.send(Event::TransferFailed {
             transfer_id: id.to_string(),
             peer: from,
             direction: Direction::Inbound,
-            code: r.code.to_string(),
-            reason: r.reason.clone(),
+            code: code.to_owned(),
+            reason,
         });
     }
 
@@ -383,7 +420,10 @@ impl Actor {
         let request =
             ResendRequest::decode(plaintext).map_err(|e| malformed(id, "chunk_resend", e))?;
         let tid = request.transfer_id;
-        if let Some(t) = self.sending.get_mut(&(from, tid)) {
+        // A transfer still waiting its turn has sent nothing to resend.
+        if let Some(t) = self.sending.get_mut(&(from, tid))
+            && t.is_announced()
+        {
             t.resend(request.indexes());
             self.pump(from, tid);
         }
@@ -410,18 +450,16 @@ impl Actor {
                 "no new chunk for {} s; transfer dropped",
                 self.config.transfer.expiry_secs
             );
-            _ = self.events.send(Event::TransferFailed {
-                transfer_id: id.to_string(),
-                peer: from,
-                direction: Direction::Inbound,
-                code: "EXPIRED".into(),
-                reason,
-            });
+            self.inbound_failed(from, id, EXPIRED, reason);
         }
         let (after, max) = (
             self.config.transfer.resend_after_ms,
             self.config.transfer.max_resend_requests,
         );
+        for (from, id) in self.receiving.drop_stalled(now, after, max) {
+            let reason = format!("no new chunk after {max} resend requests; transfer dropped");
+            self.inbound_failed(from, id, EXPIRED, reason);
+        }
         for (from, request) in self.receiving.resend_due(now, after, max) {
             let name = peer_core::chunk::MSG_RESEND;
             tracing::debug!(%from, transfer = %request.transfer_id, missing = request.indexes().len(), "asking for missing chunks");
