@@ -43,6 +43,7 @@ fn canonical(data: &[u8]) {
 const CONFIG: Config = Config {
     max_message_size: 1 << 20,
     max_chunk_size: 1 << 16,
+    min_chunk_size: 1,
     max_transfers_per_peer: 3,
     max_transfers: 5,
     max_buffered_bytes: 2 << 20,

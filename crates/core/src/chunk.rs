@@ -472,6 +472,10 @@ pub struct Config {
     pub max_message_size: u64,
     /// Largest `chunk_size` accepted (default 1 MiB).
     pub max_chunk_size: u32,
+    /// Smallest `chunk_size` accepted for a message of more than one chunk
+    /// (default 1,024): each chunk costs the receiver an envelope's checks, so
+    /// tiny chunks would make one transfer cost millions of them.
+    pub min_chunk_size: u32,
     /// Most transfers open at once from one peer (default 4).
     pub max_transfers_per_peer: usize,
     /// Most transfers open at once from all peers together (default 1024).
@@ -489,6 +493,7 @@ impl Default for Config {
         Self {
             max_message_size: 64 * 1024 * 1024,
             max_chunk_size: 1024 * 1024,
+            min_chunk_size: 1024,
             max_transfers_per_peer: 4,
             max_transfers: 1024,
             max_buffered_bytes: 1024 * 1024 * 1024,
@@ -599,7 +604,7 @@ fn chunk_error(reason: impl Into<String>) -> Rejection {
 /// | `begin` | transfer id already open from this peer with a different manifest | `CHUNK_ERROR` |
 /// | `begin` | msg_type is a chunked-transfer type (no nesting) | `CHUNK_ERROR` |
 /// | `begin` | `total_len` > `max_message_size` | `MESSAGE_TOO_LARGE` |
-/// | `begin` | `chunk_size` is 0 or > `max_chunk_size` | `CHUNK_ERROR` |
+/// | `begin` | `chunk_size` is 0 or > `max_chunk_size`, or < `min_chunk_size` with more than one chunk | `CHUNK_ERROR` |
 /// | `begin` | `chunk_count` ≠ `max(1, ceil(total_len / chunk_size))` | `CHUNK_ERROR` |
 /// | `begin` | the peer has `max_transfers_per_peer` transfers open | `CHUNK_ERROR` |
 /// | `begin` | `max_transfers` open, or `max_buffered_bytes` would be exceeded | `CHUNK_ERROR` |
@@ -697,6 +702,14 @@ impl<P: Ord + Clone> Reassembler<P> {
         }
         if manifest.chunk_size == 0 {
             return Err(chunk_error(format!("transfer {id}: chunk_size is 0")));
+        }
+        if manifest.chunk_size < c.min_chunk_size
+            && manifest.total_len > u64::from(manifest.chunk_size)
+        {
+            return Err(chunk_error(format!(
+                "transfer {id}: chunk_size {} is below this receiver's minimum of {} bytes for a message of more than one chunk",
+                manifest.chunk_size, c.min_chunk_size
+            )));
         }
         if manifest.chunk_size > c.max_chunk_size {
             return Err(chunk_error(format!(
@@ -1022,8 +1035,16 @@ mod tests {
         TransferId::from_random([b; 16])
     }
 
+    /// The default limits, but chunks of any size (the tests use tiny ones).
+    fn config() -> Config {
+        Config {
+            min_chunk_size: 1,
+            ..Config::default()
+        }
+    }
+
     fn reassembler() -> Reassembler {
-        Reassembler::new(Config::default())
+        Reassembler::new(config())
     }
 
     fn manifest(total_len: u64, chunk_size: u32, b: u8) -> Manifest {
@@ -1235,7 +1256,7 @@ mod tests {
     fn begin_refuses_beyond_the_global_limits() {
         let mut r = Reassembler::new(Config {
             max_transfers: 2,
-            ..Config::default()
+            ..config()
         });
         r.begin(T0, &peer(1), &manifest(10, 4, 1)).expect("1");
         r.begin(T0, &peer(2), &manifest(10, 4, 1)).expect("2");
@@ -1247,7 +1268,7 @@ mod tests {
 
         let mut r = Reassembler::new(Config {
             max_buffered_bytes: 100,
-            ..Config::default()
+            ..config()
         });
         r.begin(T0, &peer(1), &manifest(60, 4, 1)).expect("60");
         assert_refused(
@@ -1469,7 +1490,7 @@ mod tests {
     fn late_repeats_of_recently_completed_transfers_are_accepted_and_change_nothing() {
         let mut r = Reassembler::new(Config {
             max_transfers: 1,
-            ..Config::default()
+            ..config()
         });
         let data = payload(10, 1);
         let (_, chunks) = begun(&mut r, &data, 4, 1);
@@ -1518,6 +1539,18 @@ mod tests {
             ErrorCode::ChunkError,
             "no open transfer",
         );
+    }
+
+    #[test]
+    fn begin_refuses_tiny_chunks_unless_the_message_is_one_chunk() {
+        let mut r = Reassembler::new(Config::default());
+        assert_refused(
+            r.begin(T0, &peer(1), &manifest(10, 4, 1)),
+            ErrorCode::ChunkError,
+            "below this receiver's minimum",
+        );
+        assert_eq!(r.begin(T0, &peer(1), &manifest(4, 4, 2)), Ok(true));
+        assert_eq!(r.begin(T0, &peer(1), &manifest(4096, 1024, 3)), Ok(true));
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct TransferConfig {
     pub max_message_size: u64,
     /// Largest `chunk_size` accepted from a peer (default 1 MiB).
     pub max_chunk_size: u32,
+    /// Smallest `chunk_size` accepted from a peer for a message of more than
+    /// one chunk (default 1,024).
+    pub min_chunk_size: u32,
     /// Incoming transfers open at once from one peer (default 4).
     pub max_transfers_per_peer: usize,
     /// Incoming transfers open at once from all peers (default 1,024).
@@ -59,6 +62,7 @@ impl Default for TransferConfig {
             chunk_size: chunk::DEFAULT_CHUNK_SIZE,
             max_message_size: c.max_message_size,
             max_chunk_size: c.max_chunk_size,
+            min_chunk_size: c.min_chunk_size,
             max_transfers_per_peer: c.max_transfers_per_peer,
             max_transfers: c.max_transfers,
             max_buffered_bytes: c.max_buffered_bytes,
@@ -79,6 +83,7 @@ impl TransferConfig {
         chunk::Config {
             max_message_size: self.max_message_size,
             max_chunk_size: self.max_chunk_size,
+            min_chunk_size: self.min_chunk_size,
             max_transfers_per_peer: self.max_transfers_per_peer,
             max_transfers: self.max_transfers,
             max_buffered_bytes: self.max_buffered_bytes,
@@ -507,7 +512,10 @@ mod tests {
     #[test]
     fn the_encoded_parts_reassemble_the_payload() {
         let (out, payload) = outgoing(18);
-        let mut r: Reassembler = Reassembler::new(chunk::Config::default());
+        let mut r: Reassembler = Reassembler::new(chunk::Config {
+            min_chunk_size: 1,
+            ..chunk::Config::default()
+        });
         let peer = peer_core::Identity::from_secret(&[2; 32]).entity_id();
         let manifest = Manifest::decode(&out.encode(Part::Manifest)).expect("manifest");
         r.begin(0, &peer, &manifest).expect("begin");
