@@ -4,14 +4,15 @@
 //!
 //! Rate limits: a transfer counts once against the sender's `chunk` class (its
 //! manifest) and once against the class of the message it carries; its chunks
-//! count only when refused, so a peer cannot flood chunks for free but a
-//! transfer within the receiver's limits is not slowed to 120 chunks a minute.
+//! count only when refused or repeated, so a peer cannot flood chunks for free
+//! but a transfer within the receiver's limits is not slowed to 120 chunks a
+//! minute.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use peer_core::chunk::{Chunk, Manifest, Progress, ResendRequest, TransferId};
+use peer_core::chunk::{Chunk, Manifest, Progress, ResendRequest, Status, TransferId};
 use peer_core::inbound::Refusal;
 use peer_core::rate::Class;
 use peer_core::{EntityId, ErrorCode, MessageId, MsgType, Rejection};
@@ -294,27 +295,26 @@ impl Actor {
             ));
         }
         if new {
-            self.inbound_progress(from, m.transfer_id, 0, 0, &m);
+            let start = Status {
+                received_chunks: 0,
+                chunk_count: m.chunk_count,
+                received_bytes: 0,
+                total_len: m.total_len,
+            };
+            self.inbound_progress(from, m.transfer_id, start);
         }
         Ok(())
     }
 
-    fn inbound_progress(
-        &self,
-        from: EntityId,
-        id: TransferId,
-        done_chunks: u32,
-        done_bytes: u64,
-        m: &Manifest,
-    ) {
+    fn inbound_progress(&self, from: EntityId, id: TransferId, st: Status) {
         _ = self.events.send(Event::TransferProgress {
             transfer_id: id.to_string(),
             peer: from,
             direction: Direction::Inbound,
-            done_bytes,
-            total_bytes: m.total_len,
-            done_chunks,
-            chunk_count: m.chunk_count,
+            done_bytes: st.received_bytes,
+            total_bytes: st.total_len,
+            done_chunks: st.received_chunks,
+            chunk_count: st.chunk_count,
         });
     }
 
@@ -344,15 +344,7 @@ impl Actor {
                     // A repeat: accepted, but not for free.
                     self.charge(from, Class::Chunk, id)?;
                 } else if crosses_tenth(done_before, st.received_chunks, st.chunk_count) {
-                    _ = self.events.send(Event::TransferProgress {
-                        transfer_id: tid.to_string(),
-                        peer: from,
-                        direction: Direction::Inbound,
-                        done_bytes: st.received_bytes,
-                        total_bytes: st.total_len,
-                        done_chunks: st.received_chunks,
-                        chunk_count: st.chunk_count,
-                    });
+                    self.inbound_progress(from, tid, st);
                 }
                 Ok(None)
             }
@@ -363,15 +355,12 @@ impl Actor {
             Ok(Progress::Complete { msg_type, payload }) => match parse_json(payload) {
                 Ok(payload) => {
                     if let Some(b) = before {
-                        _ = self.events.send(Event::TransferProgress {
-                            transfer_id: tid.to_string(),
-                            peer: from,
-                            direction: Direction::Inbound,
-                            done_bytes: b.total_len,
-                            total_bytes: b.total_len,
-                            done_chunks: b.chunk_count,
-                            chunk_count: b.chunk_count,
-                        });
+                        let done = Status {
+                            received_chunks: b.chunk_count,
+                            received_bytes: b.total_len,
+                            ..b
+                        };
+                        self.inbound_progress(from, tid, done);
                     }
                     Ok(Some(Opened {
                         message_id: tid.to_string(),
