@@ -820,34 +820,20 @@ impl Actor {
         msg_type: MsgType,
         plaintext: Vec<u8>,
     ) -> Result<Option<Opened>, (Refusal, Option<Duration>)> {
-        let opened = self.read_part_or_message(now, from, id, msg_type, plaintext)?;
+        let opened = match msg_type.as_str() {
+            chunk::MSG_MANIFEST => self.on_manifest(now, from, id, &plaintext).map(|()| None)?,
+            chunk::MSG_CHUNK => self.on_chunk(now, from, id, &plaintext)?,
+            chunk::MSG_RESEND => self.on_resend(from, id, &plaintext).map(|()| None)?,
+            _ => Some(Opened {
+                message_id: id.to_string(),
+                msg_type,
+                payload: crate::secure::parse_json(plaintext).map_err(|r| refusal(id, r))?,
+            }),
+        };
         Ok(opened.map(|o| Opened {
             payload: o.payload.counted_in(&self.undelivered),
             ..o
         }))
-    }
-
-    fn read_part_or_message(
-        &mut self,
-        now: u64,
-        from: EntityId,
-        id: MessageId,
-        msg_type: MsgType,
-        plaintext: Vec<u8>,
-    ) -> Result<Option<Opened>, (Refusal, Option<Duration>)> {
-        match msg_type.as_str() {
-            chunk::MSG_MANIFEST => self.on_manifest(now, from, id, &plaintext).map(|()| None),
-            chunk::MSG_CHUNK => self.on_chunk(now, from, id, &plaintext),
-            chunk::MSG_RESEND => self.on_resend(from, id, &plaintext).map(|()| None),
-            _ => {
-                let payload = crate::secure::parse_json(plaintext).map_err(|r| refusal(id, r))?;
-                Ok(Some(Opened {
-                    message_id: id.to_string(),
-                    msg_type,
-                    payload,
-                }))
-            }
-        }
     }
 
     /// Hands an application message to the agent.
