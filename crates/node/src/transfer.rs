@@ -135,8 +135,18 @@ impl TransferConfig {
         if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
             return Err(format!("transfer.{name} must be at least 1"));
         }
-        if self.max_attempts == 0 {
-            return Err("transfer.max_attempts must be at least 1".into());
+        if self.max_attempts == 0 || self.max_resend_requests == 0 {
+            return Err(
+                "transfer.max_attempts and transfer.max_resend_requests must be at least 1".into(),
+            );
+        }
+        if self.min_chunk_size > self.max_chunk_size
+            || usize::try_from(self.min_chunk_size).unwrap_or(usize::MAX) > self.chunk_size
+        {
+            return Err(format!(
+                "transfer.min_chunk_size ({}) must be at most transfer.chunk_size ({}) and transfer.max_chunk_size ({})",
+                self.min_chunk_size, self.chunk_size, self.max_chunk_size
+            ));
         }
         Ok(())
     }
@@ -146,9 +156,9 @@ impl TransferConfig {
 /// `retry_after_ms` the receiver asked for (ms).
 pub const MAX_THROTTLE_WAIT_MS: u64 = 60_000;
 
-/// Throttles (a chunk refused `RATE_LIMITED`, or held back by the node's own
-/// outbound limit) a transfer takes in a row with no chunk accepted in between
-/// before it fails.
+/// Throttle rounds (one or more chunks refused `RATE_LIMITED`, or held back by
+/// the node's own outbound limit, while no wait is pending) a transfer takes in
+/// a row with no chunk accepted in between before it fails.
 pub const MAX_THROTTLES: u32 = 20;
 
 /// One envelope's worth of an outgoing transfer.
@@ -323,11 +333,14 @@ impl<R> Outgoing<R> {
 
     /// Chunk `index` was refused `RATE_LIMITED` (or held back locally) at
     /// `now_ms`: it is sent again, and no chunk goes out for `wait_ms` (at most
-    /// [`MAX_THROTTLE_WAIT_MS`]). Not counted as an attempt, but after
-    /// [`MAX_THROTTLES`] in a row with no chunk accepted the transfer gives up.
+    /// [`MAX_THROTTLE_WAIT_MS`]). Not counted as an attempt; refusals while a
+    /// wait is pending (the rest of a window) join that round, and after
+    /// [`MAX_THROTTLES`] rounds with no chunk accepted the transfer gives up.
     pub fn throttled(&mut self, index: u32, now_ms: u64, wait_ms: u64) -> Result<(), GaveUp> {
         self.in_flight.remove(&index);
-        self.throttles += 1;
+        if self.resume_at_ms.is_none_or(|t| t <= now_ms) {
+            self.throttles += 1;
+        }
         if self.throttles > MAX_THROTTLES {
             return Err(GaveUp {
                 part: Part::Chunk(index),
@@ -486,13 +499,19 @@ mod tests {
         assert!(out.due(499, WINDOW).is_empty(), "waits");
         assert_eq!(out.due(500, WINDOW), [Part::Chunk(1)]);
         assert_eq!(out.resume_at(), None);
-        // A wait asked for is capped; throttles in a row are bounded.
+        // A wait asked for is capped.
         out.throttled(1, 1000, u64::MAX).expect("capped");
         assert_eq!(out.resume_at(), Some(1000 + MAX_THROTTLE_WAIT_MS));
+        // The rest of the window refused meanwhile joins the same round.
+        out.throttled(0, 1001, 10).expect("same round");
+        out.throttled(2, 1002, 10).expect("same round");
+        // Rounds in a row are bounded.
+        let mut now = 1000 + MAX_THROTTLE_WAIT_MS;
         for _ in 3..=MAX_THROTTLES {
-            out.throttled(1, 0, 0).expect("still within the bound");
+            out.throttled(1, now, 0).expect("still within the bound");
+            now += 1;
         }
-        assert!(out.throttled(1, 0, 0).is_err(), "gives up");
+        assert!(out.throttled(1, now, 0).is_err(), "gives up");
     }
 
     #[test]
@@ -562,5 +581,17 @@ mod tests {
             ..TransferConfig::default()
         };
         assert!(bad.validate(1024 * 1024).is_err());
+        for bad in [
+            TransferConfig {
+                max_resend_requests: 0,
+                ..TransferConfig::default()
+            },
+            TransferConfig {
+                min_chunk_size: 64 * 1024,
+                ..TransferConfig::default()
+            },
+        ] {
+            assert!(bad.validate(1024 * 1024).is_err(), "{bad:?}");
+        }
     }
 }

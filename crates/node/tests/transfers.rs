@@ -279,6 +279,29 @@ async fn an_idle_incoming_transfer_expires() {
 }
 
 #[tokio::test]
+async fn an_incoming_transfer_whose_resend_requests_go_unanswered_is_dropped() {
+    let node = start_node_with(TCP, |c| {
+        c.transfer.resend_after_ms = 100;
+        c.transfer.max_resend_requests = 2;
+    })
+    .await;
+    let mut s = Sender::new(&node).await;
+    let mut events = node.handle.subscribe();
+    let manifest = s.manifest.encode();
+    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+    let c = s.chunks[0].clone();
+    assert_eq!(s.send_chunk(&c).await, None);
+    // The raw peer never reads the node's resend requests: it has given up.
+    loop {
+        if let Event::TransferFailed { code, reason, .. } = next_event(&mut events).await {
+            assert_eq!(code, "EXPIRED");
+            assert!(reason.contains("2 resend requests"), "{reason}");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
 async fn refused_chunks_spend_the_senders_chunk_budget_but_a_good_transfer_does_not() {
     let node = start_node_with(TCP, |c| {
         c.rate_limits.chunk.burst = 3;
@@ -478,6 +501,17 @@ async fn the_api_takes_payloads_up_to_the_transfer_limit_and_passes_them_verbati
     let (_, message_id, received) = progress_then_message(&mut events).await;
     assert_eq!(answer["message_id"], message_id);
     assert_eq!(received, payload.as_bytes(), "the payload arrives verbatim");
+
+    // A field the API does not know is refused, not carried along.
+    let extra = format!(
+        "{{\"to\":\"{}\",\"msg_type\":\"message\",\"payload\":1,\"pad\":2}}",
+        b.handle.entity_id()
+    );
+    let resp = post(extra.into_bytes()).await.expect("post");
+    assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
+    let answer: serde_json::Value = resp.json().await.expect("json");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("unknown field"), "{answer}");
 
     // Over the limit: a JSON error, not a bare 413.
     let resp = post(vec![b' '; 5 * MIB]).await.expect("post");
