@@ -29,8 +29,9 @@ pub struct TransferConfig {
     pub max_transfers_per_peer: usize,
     /// Incoming transfers open at once from all peers (default 1,024).
     pub max_transfers: usize,
-    /// Bytes reserved at once by open incoming transfers, all peers together
-    /// (default 1 GiB; at least `max_message_size`).
+    /// Bytes reserved at once by open incoming transfers and held by messages
+    /// the agent has not read yet, all peers together (default 1 GiB; at least
+    /// `max_message_size`).
     pub max_buffered_bytes: u64,
     /// An incoming transfer with no new chunk for this many seconds is dropped
     /// (default 1,800).
@@ -39,7 +40,8 @@ pub struct TransferConfig {
     /// `chunk_resend` for its missing chunks (default 5,000).
     pub resend_after_ms: u64,
     /// Resend requests per stalled incoming transfer, with no progress between
-    /// them (default 6).
+    /// them; `resend_after_ms` after the last, the transfer is dropped
+    /// (default 6).
     pub max_resend_requests: u32,
     /// Chunks of one outgoing transfer in flight at once (default 32).
     pub window: usize,
