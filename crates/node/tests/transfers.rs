@@ -198,6 +198,12 @@ impl Sender {
             .await
     }
 
+    /// Sends the manifest; `None` if accepted, else the error code.
+    async fn announce(&mut self) -> Option<String> {
+        let manifest = self.manifest.encode();
+        self.send(chunk::MSG_MANIFEST, &manifest).await
+    }
+
     async fn send_chunk(&mut self, chunk: &Chunk) -> Option<String> {
         let bytes = chunk.encode();
         self.send(chunk::MSG_CHUNK, &bytes).await
@@ -209,8 +215,7 @@ async fn a_withheld_chunk_is_asked_for_again_and_the_message_completes() {
     let node = start_node_with(TCP, |c| c.transfer.resend_after_ms = 500).await;
     let mut s = Sender::new(&node).await;
     let mut events = node.handle.subscribe();
-    let manifest = s.manifest.encode();
-    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+    assert_eq!(s.announce().await, None);
 
     // An inconsistent chunk is refused and changes nothing.
     let mut bad = s.chunks[0].clone();
@@ -247,17 +252,16 @@ async fn a_withheld_chunk_is_asked_for_again_and_the_message_completes() {
     assert!(events.try_recv().is_err(), "no second message");
 }
 
-#[tokio::test]
-async fn an_idle_incoming_transfer_expires() {
-    let node = start_node_with(TCP, |c| {
-        c.transfer.expiry_secs = 1;
-        c.transfer.resend_after_ms = 60_000;
-    })
-    .await;
+/// Opens a transfer from a raw peer to a node tuned by `tune`, sends its first
+/// chunk and nothing more; returns the node, the sender and the node's
+/// `transfer_failed` (its code and reason) once the node gives the transfer up.
+async fn abandoned_transfer(
+    tune: impl Fn(&mut peer_node::Config) + Copy,
+) -> (common::TestNode, Sender, String, String) {
+    let node = start_node_with(TCP, tune).await;
     let mut s = Sender::new(&node).await;
     let mut events = node.handle.subscribe();
-    let manifest = s.manifest.encode();
-    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+    assert_eq!(s.announce().await, None);
     let c = s.chunks[0].clone();
     assert_eq!(s.send_chunk(&c).await, None);
     loop {
@@ -265,40 +269,39 @@ async fn an_idle_incoming_transfer_expires() {
             transfer_id,
             direction,
             code,
+            reason,
             ..
         } = next_event(&mut events).await
         {
             assert_eq!(transfer_id, s.manifest.transfer_id.to_string());
             assert_eq!(direction, Direction::Inbound);
-            assert_eq!(code, "EXPIRED");
-            break;
+            return (node, s, code, reason);
         }
     }
+}
+
+#[tokio::test]
+async fn an_idle_incoming_transfer_expires() {
+    let (_node, mut s, code, _) = abandoned_transfer(|c| {
+        c.transfer.expiry_secs = 1;
+        c.transfer.resend_after_ms = 60_000;
+    })
+    .await;
+    assert_eq!(code, "EXPIRED");
     let c = s.chunks[1].clone();
     assert_eq!(s.send_chunk(&c).await.as_deref(), Some("CHUNK_ERROR"));
 }
 
 #[tokio::test]
 async fn an_incoming_transfer_whose_resend_requests_go_unanswered_is_dropped() {
-    let node = start_node_with(TCP, |c| {
+    // The raw peer never reads the node's resend requests: it has given up.
+    let (_node, _, code, reason) = abandoned_transfer(|c| {
         c.transfer.resend_after_ms = 100;
         c.transfer.max_resend_requests = 2;
     })
     .await;
-    let mut s = Sender::new(&node).await;
-    let mut events = node.handle.subscribe();
-    let manifest = s.manifest.encode();
-    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
-    let c = s.chunks[0].clone();
-    assert_eq!(s.send_chunk(&c).await, None);
-    // The raw peer never reads the node's resend requests: it has given up.
-    loop {
-        if let Event::TransferFailed { code, reason, .. } = next_event(&mut events).await {
-            assert_eq!(code, "EXPIRED");
-            assert!(reason.contains("2 resend requests"), "{reason}");
-            break;
-        }
-    }
+    assert_eq!(code, "EXPIRED");
+    assert!(reason.contains("2 resend requests"), "{reason}");
 }
 
 #[tokio::test]
@@ -310,8 +313,7 @@ async fn refused_chunks_spend_the_senders_chunk_budget_but_a_good_transfer_does_
     .await;
     let mut s = Sender::new(&node).await;
     // One token for the manifest; its four chunks take none.
-    let manifest = s.manifest.encode();
-    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest).await, None);
+    assert_eq!(s.announce().await, None);
     for c in s.chunks.clone() {
         assert_eq!(s.send_chunk(&c).await, None);
     }
@@ -601,8 +603,7 @@ async fn transfer_parts_follow_the_nodes_policies() {
 
     // A transfer counts against the class of the message it carries: the
     // task bucket held one, taken by the transfer above.
-    let manifest = s.manifest.encode();
-    let code = s.send(chunk::MSG_MANIFEST, &manifest).await;
+    let code = s.announce().await;
     assert_eq!(code.as_deref(), Some("RATE_LIMITED"));
 }
 
