@@ -644,3 +644,18 @@ async fn a_throttled_transfer_ends_when_its_peer_disconnects() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn a_transfer_wider_than_the_outbound_queue_waits_for_room() {
+    // Four messages in flight at most, a window of 32 chunks: most chunks find
+    // the queue full at first, and are sent again once there is room.
+    let (a, b) = pair(TCP, |c| c.network.max_outbound_in_flight = 4).await;
+    let mut events = b.handle.subscribe();
+    let payload = json_string(MIB, 14);
+    a.handle
+        .send(b.handle.entity_id(), message_type(), payload.clone())
+        .await
+        .expect("delivered despite the small queue");
+    let (_, _, received) = progress_then_message(&mut events).await;
+    assert_eq!(received, payload);
+}
