@@ -986,6 +986,24 @@ impl<P: Ord + Clone> Reassembler<P> {
             })
             .min()
     }
+
+    /// The earliest `now_ms` at which [`Reassembler::expire`],
+    /// [`Reassembler::resend_due`] or [`Reassembler::drop_stalled`] (called with
+    /// `idle_ms` and `max_requests`) would act; `None` if no transfer is open.
+    pub fn poll_timeout(&self, idle_ms: u64, max_requests: u32) -> Option<u64> {
+        self.transfers
+            .values()
+            .map(|t| {
+                let expiry = t.last_progress_ms.saturating_add(self.config.expiry_ms);
+                let quiet = if t.resend_requests < max_requests {
+                    t.last_progress_ms.max(t.last_request_ms)
+                } else {
+                    t.last_request_ms
+                };
+                expiry.min(quiet.saturating_add(idle_ms)).saturating_add(1)
+            })
+            .min()
+    }
 }
 
 #[cfg(test)]
@@ -1457,6 +1475,7 @@ mod tests {
         let data = payload(10, 1);
         let (_, chunks) = begun(&mut r, &data, 4, 1);
         r.add(T0 + 100, &peer(1), &chunks[1]).expect("1");
+        assert_eq!(r.poll_timeout(500, 2), Some(T0 + 601));
         assert!(
             r.resend_due(T0 + 600, 500, 2).is_empty(),
             "not idle long enough"
@@ -1480,10 +1499,12 @@ mod tests {
         assert_eq!(due[0].1.indexes(), [2]);
         // Unanswered to the last request: the transfer is dropped.
         r.resend_due(T0 + 10_002, 500, 2);
+        assert_eq!(r.poll_timeout(500, 2), Some(T0 + 10_503));
         assert!(r.drop_stalled(T0 + 10_502, 500, 2).is_empty(), "not yet");
         assert_eq!(r.drop_stalled(T0 + 10_503, 500, 2), [(peer(1), tid(1))]);
         assert!(r.is_empty());
         assert_eq!(r.reserved_bytes(), 0);
+        assert_eq!(r.poll_timeout(500, 2), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::fmt;
 
 /// A protocol error code, as carried in the `error_code` field of an `error` message.
 ///
-/// The first group comes from the v1.x documents; the last four are v1.2 additions
+/// The first group comes from the v1.x documents; the last five are v1.2 additions
 /// for cases the earlier documents left without a code (see `docs/PROTOCOL.md`).
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,11 +51,13 @@ pub enum ErrorCode {
     UnsupportedMsgType,
     /// v1.2: the envelope names another entity as its recipient.
     WrongRecipient,
+    /// v1.2: the envelope's sender is not the peer of the connection it came on.
+    WrongSender,
 }
 
 impl ErrorCode {
     /// Every code, in wire-table order.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         Self::InvalidVersion,
         Self::InvalidSignature,
         Self::ReplayDetected,
@@ -77,6 +79,7 @@ impl ErrorCode {
         Self::MessageTooLarge,
         Self::UnsupportedMsgType,
         Self::WrongRecipient,
+        Self::WrongSender,
     ];
 
     /// The code as it appears on the wire, e.g. `"REPLAY_DETECTED"`.
@@ -103,6 +106,7 @@ impl ErrorCode {
             Self::MessageTooLarge => "MESSAGE_TOO_LARGE",
             Self::UnsupportedMsgType => "UNSUPPORTED_MSG_TYPE",
             Self::WrongRecipient => "WRONG_RECIPIENT",
+            Self::WrongSender => "WRONG_SENDER",
         }
     }
 

@@ -46,7 +46,9 @@ impl Refusal {
 ///
 /// 1. size ≤ `max_envelope_size` — else `MESSAGE_TOO_LARGE`
 /// 2. version is `1.2` — else `INVALID_VERSION`
-/// 3. layout — else `MALFORMED_MESSAGE`
+/// 3. layout — else `MALFORMED_MESSAGE`; then, for an envelope that came
+///    directly on a connection ([`Verifier::verify_from`]), `sender_id` is the
+///    connection's peer — else `WRONG_SENDER`
 /// 4. timestamp within the tolerance — else `REPLAY_DETECTED`
 /// 5. `sender_id` = SHA-256(`sender_key`) — else `UNKNOWN_SENDER`
 /// 6. signature — else `INVALID_SIGNATURE`
@@ -79,17 +81,52 @@ impl Verifier {
 
     /// Runs checks 1–6 on `bytes` at time `now_ms`.
     pub fn verify(&self, now_ms: u64, bytes: &[u8]) -> Result<Envelope, Refusal> {
+        let env = self.decode(bytes)?;
+        self.check(now_ms, env)
+    }
+
+    /// Runs checks 1–6 on `bytes` that arrived directly on a connection whose
+    /// peer is `peer`, at time `now_ms`: between the layout and the timestamp,
+    /// the envelope's `sender_id` must be `peer` (else `WRONG_SENDER`). Nobody
+    /// can speak for another identity over its own connection, and the check
+    /// costs no signature verification.
+    pub fn verify_from(
+        &self,
+        now_ms: u64,
+        peer: &EntityId,
+        bytes: &[u8],
+    ) -> Result<Envelope, Refusal> {
+        let env = self.decode(bytes)?;
+        if env.sender_id != *peer {
+            return Err(Refusal::new(
+                ErrorCode::WrongSender,
+                format!(
+                    "sender_id {} is not the peer of this connection ({peer}); an envelope sent on behalf of another entity must be forwarded, not sent bare",
+                    env.sender_id
+                ),
+                Some(env.message_id),
+            ));
+        }
+        self.check(now_ms, env)
+    }
+
+    /// Checks 1–3: size, version and layout.
+    fn decode(&self, bytes: &[u8]) -> Result<Envelope, Refusal> {
         if bytes.len() > self.max_envelope_size {
             return Err(self.too_large(bytes.len() as u64));
         }
-        let env = Envelope::decode(bytes).map_err(|e| match e {
+        Envelope::decode(bytes).map_err(|e| match e {
             EnvelopeError::UnsupportedVersion(_) => {
                 Refusal::new(ErrorCode::InvalidVersion, e.to_string(), None)
             }
             EnvelopeError::Malformed(_) => {
                 Refusal::new(ErrorCode::MalformedMessage, e.to_string(), None)
             }
-        })?;
+        })
+    }
+
+    /// Checks 4–6: timestamp, key binding, signature.
+    fn check(&self, now_ms: u64, env: Envelope) -> Result<Envelope, Refusal> {
         let id = Some(env.message_id);
         replay::check_tolerance(self.tolerance_ms, now_ms, env.timestamp_ms).map_err(
             |rejection| Refusal {
@@ -130,15 +167,22 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// An acceptor for the node whose entity id is `local`.
+    /// An acceptor for the node whose entity id is `local`, with an empty nonce
+    /// memory (see [`ReplayGuard::new`]).
     pub fn new(local: EntityId, config: Config) -> Self {
+        Self::started_at(local, config, 0)
+    }
+
+    /// An acceptor whose nonce memory began at `started_ms`: envelopes stamped
+    /// before then are refused (see [`ReplayGuard::started_at`]).
+    pub fn started_at(local: EntityId, config: Config, started_ms: u64) -> Self {
         Self {
             local,
             verifier: Verifier {
                 max_envelope_size: config.max_envelope_size,
                 tolerance_ms: config.replay.tolerance_ms,
             },
-            replay: ReplayGuard::new(config.replay),
+            replay: ReplayGuard::started_at(config.replay, started_ms),
         }
     }
 
@@ -265,6 +309,27 @@ mod tests {
             acc.accept(NOW, &draft(to, NOW, 8).sign(&them).encode())
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn an_envelope_from_another_identity_than_the_connections_is_wrong_sender() {
+        let (me, them, acc) = setup();
+        let good = draft(Some(me.entity_id()), NOW, 1).sign(&them).encode();
+        let v = acc.verifier();
+        assert!(v.verify_from(NOW, &them.entity_id(), &good).is_ok());
+        let stranger = Identity::from_secret(&[9; 32]).entity_id();
+        let refused = v
+            .verify_from(NOW, &stranger, &good)
+            .expect_err("not its peer");
+        assert_eq!(refused.rejection.code, ErrorCode::WrongSender);
+        assert!(refused.message_id.is_some());
+        // Checked before the signature: a forged signature still says WRONG_SENDER.
+        let mut forged = draft(Some(me.entity_id()), NOW, 2).sign(&them);
+        forged.signature = [0; 64];
+        let refused = v
+            .verify_from(NOW, &stranger, &forged.encode())
+            .expect_err("not its peer");
+        assert_eq!(refused.rejection.code, ErrorCode::WrongSender);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! A message that arrives ahead of a gap waits until the gap fills, for at most
 //! `max_wait_ms` (then the gap is skipped: the sender's copy was lost and a new
-//! sequence number is used for any retry) and at most `capacity` messages (then the
-//! oldest gap is skipped at once). A message that arrives after its gap was
+//! sequence number is used for any retry), and while the buffer holds at most
+//! `capacity` messages and `max_bytes` bytes (beyond either, the oldest gap is
+//! skipped at once). A message that arrives after its gap was
 //! skipped is delivered at once, out of order: it was authenticated and its
 //! sender told it was accepted, so it is never dropped. Apart from such late
 //! arrivals the order of what is delivered never goes backwards.
@@ -18,6 +19,9 @@ pub struct Config {
     pub max_wait_ms: u64,
     /// Most messages held per session (default 1,024, the window size).
     pub capacity: usize,
+    /// Most bytes held per session, counted as the caller sizes each message
+    /// (default 4 MiB).
+    pub max_bytes: u64,
 }
 
 impl Default for Config {
@@ -25,6 +29,7 @@ impl Default for Config {
         Self {
             max_wait_ms: 2_000,
             capacity: 1024,
+            max_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -34,7 +39,9 @@ impl Default for Config {
 pub struct Reorder<T> {
     config: Config,
     next: u64,
-    held: BTreeMap<u64, (u64, T)>,
+    /// Held messages by sequence number: (arrival, size, message).
+    held: BTreeMap<u64, (u64, u64, T)>,
+    held_bytes: u64,
 }
 
 impl<T> Reorder<T> {
@@ -44,6 +51,7 @@ impl<T> Reorder<T> {
             config,
             next: 1,
             held: BTreeMap::new(),
+            held_bytes: 0,
         }
     }
 
@@ -62,17 +70,36 @@ impl<T> Reorder<T> {
         self.held.is_empty()
     }
 
-    /// Takes an authenticated message; returns what can be delivered now, in order.
-    /// A number below the next expected one is returned at once: the replay window
-    /// stops duplicates before this, so that only happens to a message that
-    /// arrived after its gap was skipped.
-    pub fn push(&mut self, now_ms: u64, seq: u64, item: T) -> Vec<(u64, T)> {
+    /// Bytes held, as sized by the caller.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
+    /// Takes an authenticated message of `bytes` bytes; returns what can be
+    /// delivered now, in order. A number below the next expected one is
+    /// returned at once: the replay window stops duplicates before this, so
+    /// that only happens to a message that arrived after its gap was skipped.
+    pub fn push(&mut self, now_ms: u64, seq: u64, item: T, bytes: u64) -> Vec<(u64, T)> {
         if seq < self.next {
             return vec![(seq, item)];
         }
-        self.held.entry(seq).or_insert((now_ms, item));
+        if let std::collections::btree_map::Entry::Vacant(e) = self.held.entry(seq) {
+            e.insert((now_ms, bytes, item));
+            self.held_bytes = self.held_bytes.saturating_add(bytes);
+        }
         let mut out = self.release();
-        while self.held.len() > self.config.capacity.max(1) {
+        while self.held.len() > self.config.capacity.max(1)
+            || (self.held_bytes > self.config.max_bytes && !self.held.is_empty())
+        {
+            out.extend(self.skip_gap());
+        }
+        out
+    }
+
+    /// Releases everything held, skipping every gap.
+    pub fn flush(&mut self) -> Vec<(u64, T)> {
+        let mut out = Vec::new();
+        while !self.held.is_empty() {
             out.extend(self.skip_gap());
         }
         out
@@ -95,13 +122,14 @@ impl<T> Reorder<T> {
     pub fn poll_timeout(&self) -> Option<u64> {
         self.held
             .values()
-            .map(|(arrived, _)| arrived + self.config.max_wait_ms)
+            .map(|(arrived, _, _)| arrived + self.config.max_wait_ms)
             .min()
     }
 
     fn release(&mut self) -> Vec<(u64, T)> {
         let mut out = Vec::new();
-        while let Some((seq, (_, item))) = self.held.remove_entry(&self.next) {
+        while let Some((seq, (_, bytes, item))) = self.held.remove_entry(&self.next) {
+            self.held_bytes -= bytes;
             out.push((seq, item));
             self.next = seq.saturating_add(1);
         }
@@ -132,22 +160,22 @@ mod tests {
     #[test]
     fn in_order_passes_through_and_gaps_wait() {
         let mut r = Reorder::new(Config::default());
-        assert_eq!(seqs(r.push(0, 1, 1)), vec![1]);
-        assert!(r.push(0, 3, 3).is_empty());
-        assert!(r.push(0, 4, 4).is_empty());
-        assert_eq!(seqs(r.push(0, 2, 2)), vec![2, 3, 4]);
+        assert_eq!(seqs(r.push(0, 1, 1, 1)), vec![1]);
+        assert!(r.push(0, 3, 3, 1).is_empty());
+        assert!(r.push(0, 4, 4, 1).is_empty());
+        assert_eq!(seqs(r.push(0, 2, 2, 1)), vec![2, 3, 4]);
         assert!(r.is_empty());
     }
 
     #[test]
     fn a_lost_message_is_skipped_after_the_wait() {
         let mut r = Reorder::new(Config::default());
-        assert!(r.push(100, 2, 2).is_empty());
+        assert!(r.push(100, 2, 2, 1).is_empty());
         assert_eq!(r.poll_timeout(), Some(2_100));
         assert!(r.handle_timeout(2_099).is_empty());
         assert_eq!(seqs(r.handle_timeout(2_100)), vec![2]);
         // The lost one arriving late is delivered at once rather than dropped.
-        assert_eq!(seqs(r.push(2_200, 1, 1)), vec![1]);
+        assert_eq!(seqs(r.push(2_200, 1, 1, 1)), vec![1]);
     }
 
     #[test]
@@ -155,9 +183,10 @@ mod tests {
         let mut r = Reorder::new(Config {
             max_wait_ms: 1_000,
             capacity: 10,
+            ..Config::default()
         });
-        assert!(r.push(0, 5, 5).is_empty());
-        assert!(r.push(900, 3, 3).is_empty());
+        assert!(r.push(0, 5, 5, 1).is_empty());
+        assert!(r.push(900, 3, 3, 1).is_empty());
         assert!(r.handle_timeout(999).is_empty());
         // 5 has waited 1,000 ms (3 only 100): every gap before 5 is skipped.
         assert_eq!(seqs(r.handle_timeout(1_000)), vec![3, 5]);
@@ -169,11 +198,31 @@ mod tests {
         let mut r = Reorder::new(Config {
             max_wait_ms: 1_000,
             capacity: 2,
+            ..Config::default()
         });
-        assert!(r.push(0, 3, 3).is_empty());
-        assert!(r.push(0, 4, 4).is_empty());
-        assert_eq!(seqs(r.push(0, 6, 6)), vec![3, 4]);
+        assert!(r.push(0, 3, 3, 1).is_empty());
+        assert!(r.push(0, 4, 4, 1).is_empty());
+        assert_eq!(seqs(r.push(0, 6, 6, 1)), vec![3, 4]);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn beyond_the_byte_bound_the_oldest_gap_is_skipped() {
+        let mut r = Reorder::new(Config {
+            max_bytes: 100,
+            ..Config::default()
+        });
+        assert!(r.push(0, 3, 3, 60).is_empty());
+        assert_eq!(r.held_bytes(), 60);
+        // 60 + 50 > 100: the gap before 3 is skipped, releasing 3; 5 waits alone.
+        assert_eq!(seqs(r.push(0, 5, 5, 50)), vec![3]);
+        assert_eq!(r.held_bytes(), 50);
+        // A message larger than the bound on its own is released at once.
+        assert_eq!(seqs(r.push(0, 7, 7, 500)), vec![5, 7]);
+        assert_eq!(r.held_bytes(), 0);
+        assert_eq!(seqs(r.push(0, 9, 9, 1)), Vec::<u64>::new());
+        assert_eq!(seqs(r.flush()), vec![9]);
+        assert!(r.is_empty() && r.held_bytes() == 0);
     }
 
     proptest! {
@@ -185,12 +234,12 @@ mod tests {
             order in Just((1u64..=200).collect::<Vec<_>>()).prop_shuffle(),
             capacity in 1usize..64,
         ) {
-            let mut r = Reorder::new(Config { max_wait_ms: 1_000, capacity });
+            let mut r = Reorder::new(Config { max_wait_ms: 1_000, capacity, ..Config::default() });
             let mut out = Vec::new();
             let mut late = Vec::new();
             for (t, s) in order.iter().enumerate() {
                 let behind = *s < r.next_expected();
-                let released = seqs(r.push(t as u64, *s, *s));
+                let released = seqs(r.push(t as u64, *s, *s, 1));
                 if behind {
                     prop_assert_eq!(&released, &vec![*s]);
                     late.push(*s);
@@ -213,7 +262,7 @@ mod tests {
             let mut r = Reorder::new(Config::default());
             let mut out = Vec::new();
             for s in order {
-                out.extend(seqs(r.push(0, s, s)));
+                out.extend(seqs(r.push(0, s, s, 1)));
             }
             prop_assert_eq!(out, (1..=100).collect::<Vec<_>>());
         }

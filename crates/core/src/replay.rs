@@ -52,6 +52,8 @@ pub struct ReplayGuard {
     seen: HashSet<u128>,
     order: VecDeque<Entry>,
     floor_ms: Option<u64>,
+    /// Envelopes stamped before this were sent before the memory began.
+    started_ms: u64,
 }
 
 /// The memory key of a `(sender, nonce)` pair: the first 128 bits of
@@ -93,13 +95,27 @@ pub fn check_tolerance(tolerance_ms: u64, now_ms: u64, timestamp_ms: u64) -> Res
 }
 
 impl ReplayGuard {
-    /// An empty memory.
+    /// An empty memory that knows nothing of what came before it: use it only
+    /// where no message from before can arrive (tests, tools). A node uses
+    /// [`ReplayGuard::started_at`].
     pub fn new(config: Config) -> Self {
+        Self::started_at(config, 0)
+    }
+
+    /// An empty memory started at `started_ms` (the receiver's clock): nonces of
+    /// envelopes stamped before then were never recorded here (they arrived
+    /// before a restart, say), so such envelopes are refused. A node restarted
+    /// within the tolerance therefore refuses a replay of what it accepted
+    /// before, without keeping its memory on disk. Until the tolerance has
+    /// passed, a peer whose clock is behind the receiver's is refused too; it
+    /// can send again with a fresh timestamp.
+    pub fn started_at(config: Config, started_ms: u64) -> Self {
         Self {
             config,
             seen: HashSet::new(),
             order: VecDeque::new(),
             floor_ms: None,
+            started_ms,
         }
     }
 
@@ -116,6 +132,15 @@ impl ReplayGuard {
     /// Checks a timestamp against the tolerance and the floor.
     pub fn check_time(&self, now_ms: u64, timestamp_ms: u64) -> Result<(), Rejection> {
         check_tolerance(self.config.tolerance_ms, now_ms, timestamp_ms)?;
+        if timestamp_ms < self.started_ms {
+            return Err(Rejection::new(
+                ErrorCode::ReplayDetected,
+                format!(
+                    "stamped {} ms before this node's nonce memory began (it restarted); resend with a fresh timestamp",
+                    self.started_ms - timestamp_ms
+                ),
+            ));
+        }
         if let Some(floor) = self.floor_ms
             && timestamp_ms <= floor
         {
@@ -228,6 +253,22 @@ mod tests {
         g.record(T0 + 300_000, &sender(3), &[7; 16], T0 + 300_000)
             .expect("other");
         assert_eq!(g.len(), 2, "the first nonce expired");
+    }
+
+    #[test]
+    fn envelopes_stamped_before_the_memory_began_are_refused() {
+        let mut g = ReplayGuard::started_at(Config::default(), T0);
+        // Stamped before the start: its nonce may have been seen by the
+        // memory's predecessor, so it cannot be checked.
+        let e = g
+            .record(T0 + 10, &sender(1), &[1; 16], T0 - 1)
+            .expect_err("before the start");
+        assert_eq!(e.code, ErrorCode::ReplayDetected);
+        assert!(e.reason.contains("restarted"), "{}", e.reason);
+        g.record(T0 + 10, &sender(1), &[1; 16], T0)
+            .expect("stamped at the start");
+        g.record(T0 + 10, &sender(1), &[2; 16], T0 + 5)
+            .expect("after it");
     }
 
     #[test]

@@ -68,9 +68,18 @@ pub struct NetworkConfig {
     /// wait for room before they allocate (default 64 MiB; at least
     /// `protocol.max_envelope_size`).
     pub max_inbound_buffer_bytes: usize,
-    /// Most outbound messages held at once, in flight or waiting for a free
-    /// stream; beyond it a send fails with `UNAVAILABLE` (default 4,096).
+    /// Most outbound messages held at once, from the moment they are sent
+    /// until their answer: waiting for a session, being signed, waiting for a
+    /// free stream or in flight; beyond it a send fails with `UNAVAILABLE`
+    /// (default 4,096).
     pub max_outbound_in_flight: usize,
+    /// Most payload bytes those messages hold together; a send that would go
+    /// over fails with `UNAVAILABLE` (default 128 MiB; at least
+    /// `protocol.max_envelope_size`).
+    pub max_outbound_bytes: u64,
+    /// Most dials the agent has in progress at once (`POST /v1/peers`); more
+    /// fail with `UNAVAILABLE` (default 64).
+    pub max_pending_dials: usize,
     /// Most peers remembered in the database; the least recently seen is forgotten
     /// first (default 10,000).
     pub max_known_peers: usize,
@@ -137,6 +146,8 @@ impl Default for NetworkConfig {
             max_concurrent_streams: 256,
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
             max_outbound_in_flight: 4096,
+            max_outbound_bytes: 128 * 1024 * 1024,
+            max_pending_dials: 64,
             max_known_peers: 10_000,
         }
     }
@@ -250,6 +261,19 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "protocol.replay_window_secs ({}) must be more than twice protocol.timestamp_tolerance_secs ({}), or a replayed message is accepted once its nonce is forgotten",
                 p.replay_window_secs, p.timestamp_tolerance_secs
+            )));
+        }
+        if self.network.max_outbound_bytes < self.protocol.max_envelope_size as u64 {
+            return Err(ConfigError::Invalid(format!(
+                "network.max_outbound_bytes ({}) must be at least protocol.max_envelope_size ({})",
+                self.network.max_outbound_bytes, self.protocol.max_envelope_size
+            )));
+        }
+        let connections = usize::try_from(self.network.max_connections).unwrap_or(usize::MAX);
+        if self.security.max_peers < connections {
+            return Err(ConfigError::Invalid(format!(
+                "security.max_peers ({}) must be at least network.max_connections ({connections}), so that a connected peer always finds room for its session",
+                self.security.max_peers
             )));
         }
         if self.network.max_inbound_buffer_bytes < self.protocol.max_envelope_size {

@@ -1,13 +1,16 @@
 //! The Peer Protocol v1.2 node: storage, libp2p networking, the node actor and
 //! the local HTTP API.
 //!
-//! One task (the actor, `actor.rs`) owns the swarm, the protocol core, the
-//! end-to-end sessions ([`secure`]) and the database; everything else holds a
-//! [`NodeHandle`] and talks to it through a bounded command channel. [`run`]
-//! starts a node and its API until shutdown.
+//! One task (the actor) owns the swarm and the state its services share (the
+//! end-to-end sessions of [`secure`], rate limits, counters); each capability is
+//! a [`service`] with its own state, reached through a context that collects
+//! its effects. Everything else holds a [`NodeHandle`] and talks to the actor
+//! through a bounded command channel. [`run`] starts a node and its API until
+//! shutdown.
 
 mod actor;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod data_dir;
 pub mod json;
@@ -16,9 +19,12 @@ pub mod node;
 mod outbox;
 pub mod ratelimit;
 pub mod secure;
+pub mod service;
+pub mod services;
 pub mod stats;
 pub mod store;
-pub mod transfer;
+
+pub use services::transfer;
 
 pub use config::Config;
 /// The libp2p version the node is built on, for embedders that need its types.

@@ -1,27 +1,31 @@
-//! The node's public surface: [`start`], the [`NodeHandle`] and the types it
-//! returns.
+//! The node's public surface: [`start`] and [`Builder`], the [`NodeHandle`]
+//! and the types it returns.
 //!
-//! One task (the actor, in `actor.rs`) owns the swarm, the inbound checks, the
-//! sessions, the counters and the database. The rest of the program holds a
-//! cloneable [`NodeHandle`] that sends it commands over a bounded channel, each
-//! with a oneshot for the answer.
+//! One task (the actor) owns the swarm, the services and the state they share.
+//! The rest of the program holds a cloneable [`NodeHandle`] that sends it
+//! commands over a bounded channel, each with a oneshot for the answer.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use peer_core::chunk::{self, TransferId};
 use peer_core::envelope::FIXED_OVERHEAD;
 use peer_core::session::keys::TAG_LEN;
-use peer_core::{EntityId, Identity, MsgType};
+use peer_core::{EntityId, Identity, MsgType, Rejection};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::actor::{self, Command};
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::json::RawJson;
 use crate::net;
 use crate::secure::SessionView;
+use crate::service::{Erased, Routes, Service, ServiceHandle, ServiceId};
+use crate::services::{handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
 use crate::store::Store;
 
@@ -193,6 +197,17 @@ pub enum NodeError {
     Stopped,
 }
 
+impl NodeError {
+    /// The error for a message the peer (or this node, for it) refused.
+    pub(crate) fn rejected(r: Rejection) -> Self {
+        Self::Rejected {
+            code: r.code.to_string(),
+            reason: r.reason,
+            retry_after_ms: None,
+        }
+    }
+}
+
 /// A cheap, cloneable handle on a running node.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
@@ -204,9 +219,25 @@ pub struct NodeHandle {
     peer_id: PeerId,
     events: broadcast::Sender<Event>,
     metrics: Metrics,
+    services: Arc<HashMap<TypeId, ServiceId>>,
 }
 
 impl NodeHandle {
+    /// A handle on the node's service of type `S`, if it runs one.
+    pub fn service<S: Service>(&self) -> Option<ServiceHandle<S>> {
+        let id = *self.services.get(&TypeId::of::<S>())?;
+        Some(ServiceHandle {
+            id,
+            tx: self.tx.clone(),
+            _service: std::marker::PhantomData,
+        })
+    }
+
+    fn builtin<S: Service>(&self) -> ServiceHandle<S> {
+        self.service::<S>()
+            .expect("the built-in services are registered by every builder")
+    }
+
     /// This node's entity id.
     pub fn entity_id(&self) -> EntityId {
         self.entity_id
@@ -275,13 +306,14 @@ impl NodeHandle {
                 self.max_envelope_size
             )));
         }
-        self.ask(|reply| Command::Send {
-            to,
-            msg_type,
-            payload: payload.into(),
-            reply,
-        })
-        .await?
+        self.builtin::<messaging::Messaging>()
+            .ask(|reply| messaging::Command::Send {
+                to,
+                msg_type,
+                payload: payload.into(),
+                reply,
+            })
+            .await?
     }
 
     async fn send_transfer(
@@ -307,13 +339,14 @@ impl NodeHandle {
         .await
         .map_err(|_| NodeError::Stopped)?;
         let manifest = manifest.map_err(|e| NodeError::Invalid(e.to_string()))?;
-        self.ask(|reply| Command::Transfer {
-            to,
-            manifest,
-            payload,
-            reply,
-        })
-        .await?
+        self.builtin::<transfer::Transfers>()
+            .ask(|reply| transfer::Command::Send {
+                to,
+                manifest,
+                payload,
+                reply,
+            })
+            .await?
     }
 
     /// Connected and remembered peers.
@@ -355,46 +388,125 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemClock.wall_ms()
 }
 
-/// Starts the node actor on the current tokio runtime: listens, dials the
-/// bootstrap peers, and serves commands until every handle is dropped.
+/// Starts a node with the built-in services on the current tokio runtime (see
+/// [`Builder`]).
 pub fn start(config: Config, identity: Identity, store: Store) -> Result<NodeHandle, StartError> {
-    let key = net::keypair(identity.secret_bytes());
-    let peer_id = key.public().to_peer_id();
-    let mut swarm = net::build_swarm(key, &config).map_err(|e| StartError(error_chain(&*e)))?;
-    for addr in &config.network.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| StartError(format!("cannot listen on {addr}: {}", error_chain(&e))))?;
+    Builder::new(config, identity, store).start()
+}
+
+/// Builds a node: its configuration, identity and database, its services (the
+/// built-in ones, and any added with [`Builder::service`]) and its clock.
+pub struct Builder {
+    config: Config,
+    identity: Identity,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    services: Vec<Box<dyn Erased>>,
+    types: HashMap<TypeId, ServiceId>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field(
+                "services",
+                &self.services.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
     }
-    for addr in &config.network.bootstrap {
-        if let Err(e) = swarm.dial(addr.clone()) {
-            tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+}
+
+impl Builder {
+    /// A node with the built-in services (ping, handshake, messaging, chunked
+    /// transfer) and the system clock.
+    pub fn new(config: Config, identity: Identity, store: Store) -> Self {
+        let transfers = transfer::Transfers::new(config.transfer.clone());
+        Self {
+            config,
+            identity,
+            store,
+            clock: Arc::new(SystemClock),
+            services: Vec::new(),
+            types: HashMap::new(),
         }
+        .service(ping::Ping)
+        .service(handshake::Handshake)
+        .service(messaging::Messaging::default())
+        .service(transfers)
     }
-    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let (events, _) = broadcast::channel(config.api.event_buffer.max(1));
-    let limits = (
-        config.protocol.max_envelope_size,
-        config.transfer.chunk_size,
-        config.transfer.max_message_size,
-    );
-    let entity_id = identity.entity_id();
-    let metrics = actor::spawn(swarm, config, identity, store, events.clone(), rx);
-    Ok(NodeHandle {
-        tx,
-        max_envelope_size: limits.0,
-        chunk_size: limits.1,
-        max_message_size: limits.2,
-        entity_id,
-        peer_id,
-        events,
-        metrics,
-    })
+
+    /// Adds a service; [`NodeHandle::service`] reaches it by its type. A
+    /// second service of the same type replaces nothing: the first is reached.
+    pub fn service<S: Service>(mut self, service: S) -> Self {
+        let id = ServiceId(self.services.len());
+        self.types.entry(TypeId::of::<S>()).or_insert(id);
+        self.services.push(Box::new(service));
+        self
+    }
+
+    /// Reads the time from `clock` instead of the system's.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Starts the node actor on the current tokio runtime: listens, dials the
+    /// bootstrap peers, and serves commands until every handle is dropped.
+    /// Fails if two services own one message type, or the network cannot start.
+    pub fn start(self) -> Result<NodeHandle, StartError> {
+        let Self {
+            config,
+            identity,
+            store,
+            clock,
+            services,
+            types,
+        } = self;
+        let routes = Routes::build(&services).map_err(StartError)?;
+        let key = net::keypair(identity.secret_bytes());
+        let peer_id = key.public().to_peer_id();
+        let mut swarm = net::build_swarm(key, &config).map_err(|e| StartError(error_chain(&*e)))?;
+        for addr in &config.network.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| StartError(format!("cannot listen on {addr}: {}", error_chain(&e))))?;
+        }
+        for addr in &config.network.bootstrap {
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (events, _) = broadcast::channel(config.api.event_buffer.max(1));
+        let metrics = Metrics::new();
+        let handle = NodeHandle {
+            tx,
+            max_envelope_size: config.protocol.max_envelope_size,
+            chunk_size: config.transfer.chunk_size,
+            max_message_size: config.transfer.max_message_size,
+            entity_id: identity.entity_id(),
+            peer_id,
+            events: events.clone(),
+            metrics: metrics.clone(),
+            services: Arc::new(types),
+        };
+        let parts = actor::Parts {
+            swarm,
+            config: Arc::new(config),
+            identity,
+            store,
+            clock,
+            events,
+            services,
+            routes: Arc::new(routes),
+            metrics,
+        };
+        actor::spawn(parts, rx);
+        Ok(handle)
+    }
 }
 
 #[cfg(test)]

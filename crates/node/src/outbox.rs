@@ -1,6 +1,7 @@
-//! Outbound flow control: at most `per_peer` requests in flight to one peer (a
-//! libp2p request-response stream each), the rest wait in that peer's FIFO; at
-//! most `total` sends are held in all, beyond which senders are told to retry.
+//! Outbound streams per peer: at most `per_peer` requests in flight to one
+//! peer (a libp2p request-response stream each), the rest wait in that peer's
+//! FIFO. How many sends are held in all is bounded before this, when they are
+//! admitted (see `actor::outbound`).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -12,43 +13,28 @@ pub enum Admit<T> {
     Send(T),
     /// It waits its turn; [`Outbox::finished`] will hand it back.
     Queued,
-    /// The outbox is full; the item is returned to be refused.
-    Full(T),
 }
 
 /// Per-peer in-flight counts and waiting queues.
 #[derive(Debug)]
 pub struct Outbox<K, T> {
     per_peer: usize,
-    total: usize,
-    held: usize,
     in_flight: HashMap<K, usize>,
     waiting: HashMap<K, VecDeque<T>>,
 }
 
 impl<K: Hash + Eq + Copy, T> Outbox<K, T> {
-    /// An empty outbox with the two limits (each at least 1).
-    pub fn new(per_peer: usize, total: usize) -> Self {
+    /// An empty outbox with `per_peer` requests in flight per peer (at least 1).
+    pub fn new(per_peer: usize) -> Self {
         Self {
             per_peer: per_peer.max(1),
-            total: total.max(1),
-            held: 0,
             in_flight: HashMap::new(),
             waiting: HashMap::new(),
         }
     }
 
-    /// The total limit.
-    pub fn limit(&self) -> usize {
-        self.total
-    }
-
     /// Offers an item for `peer`.
     pub fn admit(&mut self, peer: K, item: T) -> Admit<T> {
-        if self.held >= self.total {
-            return Admit::Full(item);
-        }
-        self.held += 1;
         let n = self.in_flight.entry(peer).or_default();
         if *n < self.per_peer {
             *n += 1;
@@ -61,7 +47,6 @@ impl<K: Hash + Eq + Copy, T> Outbox<K, T> {
 
     /// A request to `peer` finished; returns the next waiting item to send, if any.
     pub fn finished(&mut self, peer: K) -> Option<T> {
-        self.held = self.held.saturating_sub(1);
         if let Some(q) = self.waiting.get_mut(&peer) {
             let next = q.pop_front();
             if q.is_empty() {
@@ -82,13 +67,10 @@ impl<K: Hash + Eq + Copy, T> Outbox<K, T> {
 
     /// Removes and returns everything waiting for `peer` (it disconnected).
     pub fn drain_waiting(&mut self, peer: K) -> Vec<T> {
-        let items: Vec<T> = self
-            .waiting
+        self.waiting
             .remove(&peer)
             .map(Vec::from)
-            .unwrap_or_default();
-        self.held = self.held.saturating_sub(items.len());
-        items
+            .unwrap_or_default()
     }
 }
 
@@ -97,31 +79,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn per_peer_limit_queues_and_total_limit_refuses() {
-        let mut o: Outbox<u8, u32> = Outbox::new(2, 4);
+    fn beyond_the_per_peer_limit_items_wait_in_order() {
+        let mut o: Outbox<u8, u32> = Outbox::new(2);
         assert_eq!(o.admit(1, 10), Admit::Send(10));
         assert_eq!(o.admit(1, 11), Admit::Send(11));
         assert_eq!(o.admit(1, 12), Admit::Queued);
-        assert_eq!(o.admit(2, 20), Admit::Send(20));
-        assert_eq!(o.admit(2, 21), Admit::Full(21), "4 held in all");
-        // A finished request to peer 1 releases its queued item, in order.
+        assert_eq!(o.admit(1, 13), Admit::Queued);
+        assert_eq!(o.admit(2, 20), Admit::Send(20), "another peer has its own");
+        // A finished request to peer 1 releases its queued items, in order.
         assert_eq!(o.finished(1), Some(12));
-        assert_eq!(o.admit(2, 21), Admit::Send(21));
-        assert_eq!(o.admit(2, 22), Admit::Full(22), "11, 12, 20, 21 held");
+        assert_eq!(o.finished(1), Some(13));
         assert_eq!(o.finished(1), None);
-        assert_eq!(o.admit(2, 22), Admit::Queued, "peer 2 has 2 in flight");
+        assert_eq!(o.finished(1), None);
+        assert_eq!(o.admit(1, 14), Admit::Send(14), "room again");
     }
 
     #[test]
     fn a_disconnected_peer_gives_back_its_queue() {
-        let mut o: Outbox<u8, u32> = Outbox::new(1, 10);
+        let mut o: Outbox<u8, u32> = Outbox::new(1);
         assert_eq!(o.admit(1, 1), Admit::Send(1));
         assert_eq!(o.admit(1, 2), Admit::Queued);
         assert_eq!(o.admit(1, 3), Admit::Queued);
         assert_eq!(o.drain_waiting(1), vec![2, 3]);
         assert_eq!(o.finished(1), None);
-        for i in 0..10 {
-            assert!(!matches!(o.admit(2, i), Admit::Full(_)), "all room is back");
-        }
+        assert_eq!(o.admit(1, 4), Admit::Send(4));
     }
 }

@@ -1,7 +1,12 @@
-//! End-to-end sessions with each peer, as the node actor drives them: the
-//! handshake [`Link`], the live [`Session`] with its replay window and reorder
-//! buffer, and the application messages waiting for a session. No I/O: the actor
-//! signs and sends what this returns.
+//! End-to-end sessions with each peer, as the node drives them: the handshake
+//! [`Link`], the live [`Session`] with its replay window and reorder buffer, and
+//! the messages waiting for a session. No I/O: the node signs and sends what
+//! this returns. Times are monotonic milliseconds.
+//!
+//! The inbound pipeline opens sealed envelopes here and gives their place in
+//! the order back with [`Secure::release`]; the outbound path seals here
+//! ([`Secure::send`]); the handshake service feeds handshake messages in
+//! ([`Secure::handshake`]).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -9,11 +14,12 @@ use peer_core::reorder::{self, Reorder};
 use peer_core::seq_window::Window;
 use peer_core::session::{self, Link, Message, Random, Role, Session, State};
 use peer_core::{
-    EntityId, Envelope, ErrorCode, Identity, MessageId, MsgType, Rejection, SessionId,
+    EntityId, Envelope, ErrorCode, Identity, MessageId, MsgType, PublicKey, Rejection, SessionId,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::json::RawJson;
+use crate::node::Event;
 
 /// End-to-end session settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,24 +42,40 @@ pub struct SecurityConfig {
     /// Longest a message received out of order waits for an earlier one before
     /// the gap is skipped, in ms (default 2,000).
     pub reorder_wait_ms: u64,
-    /// Application messages waiting per peer for a session; more are refused
-    /// with `HANDSHAKE_IN_PROGRESS` (default 1,024).
+    /// Bytes of messages one session's reorder buffer holds; beyond it the
+    /// oldest gap is skipped at once (default 4 MiB).
+    pub reorder_max_bytes: u64,
+    /// Bytes held by the reorder buffers of all sessions together; a message
+    /// that would go over releases everything its own session holds (default
+    /// 64 MiB).
+    pub max_reorder_bytes: u64,
+    /// Messages waiting per peer for a session; more are refused with
+    /// `HANDSHAKE_IN_PROGRESS` (default 1,024).
     pub max_waiting_per_peer: usize,
-    /// Peers with session state at once (default 10,000).
+    /// Bytes of messages waiting per peer for a session; more are refused
+    /// with `HANDSHAKE_IN_PROGRESS` (default 8 MiB).
+    pub max_waiting_bytes_per_peer: u64,
+    /// Peers with session state at once (default 10,000; at least
+    /// `network.max_connections`, so that a connected newcomer always finds
+    /// room: the state of a disconnected peer is forgotten first).
     pub max_peers: usize,
 }
 
 impl Default for SecurityConfig {
     fn default() -> Self {
         let s = session::Config::default();
+        let r = reorder::Config::default();
         Self {
             require_encryption: true,
             session_lifetime_secs: s.session_lifetime_ms / 1000,
             handshake_timeout_secs: s.handshake_timeout_ms / 1000,
             challenge_timeout_secs: s.challenge_timeout_ms / 1000,
             replay_window_bits: Window::DEFAULT_BITS,
-            reorder_wait_ms: reorder::Config::default().max_wait_ms,
+            reorder_wait_ms: r.max_wait_ms,
+            reorder_max_bytes: r.max_bytes,
+            max_reorder_bytes: 64 * 1024 * 1024,
             max_waiting_per_peer: 1024,
+            max_waiting_bytes_per_peer: 8 * 1024 * 1024,
             max_peers: 10_000,
         }
     }
@@ -89,17 +111,6 @@ pub struct SessionView {
     pub expires_ms: u64,
 }
 
-/// An application message for the agent, released in send order.
-#[derive(Debug, Clone)]
-pub struct Opened {
-    /// The envelope's message id (a transfer's id for a reassembled message).
-    pub message_id: String,
-    /// The message's type.
-    pub msg_type: MsgType,
-    /// The plaintext, which is JSON.
-    pub payload: RawJson,
-}
-
 /// An application payload as JSON; `MALFORMED_MESSAGE` if it is not.
 pub fn parse_json(bytes: Vec<u8>) -> Result<RawJson, Rejection> {
     RawJson::parse(bytes).map_err(|e| {
@@ -133,7 +144,7 @@ pub struct Unsealed {
     pub plaintext: Vec<u8>,
 }
 
-/// What to do with an application message for a peer.
+/// What to do with a sealed message for a peer.
 #[derive(Debug)]
 pub enum Send<T> {
     /// Sign and send this sealed draft (payload, session id and sequence set).
@@ -147,11 +158,11 @@ pub enum Send<T> {
 /// Sealed messages ready to sign and send, each with what travels with it.
 pub type Released<T> = Vec<(SealedParts, T)>;
 
-/// What a timer tick produced: messages now deliverable (with their sender) and
-/// messages that failed because no session could be had.
-pub type Timeouts<T> = (Vec<(EntityId, Opened)>, Vec<(T, Rejection)>);
+/// What the timers produced: events now deliverable and messages that failed
+/// because no session could be had.
+pub type Timeouts<T> = (Vec<Event>, Vec<(T, Rejection)>);
 
-/// The sealed parts of an application envelope.
+/// The sealed parts of an envelope.
 #[derive(Debug)]
 pub struct SealedParts {
     /// Message type.
@@ -164,12 +175,20 @@ pub struct SealedParts {
     pub ciphertext: Vec<u8>,
 }
 
+/// The size an event held for in-order delivery counts as.
+fn event_bytes(event: &Option<Event>) -> u64 {
+    match event {
+        Some(Event::Message { payload, .. }) => payload.as_str().len() as u64,
+        _ => 0,
+    }
+}
+
 struct Live {
     session: Session,
     window: Window,
     /// `None` for a sequence number that delivers nothing (a chunk, a refused
     /// message): it still fills its place, so later messages do not wait for it.
-    reorder: Reorder<Option<Opened>>,
+    reorder: Reorder<Option<Event>>,
 }
 
 impl Live {
@@ -189,32 +208,49 @@ impl Live {
     }
 }
 
+struct Waiting<T> {
+    since_ms: u64,
+    msg_type: MsgType,
+    payload: Vec<u8>,
+    tag: T,
+}
+
 struct Peer<T> {
     link: Link,
     live: Option<Live>,
-    waiting: VecDeque<(u64, MsgType, Vec<u8>, T)>,
+    waiting: VecDeque<Waiting<T>>,
+    waiting_bytes: u64,
     /// Messages a replaced session still held behind a gap: already accepted, so
-    /// delivered at the next timer tick rather than dropped.
-    retired: Vec<Opened>,
+    /// delivered at the next timer rather than dropped.
+    retired: Vec<Event>,
+    connected: bool,
+    /// Times it disconnected.
+    disconnections: u64,
 }
 
-impl<T> Peer<T> {
-    /// Ends the live session, keeping what its reorder buffer held.
-    fn retire(&mut self) {
-        if let Some(mut old) = self.live.take() {
-            let held = old.reorder.handle_timeout(u64::MAX);
-            self.retired.extend(held.into_iter().filter_map(|(_, o)| o));
-        }
-    }
-}
-
-/// Session state for every peer. `T` is what travels with a queued message (the
-/// reply channel).
+/// Session state for every peer. `T` is what travels with a queued message
+/// (who waits for its outcome).
 pub struct Secure<T> {
     config: SecurityConfig,
     session: session::Config,
     local: EntityId,
     peers: HashMap<EntityId, Peer<T>>,
+    /// Peers in the order they disconnected, with the count of their
+    /// disconnections then, whose state is forgotten first when the table is
+    /// full. Lazy: an entry whose peer reconnected, or disconnected again
+    /// since, is skipped.
+    gone: VecDeque<(EntityId, u64)>,
+    /// Messages of forgotten peers that waited for a session, failed at the
+    /// next timer.
+    forgotten: Vec<(T, Rejection)>,
+    /// Accepted messages a forgotten peer's session still held, delivered at
+    /// the next timer.
+    orphaned: Vec<Event>,
+    /// Bytes held by every session's reorder buffer.
+    reorder_bytes: u64,
+    /// No deadline is earlier than this; recomputed exactly by
+    /// [`Secure::handle_timeout`], lowered by everything that sets one.
+    next_deadline: Option<u64>,
 }
 
 impl<T> std::fmt::Debug for Secure<T> {
@@ -238,6 +274,50 @@ fn refuse(code: ErrorCode, reason: impl Into<String>) -> Rejection {
     Rejection::new(code, reason)
 }
 
+fn min_deadline(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl<T> Peer<T> {
+    /// Whether it is disconnected and has not reconnected since its
+    /// `disconnections`-th disconnection.
+    fn is_gone(&self, disconnections: u64) -> bool {
+        !self.connected && self.disconnections == disconnections
+    }
+
+    /// Ends the live session, keeping what its reorder buffer held; returns the
+    /// bytes that buffer held.
+    fn retire(&mut self) -> u64 {
+        let Some(mut old) = self.live.take() else {
+            return 0;
+        };
+        let bytes = old.reorder.held_bytes();
+        let held = old.reorder.flush();
+        self.retired.extend(held.into_iter().filter_map(|(_, e)| e));
+        bytes
+    }
+
+    /// Its earliest deadline (`now_ms` if retired messages wait).
+    fn deadline(&self, now_ms: u64, handshake_timeout_ms: u64) -> Option<u64> {
+        if !self.retired.is_empty() {
+            return Some(now_ms);
+        }
+        let mut d = self.link.poll_timeout();
+        if let Some(live) = &self.live {
+            d = min_deadline(d, live.reorder.poll_timeout());
+            d = min_deadline(d, Some(live.session.expires_ms()));
+        }
+        let stuck = self
+            .waiting
+            .front()
+            .map(|w| w.since_ms.saturating_add(handshake_timeout_ms));
+        min_deadline(d, stuck)
+    }
+}
+
 impl<T> Secure<T> {
     /// No sessions yet, for the node `local`.
     pub fn new(config: SecurityConfig, local: EntityId) -> Self {
@@ -246,12 +326,37 @@ impl<T> Secure<T> {
             config,
             local,
             peers: HashMap::new(),
+            gone: VecDeque::new(),
+            forgotten: Vec::new(),
+            orphaned: Vec::new(),
+            reorder_bytes: 0,
+            next_deadline: None,
         }
     }
 
     /// Whether plaintext application messages are refused.
     pub fn require_encryption(&self) -> bool {
         self.config.require_encryption
+    }
+
+    /// Peers with session state.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no peer has session state.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Whether `peer` has session state.
+    pub fn knows(&self, peer: &EntityId) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// Bytes held by all reorder buffers.
+    pub fn reorder_bytes(&self) -> u64 {
+        self.reorder_bytes
     }
 
     /// A session ends this much before its lifetime on the sending side, so that
@@ -261,43 +366,90 @@ impl<T> Secure<T> {
         (self.session.session_lifetime_ms / 10).min(10_000)
     }
 
-    fn peer(&mut self, id: EntityId) -> Result<&mut Peer<T>, Rejection> {
+    fn wake_at(&mut self, at: Option<u64>) {
+        self.next_deadline = min_deadline(self.next_deadline, at);
+    }
+
+    /// The earliest time [`Secure::handle_timeout`] has something to do (it may
+    /// find nothing: the bound is lowered eagerly and recomputed there).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.next_deadline
+    }
+
+    /// `peer`'s first connection opened, or its last one closed. The state of
+    /// a disconnected peer is the first to be forgotten when the table is full.
+    pub fn set_connected(&mut self, peer: EntityId, connected: bool) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.connected && !connected {
+            p.disconnections += 1;
+            self.gone.push_back((peer, p.disconnections));
+        }
+        p.connected = connected;
+        // Entries of peers that came back or are forgotten are dropped lazily;
+        // peers that come and go often cannot make the list outgrow the table.
+        if self.gone.len() > 2 * self.peers.len() + 16 {
+            let peers = &self.peers;
+            self.gone
+                .retain(|(id, seq)| peers.get(id).is_some_and(|p| p.is_gone(*seq)));
+        }
+    }
+
+    /// The state of `id`, made if new. Only called for connected peers (a send
+    /// to a connected peer, or a handshake message from one). When the table is
+    /// full, the state of the peer that disconnected longest ago is forgotten
+    /// first (its waiting messages fail at the next timer).
+    fn peer(&mut self, now_ms: u64, id: EntityId) -> Result<&mut Peer<T>, Rejection> {
         if !self.peers.contains_key(&id) && self.peers.len() >= self.config.max_peers.max(1) {
-            // Forget a peer with nothing of ours under way: no session, nothing
-            // waiting, and no handshake or only one the peer started (it may
-            // retry). So identities made up by the thousand cannot fill the table
-            // with handshakes they never finish.
-            let idle = self.peers.iter().find_map(|(k, p)| {
-                let theirs_or_none = p
-                    .link
-                    .handshake()
-                    .is_none_or(|h| !h.state().is_running() || h.role() == Role::Responder);
-                (p.live.is_none() && p.waiting.is_empty() && p.retired.is_empty() && theirs_or_none)
-                    .then_some(*k)
-            });
-            match idle {
-                Some(k) => _ = self.peers.remove(&k),
-                None => {
-                    return Err(refuse(
-                        ErrorCode::InvalidState,
-                        format!(
-                            "this node holds sessions with {} peers, its maximum; retry later",
-                            self.peers.len()
-                        ),
-                    ));
-                }
-            }
+            self.forget_one_gone(now_ms).map_err(|()| {
+                refuse(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "this node holds sessions with {} connected peers, its maximum; retry later",
+                        self.peers.len()
+                    ),
+                )
+            })?;
         }
         let (session, local) = (self.session, self.local);
         Ok(self.peers.entry(id).or_insert_with(|| Peer {
             link: Link::new(session, local, id),
             live: None,
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
             retired: Vec::new(),
+            connected: true,
+            disconnections: 0,
         }))
     }
 
-    /// Seals an application message to `to`, or queues it and starts a handshake.
+    /// Forgets the peer that disconnected longest ago; `Err` if every peer in
+    /// the table is connected.
+    fn forget_one_gone(&mut self, now_ms: u64) -> Result<(), ()> {
+        while let Some((id, seq)) = self.gone.pop_front() {
+            if !self.peers.get(&id).is_some_and(|p| p.is_gone(seq)) {
+                continue;
+            }
+            let Some(mut p) = self.peers.remove(&id) else {
+                continue;
+            };
+            self.reorder_bytes -= p.retire();
+            // What its old session held was accepted: still delivered.
+            self.orphaned.append(&mut p.retired);
+            let e = refuse(
+                ErrorCode::InvalidState,
+                format!("the state of {id} was forgotten to make room for a connected peer"),
+            );
+            self.forgotten
+                .extend(p.waiting.drain(..).map(|w| (w.tag, e.clone())));
+            self.wake_at(Some(now_ms));
+            return Ok(());
+        }
+        Err(())
+    }
+
+    /// Seals a message to `to`, or queues it and starts a handshake.
     pub fn send(
         &mut self,
         now_ms: u64,
@@ -308,10 +460,13 @@ impl<T> Secure<T> {
     ) -> Send<T> {
         let margin = self.margin_ms();
         let max_waiting = self.config.max_waiting_per_peer.max(1);
-        let peer = match self.peer(to) {
+        let max_bytes = self.config.max_waiting_bytes_per_peer;
+        let handshake_timeout = self.session.handshake_timeout_ms;
+        let peer = match self.peer(now_ms, to) {
             Ok(p) => p,
             Err(e) => return Send::Refused(tag, e),
         };
+        let mut retired = 0;
         if let Some(live) = &mut peer.live {
             if now_ms.saturating_add(margin) < live.session.expires_ms() {
                 return match live.seal(now_ms, msg_type, &payload) {
@@ -319,59 +474,80 @@ impl<T> Secure<T> {
                     Err(e) => Send::Refused(tag, e),
                 };
             }
-            peer.retire();
+            retired = peer.retire();
         }
-        if peer.waiting.len() >= max_waiting {
+        let bytes = payload.len() as u64;
+        if peer.waiting.len() >= max_waiting || peer.waiting_bytes.saturating_add(bytes) > max_bytes
+        {
+            let held = (peer.waiting.len(), peer.waiting_bytes);
+            self.reorder_bytes -= retired;
             return Send::Refused(
                 tag,
                 refuse(
                     ErrorCode::HandshakeInProgress,
                     format!(
-                        "{max_waiting} messages already wait for a session with {to}; retry later"
+                        "{} messages ({} bytes) already wait for a session with {to} (at most {max_waiting} and {max_bytes} bytes); retry later",
+                        held.0, held.1
                     ),
                 ),
             );
         }
-        peer.waiting.push_back((now_ms, msg_type, payload, tag));
+        peer.waiting_bytes += bytes;
+        peer.waiting.push_back(Waiting {
+            since_ms: now_ms,
+            msg_type,
+            payload,
+            tag,
+        });
         let running = peer.link.state().is_some_and(State::is_running);
-        if running {
-            return Send::Queued(None);
-        }
-        match peer.link.connect(now_ms, random()) {
-            Ok(init) => Send::Queued(Some(init)),
-            Err(_) => Send::Queued(None),
-        }
+        let init = if running {
+            None
+        } else {
+            peer.link.connect(now_ms, random()).ok()
+        };
+        let deadline = peer.deadline(now_ms, handshake_timeout);
+        self.reorder_bytes -= retired;
+        self.wake_at(deadline);
+        Send::Queued(init)
     }
 
-    /// A handshake message from `env`'s sender (a request, or a reply to ours).
-    /// Returns the message to send back (as a reply to a request, or as the next
-    /// request after a reply), and the queued messages a new session releases.
+    /// A handshake message `msg` from `from` (whose key is `sender_key`): a
+    /// request, or a reply to ours. Returns the message to send back (as a
+    /// reply to a request, or as the next request after a reply), and the
+    /// queued messages a new session releases.
     pub fn handshake(
         &mut self,
         now_ms: u64,
         identity: &Identity,
-        env: &Envelope,
+        from: EntityId,
+        sender_key: &PublicKey,
+        msg: &Message,
     ) -> Result<(Option<Message>, Released<T>), Rejection> {
-        let msg = Message::from_envelope(env)?;
         let window_bits = self.config.replay_window_bits;
-        let reorder_wait = self.config.reorder_wait_ms;
-        let peer = self.peer(env.sender_id)?;
+        let reorder = reorder::Config {
+            max_wait_ms: self.config.reorder_wait_ms,
+            capacity: window_bits,
+            max_bytes: self.config.reorder_max_bytes,
+        };
+        let handshake_timeout = self.session.handshake_timeout_ms;
+        let peer = self.peer(now_ms, from)?;
         let next = peer
             .link
-            .handle(now_ms, identity, &env.sender_key, &msg, random)?;
+            .handle(now_ms, identity, sender_key, msg, random)?;
         let mut released = Vec::new();
+        let mut retired = 0;
         if let Some(session) = peer.link.poll_session() {
-            peer.retire();
+            retired = peer.retire();
             peer.live = Some(Live {
                 session,
                 window: Window::new(window_bits).unwrap_or_default(),
-                reorder: Reorder::new(reorder::Config {
-                    max_wait_ms: reorder_wait,
-                    capacity: window_bits,
-                }),
+                reorder: Reorder::new(reorder),
             });
             released = Self::flush(now_ms, peer);
         }
+        let deadline = peer.deadline(now_ms, handshake_timeout);
+        self.reorder_bytes -= retired;
+        self.wake_at(deadline);
         Ok((next, released))
     }
 
@@ -380,11 +556,14 @@ impl<T> Secure<T> {
             return Vec::new();
         };
         let mut out = Vec::new();
-        while let Some((_, msg_type, payload, tag)) = peer.waiting.pop_front() {
-            match live.seal(now_ms, msg_type.clone(), &payload) {
-                Ok(parts) => out.push((parts, tag)),
+        while let Some(w) = peer.waiting.pop_front() {
+            match live.seal(now_ms, w.msg_type.clone(), &w.payload) {
+                Ok(parts) => {
+                    peer.waiting_bytes -= w.payload.len() as u64;
+                    out.push((parts, w.tag));
+                }
                 Err(_) => {
-                    peer.waiting.push_front((now_ms, msg_type, payload, tag));
+                    peer.waiting.push_front(w);
                     break;
                 }
             }
@@ -408,11 +587,13 @@ impl<T> Secure<T> {
 
     /// Drops the session `id` with `peer` (the peer no longer has it); the next
     /// send runs a new handshake.
-    pub fn forget(&mut self, peer: EntityId, id: SessionId) {
+    pub fn forget(&mut self, now_ms: u64, peer: EntityId, id: SessionId) {
         if let Some(p) = self.peers.get_mut(&peer)
             && p.live.as_ref().is_some_and(|l| l.session.id() == id)
         {
-            p.retire();
+            let bytes = p.retire();
+            self.reorder_bytes -= bytes;
+            self.wake_at(Some(now_ms));
         }
     }
 
@@ -421,9 +602,10 @@ impl<T> Secure<T> {
         self.peers
             .get_mut(&peer)
             .map(|p| {
+                p.waiting_bytes = 0;
                 p.waiting
                     .drain(..)
-                    .map(|(_, _, _, t)| (t, rejection.clone()))
+                    .map(|w| (w.tag, rejection.clone()))
                     .collect()
             })
             .unwrap_or_default()
@@ -471,47 +653,61 @@ impl<T> Secure<T> {
     }
 
     /// Gives back the slot of a message from `from` that [`Secure::open`]
-    /// opened, with what it delivers (`None`: nothing); returns the messages
-    /// now deliverable in order. If the session has been replaced meanwhile,
-    /// `item` is returned at once.
+    /// opened, with what it delivers (`None`: nothing); returns the events now
+    /// deliverable in order. If the session has been replaced meanwhile,
+    /// `item` is returned at once. A message that would take the session's
+    /// buffer over `security.reorder_max_bytes`, or all buffers over
+    /// `security.max_reorder_bytes`, skips gaps: it and what its session held
+    /// are released at once.
     pub fn release(
         &mut self,
         now_ms: u64,
         from: EntityId,
         slot: Slot,
-        item: Option<Opened>,
-    ) -> Vec<Opened> {
+        item: Option<Event>,
+    ) -> Vec<Event> {
         let live = self
             .peers
             .get_mut(&from)
             .and_then(|p| p.live.as_mut())
             .filter(|l| l.session.id() == slot.session_id);
-        match live {
-            Some(live) => live
-                .reorder
-                .push(now_ms, slot.sequence_num, item)
-                .into_iter()
-                .filter_map(|(_, o)| o)
-                .collect(),
-            None => item.into_iter().collect(),
+        let Some(live) = live else {
+            return item.into_iter().collect();
+        };
+        let bytes = event_bytes(&item);
+        let before = live.reorder.held_bytes();
+        let mut out = live.reorder.push(now_ms, slot.sequence_num, item, bytes);
+        if self.reorder_bytes - before + live.reorder.held_bytes() > self.config.max_reorder_bytes {
+            out.extend(live.reorder.flush());
         }
+        let after = live.reorder.held_bytes();
+        let deadline = live.reorder.poll_timeout();
+        self.reorder_bytes = self.reorder_bytes - before + after;
+        self.wake_at(deadline);
+        out.into_iter().filter_map(|(_, e)| e).collect()
     }
 
     /// Applies timers: releases messages whose gaps waited too long, ends expired
-    /// sessions, and fails messages whose handshake failed or never finished.
+    /// sessions, fails messages whose handshake failed or never finished, and
+    /// forgets the state of disconnected peers with nothing left.
     pub fn handle_timeout(&mut self, now_ms: u64) -> Timeouts<T> {
         let handshake_timeout = self.session.handshake_timeout_ms;
-        let mut opened = Vec::new();
-        let mut failed = Vec::new();
+        let mut failed = std::mem::take(&mut self.forgotten);
+        let mut opened = std::mem::take(&mut self.orphaned);
+        let mut next = None;
+        let mut released_bytes = 0;
+        let mut empty = Vec::new();
         for (id, peer) in &mut self.peers {
-            opened.extend(peer.retired.drain(..).map(|o| (*id, o)));
+            opened.append(&mut peer.retired);
             if let Some(live) = &mut peer.live {
+                let before = live.reorder.held_bytes();
                 opened.extend(
                     live.reorder
                         .handle_timeout(now_ms)
                         .into_iter()
-                        .filter_map(|(_, o)| Some((*id, o?))),
+                        .filter_map(|(_, e)| e),
                 );
+                released_bytes += before - live.reorder.held_bytes();
                 if live.session.is_expired(now_ms) && live.reorder.is_empty() {
                     peer.live = None;
                 }
@@ -520,26 +716,42 @@ impl<T> Secure<T> {
             let stuck = peer
                 .waiting
                 .front()
-                .is_some_and(|(since, ..)| now_ms.saturating_sub(*since) > handshake_timeout);
+                .is_some_and(|w| now_ms.saturating_sub(w.since_ms) > handshake_timeout);
             let failed_attempt = peer.link.handshake().and_then(|h| h.error()).cloned();
             if let Some(e) =
                 failed_attempt.filter(|_| !peer.waiting.is_empty() && peer.live.is_none())
             {
-                failed.extend(peer.waiting.drain(..).map(|(.., t)| (t, e.clone())));
+                peer.waiting_bytes = 0;
+                failed.extend(peer.waiting.drain(..).map(|w| (w.tag, e.clone())));
             } else if stuck && peer.live.is_none() {
                 let e = refuse(
                     ErrorCode::ChallengeExpired,
                     format!("no session with {id} within {handshake_timeout} ms"),
                 );
-                failed.extend(peer.waiting.drain(..).map(|(.., t)| (t, e.clone())));
+                peer.waiting_bytes = 0;
+                failed.extend(peer.waiting.drain(..).map(|w| (w.tag, e.clone())));
             }
+            let idle = peer.live.is_none()
+                && peer.waiting.is_empty()
+                && peer.link.state().is_none_or(|s| !s.is_running());
+            if !peer.connected && idle {
+                empty.push(*id);
+            }
+            next = min_deadline(next, peer.deadline(now_ms, handshake_timeout));
         }
+        for id in empty {
+            self.peers.remove(&id);
+        }
+        self.reorder_bytes -= released_bytes;
+        self.next_deadline = next;
         (opened, failed)
     }
 
-    /// The live session with `peer`, for `GET /v1/peers`.
-    pub fn view(&self, peer: &EntityId, now_ms: u64) -> Option<SessionView> {
+    /// The live session with `peer`, for `GET /v1/peers`; its expiry is shown
+    /// on the wall clock (`wall_ms` is the wall-clock time at `now_ms`).
+    pub fn view(&self, peer: &EntityId, now_ms: u64, wall_ms: u64) -> Option<SessionView> {
         let live = self.peers.get(peer)?.live.as_ref()?;
+        let left = live.session.expires_ms().saturating_sub(now_ms);
         Some(SessionView {
             session_id: live.session.id().to_string(),
             state: live.session.state(now_ms).to_string(),
@@ -547,7 +759,7 @@ impl<T> Secure<T> {
                 Role::Initiator => "initiator".into(),
                 Role::Responder => "responder".into(),
             },
-            expires_ms: live.session.expires_ms(),
+            expires_ms: wall_ms.saturating_add(left),
         })
     }
 }
@@ -573,33 +785,84 @@ mod tests {
         .sign(from)
     }
 
-    #[test]
-    fn messages_held_by_a_replaced_session_are_still_delivered() {
+    fn step(
+        secure: &mut Secure<()>,
+        me: &Identity,
+        env: &Envelope,
+    ) -> Result<(Option<Message>, Released<()>), Rejection> {
+        let msg = Message::from_envelope(env)?;
+        secure.handshake(NOW, me, env.sender_id, &env.sender_key, &msg)
+    }
+
+    fn message_event(from: EntityId, text: &str) -> Event {
+        Event::Message {
+            message_id: text.into(),
+            from,
+            msg_type: "message".into(),
+            payload: parse_json(format!("{{\"t\":\"{text}\"}}").into_bytes()).expect("json"),
+        }
+    }
+
+    fn text(e: &Event) -> String {
+        match e {
+            Event::Message { payload, .. } => {
+                payload.to_value()["t"].as_str().unwrap_or("").to_owned()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A and B with a session, started by A; returns what A's first message
+    /// released and both sides.
+    fn sessions(
+        config: SecurityConfig,
+    ) -> (Identity, Identity, Secure<()>, Secure<()>, Released<()>) {
         let (ia, ib) = (
             Identity::from_secret(&[1; 32]),
             Identity::from_secret(&[2; 32]),
         );
         let (a_id, b_id) = (ia.entity_id(), ib.entity_id());
-        let mut a: Secure<()> = Secure::new(SecurityConfig::default(), a_id);
-        let mut b: Secure<()> = Secure::new(SecurityConfig::default(), b_id);
+        let mut a: Secure<()> = Secure::new(config.clone(), a_id);
+        let mut b: Secure<()> = Secure::new(config, b_id);
         let mt: MsgType = "message".parse().expect("valid");
-        let Send::Queued(Some(mut step)) = a.send(NOW, b_id, mt.clone(), b"{}".to_vec(), ()) else {
+        let Send::Queued(Some(mut next)) = a.send(NOW, b_id, mt, b"{}".to_vec(), ()) else {
             panic!("a starts a handshake");
         };
         let mut released = Vec::new();
         for n in 0.. {
-            let to_b = signed(&ia, b_id, step.msg_type(), step.encode(), n);
-            let (reply, _) = b.handshake(NOW, &ib, &to_b).expect("b answers");
+            let to_b = signed(&ia, b_id, next.msg_type(), next.encode(), n);
+            let (reply, _) = step(&mut b, &ib, &to_b).expect("b answers");
             let reply = reply.expect("a reply to every step");
             let to_a = signed(&ib, a_id, reply.msg_type(), reply.encode(), n);
-            let (next, r) = a.handshake(NOW, &ia, &to_a).expect("a goes on");
+            let (after, r) = step(&mut a, &ia, &to_a).expect("a goes on");
             released = r;
-            match next {
-                Some(m) => step = m,
+            match after {
+                Some(m) => next = m,
                 None => break,
             }
         }
+        (ia, ib, a, b, released)
+    }
+
+    fn sealed_env(from: &Identity, to: EntityId, parts: &SealedParts, n: u8) -> Envelope {
+        let mut env = signed(
+            from,
+            to,
+            parts.msg_type.as_str(),
+            parts.ciphertext.clone(),
+            n,
+        );
+        env.session_id = Some(parts.session_id);
+        env.sequence_num = parts.sequence_num;
+        env
+    }
+
+    #[test]
+    fn messages_held_by_a_replaced_session_are_still_delivered() {
+        let (ia, ib, mut a, mut b, released) = sessions(SecurityConfig::default());
+        let (a_id, b_id) = (ia.entity_id(), ib.entity_id());
         assert_eq!(released.len(), 1, "the first message was waiting");
+        let mt: MsgType = "message".parse().expect("valid");
         // Seal three more; b receives only the 3rd and 4th: they wait for the 2nd.
         let mut sealed = Vec::new();
         for text in ["1", "2", "3"] {
@@ -609,33 +872,105 @@ mod tests {
                 other => panic!("sealed directly, got {other:?}"),
             }
         }
-        let envelope = |parts: &SealedParts, n: u8| {
-            let mut env = signed(&ia, b_id, "message", parts.ciphertext.clone(), n);
-            env.session_id = Some(parts.session_id);
-            env.sequence_num = parts.sequence_num;
-            env
-        };
-        let mut receive = |env: Envelope| {
+        let mut receive = |env: Envelope, t: &str| {
             let u = b.open(NOW, env).expect("opens");
-            let opened = Opened {
-                message_id: u.message_id.to_string(),
-                msg_type: u.msg_type,
-                payload: parse_json(u.plaintext).expect("json"),
-            };
-            b.release(NOW, a_id, u.slot, Some(opened))
+            b.release(NOW, a_id, u.slot, Some(message_event(a_id, t)))
         };
-        assert_eq!(receive(envelope(&released[0].0, 100)).len(), 1);
+        assert_eq!(
+            receive(sealed_env(&ia, b_id, &released[0].0, 100), "0").len(),
+            1
+        );
         for (i, parts) in sealed.iter().enumerate().skip(1) {
-            let env = envelope(parts, 101 + i as u8);
-            assert!(receive(env).is_empty(), "held behind the gap");
+            let env = sealed_env(&ia, b_id, parts, 101 + i as u8);
+            assert!(
+                receive(env, &(i + 1).to_string()).is_empty(),
+                "held behind the gap"
+            );
         }
-        b.forget(a_id, sealed[0].session_id);
+        assert!(b.reorder_bytes() > 0);
+        assert!(b.poll_timeout().is_some_and(|t| t <= NOW + 2_000));
+        b.forget(NOW, a_id, sealed[0].session_id);
         let (opened, _) = b.handle_timeout(NOW);
-        let texts: Vec<_> = opened
-            .iter()
-            .map(|(_, o)| o.payload.to_value()["t"].clone())
-            .collect();
+        let texts: Vec<_> = opened.iter().map(text).collect();
         assert_eq!(texts, vec!["2", "3"], "released in order, not dropped");
+        assert_eq!(b.reorder_bytes(), 0);
+    }
+
+    #[test]
+    fn the_reorder_buffers_of_all_sessions_are_bounded_in_bytes() {
+        let config = SecurityConfig {
+            max_reorder_bytes: 30,
+            ..SecurityConfig::default()
+        };
+        let (ia, ib, mut a, mut b, released) = sessions(config);
+        let (a_id, b_id) = (ia.entity_id(), ib.entity_id());
+        let first = b
+            .open(NOW, sealed_env(&ia, b_id, &released[0].0, 50))
+            .expect("opens");
+        assert_eq!(b.release(NOW, a_id, first.slot, None).len(), 0);
+        let mt: MsgType = "message".parse().expect("valid");
+        let mut parts = Vec::new();
+        for _ in 0..3 {
+            let Send::Sealed(p, ()) = a.send(NOW, b_id, mt.clone(), b"{}".to_vec(), ()) else {
+                panic!("sealed");
+            };
+            parts.push(p);
+        }
+        // Skip seq 2: 3 and 4 wait. Each event is about 9 bytes of payload.
+        let u3 = b
+            .open(NOW, sealed_env(&ia, b_id, &parts[1], 51))
+            .expect("opens");
+        assert!(
+            b.release(NOW, a_id, u3.slot, Some(message_event(a_id, "3")))
+                .is_empty()
+        );
+        let held = b.reorder_bytes();
+        assert!(held > 0 && held <= 30);
+        let u4 = b
+            .open(NOW, sealed_env(&ia, b_id, &parts[2], 52))
+            .expect("opens");
+        let big = Event::Message {
+            message_id: "4".into(),
+            from: a_id,
+            msg_type: "message".into(),
+            payload: parse_json(
+                format!("{{\"t\":\"4\",\"pad\":\"{}\"}}", "x".repeat(40)).into_bytes(),
+            )
+            .expect("json"),
+        };
+        // Over the bound: the session's buffer is released at once, in order.
+        let out = b.release(NOW, a_id, u4.slot, Some(big));
+        assert_eq!(out.iter().map(text).collect::<Vec<_>>(), vec!["3", "4"]);
+        assert_eq!(b.reorder_bytes(), 0);
+    }
+
+    #[test]
+    fn messages_waiting_for_a_session_are_bounded_in_bytes() {
+        let me = Identity::from_secret(&[1; 32]);
+        let config = SecurityConfig {
+            max_waiting_bytes_per_peer: 10,
+            ..SecurityConfig::default()
+        };
+        let mut secure: Secure<u8> = Secure::new(config, me.entity_id());
+        let peer = Identity::from_secret(&[2; 32]).entity_id();
+        let mt: MsgType = "message".parse().expect("valid");
+        assert!(matches!(
+            secure.send(NOW, peer, mt.clone(), vec![b'1'; 6], 1),
+            Send::Queued(Some(_))
+        ));
+        match secure.send(NOW, peer, mt.clone(), vec![b'1'; 5], 2) {
+            Send::Refused(2, r) => assert_eq!(r.code, ErrorCode::HandshakeInProgress),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            secure.send(NOW, peer, mt, vec![b'1'; 4], 3),
+            Send::Queued(None)
+        ));
+        let failed = secure.fail_waiting(peer, &refuse(ErrorCode::InvalidState, "x"));
+        assert_eq!(
+            failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
     }
 
     /// A signed `handshake_init` from `from` to `to`.
@@ -648,39 +983,47 @@ mod tests {
     }
 
     #[test]
-    fn handshakes_nobody_finishes_cannot_fill_the_table() {
+    fn a_full_table_forgets_disconnected_peers_first_never_connected_ones() {
         let me = Identity::from_secret(&[1; 32]);
         let config = SecurityConfig {
             max_peers: 2,
             ..SecurityConfig::default()
         };
         let mut secure: Secure<()> = Secure::new(config, me.entity_id());
-        // Made-up identities start handshakes and never answer the challenge.
-        for seed in 10..20u8 {
+        // Two identities start handshakes and stay connected: the table is full
+        // of connected peers, so a third is refused.
+        for seed in [10u8, 11] {
             let sybil = Identity::from_secret(&[seed; 32]);
-            let (reply, _) = secure
-                .handshake(NOW, &me, &init(&sybil, me.entity_id(), seed))
-                .expect("answered: their unfinished attempts make room for new ones");
-            assert!(matches!(reply, Some(Message::InitAck(_))));
+            step(&mut secure, &me, &init(&sybil, me.entity_id(), seed)).expect("answered");
         }
-        assert!(secure.peers.len() <= 2);
-        // Our own pending sends are never forgotten to make room.
-        for seed in [2u8, 3] {
-            let friend = Identity::from_secret(&[seed; 32]).entity_id();
-            let sent = secure.send(
-                NOW,
-                friend,
-                "message".parse().expect("valid"),
-                b"{}".to_vec(),
-                (),
-            );
-            assert!(matches!(sent, Send::Queued(Some(_))));
-        }
-        let third = Identity::from_secret(&[4; 32]);
-        let refused = secure.handshake(NOW, &me, &init(&third, me.entity_id(), 4));
+        let third = Identity::from_secret(&[12; 32]);
+        let refused = step(&mut secure, &me, &init(&third, me.entity_id(), 12));
         assert_eq!(
-            refused.expect_err("full of our own").code,
+            refused.expect_err("full of connected peers").code,
             ErrorCode::InvalidState
         );
+        // Once one of them disconnects, a newcomer takes its place.
+        let first = Identity::from_secret(&[10; 32]).entity_id();
+        secure.set_connected(first, false);
+        step(&mut secure, &me, &init(&third, me.entity_id(), 13)).expect("room made");
+        assert!(!secure.knows(&first));
+        assert_eq!(secure.len(), 2);
+    }
+
+    #[test]
+    fn the_deadline_follows_the_earliest_timer_and_a_disconnected_idle_peer_is_dropped() {
+        let me = Identity::from_secret(&[1; 32]);
+        let mut secure: Secure<()> = Secure::new(SecurityConfig::default(), me.entity_id());
+        assert_eq!(secure.poll_timeout(), None);
+        let peer = Identity::from_secret(&[2; 32]);
+        step(&mut secure, &me, &init(&peer, me.entity_id(), 2)).expect("answered");
+        // The responder's challenge deadline (30 s) is the earliest.
+        assert_eq!(secure.poll_timeout(), Some(NOW + 30_000));
+        let (_, failed) = secure.handle_timeout(NOW + 30_000);
+        assert!(failed.is_empty());
+        secure.set_connected(peer.entity_id(), false);
+        secure.handle_timeout(NOW + 30_001);
+        assert!(!secure.knows(&peer.entity_id()), "nothing left of it");
+        assert_eq!(secure.poll_timeout(), None);
     }
 }

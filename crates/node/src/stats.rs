@@ -54,16 +54,19 @@ pub struct Metrics {
     rejected: Family<CodeLabel, Counter>,
     refused: Family<CodeLabel, Counter>,
     connected: Gauge,
+    signed: Counter,
 }
 
 impl Metrics {
-    fn new() -> Self {
+    /// A fresh registry of the node's metrics.
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("peer");
         let sent = Counter::default();
         let received = Counter::default();
         let rejected = Family::<CodeLabel, Counter>::default();
         let refused = Family::<CodeLabel, Counter>::default();
         let connected = Gauge::default();
+        let signed = Counter::default();
         registry.register(
             "messages_sent",
             "Messages accepted by their recipient",
@@ -89,6 +92,11 @@ impl Metrics {
             "Peers with an open connection",
             connected.clone(),
         );
+        registry.register(
+            "envelopes_signed",
+            "Envelopes this node signed (requests and replies)",
+            signed.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             sent,
@@ -96,7 +104,13 @@ impl Metrics {
             rejected,
             refused,
             connected,
+            signed,
         }
+    }
+
+    /// The node signed an envelope.
+    pub(crate) fn signed(&self) {
+        self.signed.inc();
     }
 
     /// The metrics in Prometheus text format.
@@ -118,13 +132,13 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Empty counters with room for `max_peers` rows.
-    pub fn new(max_peers: usize) -> Self {
+    /// Empty counters with room for `max_peers` rows, feeding `metrics`.
+    pub fn new(max_peers: usize, metrics: Metrics) -> Self {
         Self {
             peers: HashMap::new(),
             other: PeerCounters::default(),
             max_peers,
-            metrics: Metrics::new(),
+            metrics,
         }
     }
 
@@ -205,7 +219,7 @@ mod tests {
 
     #[test]
     fn peers_beyond_the_bound_share_the_other_row() {
-        let mut s = Stats::new(2);
+        let mut s = Stats::new(2, Metrics::new());
         for b in 0..5u8 {
             s.received(EntityId([b; 32]));
         }
@@ -221,7 +235,7 @@ mod tests {
 
     #[test]
     fn codes_we_do_not_know_share_one_label() {
-        let mut s = Stats::new(1);
+        let mut s = Stats::new(1, Metrics::new());
         let peer = EntityId([1; 32]);
         s.refused(peer, "RATE_LIMITED");
         for n in 0..100 {

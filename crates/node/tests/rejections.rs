@@ -109,9 +109,21 @@ async fn tampered_field_is_invalid_signature() {
 #[tokio::test]
 async fn sender_id_not_hash_of_key_is_unknown_sender() {
     rejected_with("UNKNOWN_SENDER", |raw, to| {
-        let mut env = raw.draft(to, "message").sign(&raw.identity);
-        env.sender_id = to;
+        // Names the connection's peer as its sender, but carries another key.
+        let other = Identity::from_secret(&[42; 32]);
+        let mut env = raw.draft(to, "message").sign(&other);
+        env.sender_id = raw.entity_id();
         env.encode()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_envelope_of_another_identity_on_a_connection_is_wrong_sender() {
+    rejected_with("WRONG_SENDER", |raw, to| {
+        // Well formed and validly signed, but not by the connection's peer.
+        let other = Identity::from_secret(&[43; 32]);
+        raw.draft(to, "message").sign(&other).encode()
     })
     .await;
 }

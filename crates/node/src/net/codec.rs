@@ -1,10 +1,11 @@
 //! Framing of the `/peer-protocol/1.2.0` request-response protocol.
 //!
 //! A request is one envelope: `u32 length ‖ envelope bytes`. A response is one
-//! byte of kind, `0` = accepted (nothing follows) or `1` = reply (`u32 length ‖
-//! envelope bytes`: a `pong`, or an `error` carrying the rejection). A request
-//! longer than the limit is not buffered: its body is read and discarded, and the
-//! receiver answers `MESSAGE_TOO_LARGE`.
+//! byte of kind, `0` = accepted (nothing follows), `1` = reply (`u32 length ‖
+//! envelope bytes`: a `pong` or a handshake step) or `2` = refusal (`u32 length
+//! ‖ JSON object`: the error code and reason, unsigned, authenticated by the
+//! connection). A request longer than the limit is not buffered: its body is
+//! read and discarded, and the receiver answers `MESSAGE_TOO_LARGE`.
 //!
 //! Inbound bodies are buffered only against a node-wide byte budget
 //! (`network.max_inbound_buffer_bytes`): a reader waits for budget before it
@@ -16,6 +17,8 @@ use std::sync::Arc;
 
 use futures::prelude::*;
 use libp2p::StreamProtocol;
+use peer_core::{MessageId, Rejection};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The protocol name negotiated on each stream.
@@ -48,13 +51,50 @@ impl Frame {
     }
 }
 
+/// Longest refusal read (its JSON object).
+pub const MAX_REFUSAL_LEN: u64 = 64 * 1024;
+
+/// A refusal (response kind 2): the fields of the `error` payload of
+/// PROTOCOL.md section 6, sent unsigned on the request's own stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The wire code (kept as text: the peer may know codes we do not).
+    pub error_code: String,
+    /// For humans.
+    pub error_message: String,
+    /// The refused envelope's id, when the bytes got that far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_message_id: Option<String>,
+    /// For `RATE_LIMITED`: how long to wait before sending again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Refusal {
+    /// The refusal of envelope `id` with `rejection`.
+    pub fn new(
+        rejection: &Rejection,
+        id: Option<MessageId>,
+        retry_after: Option<std::time::Duration>,
+    ) -> Self {
+        Self {
+            error_code: rejection.code.as_str().to_owned(),
+            error_message: rejection.reason.clone(),
+            original_message_id: id.map(|i| i.to_string()),
+            retry_after_ms: retry_after.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
 /// The receiver's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     /// The envelope was verified and accepted.
     Accepted,
-    /// A signed reply envelope (`pong` or `error`).
+    /// A signed reply envelope (`pong`, a handshake step).
     Reply(Vec<u8>),
+    /// A refusal.
+    Refused(Refusal),
 }
 
 /// The codec; `max_size` bounds every frame it reads, `budget` all inbound
@@ -142,6 +182,19 @@ impl libp2p::request_response::Codec for Codec {
                 }
                 read_body(io, len).await.map(Response::Reply)
             }
+            2 => {
+                let len = read_len(io).await?;
+                if len > MAX_REFUSAL_LEN {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "refusal over the size limit",
+                    ));
+                }
+                let body = read_body(io, len).await?;
+                serde_json::from_slice(&body)
+                    .map(Response::Refused)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            }
             k => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unknown response kind {k}"),
@@ -185,6 +238,11 @@ impl libp2p::request_response::Codec for Codec {
                 io.write_all(&[1]).await?;
                 write_frame(io, &bytes).await?;
             }
+            Response::Refused(refusal) => {
+                let body = serde_json::to_vec(&refusal).map_err(io::Error::other)?;
+                io.write_all(&[2]).await?;
+                write_frame(io, &body).await?;
+            }
         }
         io.close().await
     }
@@ -221,7 +279,16 @@ mod tests {
         assert!(matches!(got, Request::Oversize(20)));
         assert_eq!(big.position(), 24, "the body was consumed, not buffered");
 
-        for res in [Response::Accepted, Response::Reply(b"pong".to_vec())] {
+        let refusal = Refusal::new(
+            &Rejection::new(peer_core::ErrorCode::RateLimited, "slow down"),
+            Some(MessageId::from_random([7; 16])),
+            Some(std::time::Duration::from_millis(1500)),
+        );
+        for res in [
+            Response::Accepted,
+            Response::Reply(b"pong".to_vec()),
+            Response::Refused(refusal),
+        ] {
             let mut buf = Cursor::new(Vec::new());
             block(c.write_response(&PROTOCOL, &mut buf, res.clone())).expect("write");
             buf.set_position(0);

@@ -1,0 +1,473 @@
+//! A service's send, from admission to its outcome.
+//!
+//! 1. Admission: the send takes a [`Ticket`] for one message and its payload
+//!    bytes against `network.max_outbound_in_flight` and
+//!    `network.max_outbound_bytes`, before anything is sealed or signed; over
+//!    either the send fails at once (`UNAVAILABLE`). The ticket travels with the
+//!    request and is given back when its outcome is known. Handshake steps
+//!    take none (one attempt per peer bounds them).
+//! 2. Sealing, for a sealed type: in the session with the recipient, or the
+//!    message waits for a handshake the handshake service runs.
+//! 3. Signing, on a task of its own; the envelope comes back to the actor.
+//! 4. Streams: at most half of `network.max_concurrent_streams` requests in
+//!    flight per peer; the rest wait in that peer's FIFO.
+//! 5. The answer (or the failure) goes to the service as an [`Outcome`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use libp2p::PeerId;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use peer_core::{Draft, EntityId, Envelope, Identity, MessageId, MsgType, SessionId};
+use tokio::sync::mpsc;
+
+use super::Actor;
+use crate::config::Config;
+use crate::net::codec::{Frame, Request, Response};
+use crate::node::NodeError;
+use crate::outbox::{Admit, Outbox};
+use crate::secure::{SealedParts, Send as Sealing};
+use crate::service::{Outcome, Reply, RequestId, SendRequest, ServiceId, lost_session};
+use crate::stats::Metrics;
+
+/// Counts of what outbound admission holds.
+#[derive(Debug)]
+struct Admission {
+    held: AtomicUsize,
+    bytes: AtomicU64,
+    max: usize,
+    max_bytes: u64,
+}
+
+/// One admitted send's share of the outbound limits, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    admission: Arc<Admission>,
+    bytes: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.held.fetch_sub(1, Ordering::Relaxed);
+        self.admission
+            .bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Admission {
+    /// A ticket for a send of `bytes`, or `None` over a limit. Only the actor
+    /// admits, so checking and adding need not be one atomic step.
+    fn admit(self: &Arc<Self>, bytes: u64) -> Option<Ticket> {
+        let held = self.held.load(Ordering::Relaxed);
+        let held_bytes = self.bytes.load(Ordering::Relaxed);
+        if held >= self.max || held_bytes.saturating_add(bytes) > self.max_bytes {
+            return None;
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Some(Ticket {
+            admission: self.clone(),
+            bytes,
+        })
+    }
+}
+
+/// A send on its way: who waits for its outcome, and its admission ticket.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub id: RequestId,
+    pub owner: ServiceId,
+    pub to: EntityId,
+    pub message_id: MessageId,
+    pub ticket: Option<Ticket>,
+}
+
+/// A signed envelope back from its signing task.
+pub(crate) enum Signed {
+    /// A request to send.
+    Request {
+        queued: Queued,
+        session: Option<SessionId>,
+        bytes: Vec<u8>,
+    },
+    /// A reply to an inbound request; `_frame` holds the request's share of
+    /// the inbound budget until the reply is handed to the swarm.
+    Response {
+        channel: ResponseChannel<Response>,
+        bytes: Vec<u8>,
+        _frame: Option<Frame>,
+    },
+}
+
+/// A signed request waiting for, or on, a stream.
+struct Ready {
+    queued: Queued,
+    session: Option<SessionId>,
+    bytes: Vec<u8>,
+}
+
+struct InFlight {
+    queued: Queued,
+    peer: PeerId,
+    session: Option<SessionId>,
+}
+
+/// The outbound path's state.
+pub(crate) struct Outbound {
+    admission: Arc<Admission>,
+    streams: Outbox<PeerId, Ready>,
+    in_flight: HashMap<OutboundRequestId, InFlight>,
+    signer: Signer,
+}
+
+/// Signs envelopes on tasks of their own and sends them back to the actor.
+#[derive(Clone)]
+pub(crate) struct Signer {
+    identity: Arc<Identity>,
+    tx: mpsc::Sender<Signed>,
+    metrics: Metrics,
+}
+
+impl Signer {
+    /// Signs `draft` off the actor; `make` wraps the result for the actor.
+    pub fn spawn(&self, draft: Draft, make: impl FnOnce(Envelope) -> Signed + Send + 'static) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let env = draft.sign(&this.identity);
+            this.metrics.signed();
+            // Fails only when the node is stopping.
+            _ = this.tx.send(make(env)).await;
+        });
+    }
+}
+
+impl Outbound {
+    pub fn new(
+        config: &Config,
+        identity: Arc<Identity>,
+        tx: mpsc::Sender<Signed>,
+        metrics: Metrics,
+    ) -> Self {
+        let net = &config.network;
+        Self {
+            admission: Arc::new(Admission {
+                held: AtomicUsize::new(0),
+                bytes: AtomicU64::new(0),
+                max: net.max_outbound_in_flight.max(1),
+                max_bytes: net.max_outbound_bytes,
+            }),
+            streams: Outbox::new((net.max_concurrent_streams / 2).max(1)),
+            in_flight: HashMap::new(),
+            signer: Signer {
+                identity,
+                tx,
+                metrics,
+            },
+        }
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+}
+
+/// A draft to `to`, stamped `wall_ms`, with the given id and a fresh nonce.
+pub(crate) fn draft(
+    wall_ms: u64,
+    to: Option<EntityId>,
+    message_id: MessageId,
+    msg_type: MsgType,
+    payload: Vec<u8>,
+) -> Draft {
+    Draft {
+        msg_type,
+        message_id,
+        recipient_id: to,
+        session_id: None,
+        sequence_num: 0,
+        timestamp_ms: wall_ms,
+        nonce: rand::random(),
+        payload,
+    }
+}
+
+/// Decodes a reply envelope and checks that the recipient signed it.
+fn check_reply(to: EntityId, bytes: &[u8]) -> Result<Envelope, NodeError> {
+    Envelope::decode(bytes)
+        .ok()
+        .filter(|e| e.verify() && e.sender_id == to)
+        .ok_or_else(|| {
+            NodeError::Transport("the reply is not an envelope signed by the recipient".into())
+        })
+}
+
+/// A reply envelope as an outcome: an `error` envelope (how refusals came
+/// before response kind 2) is a refusal.
+fn read_reply(env: Envelope) -> Result<Reply, NodeError> {
+    if env.msg_type != *MsgType::ERROR {
+        return Ok(Reply::Envelope(Box::new(env)));
+    }
+    let payload: serde_json::Value = serde_json::from_slice(&env.payload).unwrap_or_default();
+    let text = |k: &str| {
+        payload
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    Err(NodeError::Rejected {
+        code: text("error_code"),
+        reason: text("error_message"),
+        retry_after_ms: payload.get("retry_after_ms").and_then(|v| v.as_u64()),
+    })
+}
+
+impl Actor {
+    /// Step 1 and 2 for a service's send.
+    pub(super) fn send(&mut self, send: SendRequest) {
+        let SendRequest {
+            mut queued,
+            msg_type,
+            payload,
+            metered,
+        } = send;
+        let to = queued.to;
+        if !self.shared.by_entity.contains_key(&to) {
+            return self.outbound_failed(queued, NodeError::NotConnected(to));
+        }
+        if metered {
+            let Some(ticket) = self.outbound.admission.admit(payload.len() as u64) else {
+                let e = NodeError::Busy(self.outbound.admission.max);
+                return self.outbound_failed(queued, e);
+            };
+            queued.ticket = Some(ticket);
+        }
+        if !self.routes.is_sealed(&msg_type) {
+            let d = draft(
+                self.shared.clock.wall_ms(),
+                Some(to),
+                queued.message_id,
+                msg_type,
+                payload,
+            );
+            return self.sign_request(queued, d);
+        }
+        let now = self.now_ms();
+        match self
+            .shared
+            .sessions
+            .send(now, to, msg_type, payload, queued)
+        {
+            Sealing::Sealed(parts, queued) => self.sign_sealed(to, parts, queued),
+            Sealing::Queued(init) => {
+                if let Some(init) = init {
+                    self.start_handshake(to, &init);
+                }
+            }
+            Sealing::Refused(queued, r) => self.outbound_failed(queued, NodeError::rejected(r)),
+        }
+    }
+
+    /// Sends a session's first handshake step on behalf of the service that
+    /// owns the handshake types (its replies go there).
+    fn start_handshake(&mut self, to: EntityId, init: &peer_core::session::Message) {
+        let Some(owner) = self.routes.owner(init.msg_type()) else {
+            tracing::error!("no service owns the handshake; cannot open a session");
+            return;
+        };
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let queued = Queued {
+            id,
+            owner,
+            to,
+            message_id: MessageId::from_random(rand::random()),
+            ticket: None,
+        };
+        self.effects.sends.push_back(SendRequest {
+            queued,
+            msg_type: init.msg_type().parse().expect("handshake types are valid"),
+            payload: init.encode(),
+            metered: false,
+        });
+    }
+
+    /// Signs a sealed message (a session's sealed parts).
+    pub(super) fn sign_sealed(&mut self, to: EntityId, parts: SealedParts, queued: Queued) {
+        let mut d = draft(
+            self.shared.clock.wall_ms(),
+            Some(to),
+            queued.message_id,
+            parts.msg_type,
+            parts.ciphertext,
+        );
+        d.session_id = Some(parts.session_id);
+        d.sequence_num = parts.sequence_num;
+        self.sign_request(queued, d);
+    }
+
+    fn sign_request(&mut self, queued: Queued, d: Draft) {
+        self.outbound.signer.spawn(d, move |env| Signed::Request {
+            queued,
+            session: env.session_id,
+            bytes: env.encode(),
+        });
+    }
+
+    /// A signed envelope is back: a request goes to its peer's stream queue, a
+    /// reply onto its stream.
+    pub(super) fn on_signed(&mut self, signed: Signed) {
+        match signed {
+            Signed::Request {
+                queued,
+                session,
+                bytes,
+            } => {
+                let Some(peer) = self.shared.by_entity.get(&queued.to).copied() else {
+                    let to = queued.to;
+                    return self.outbound_failed(queued, NodeError::NotConnected(to));
+                };
+                let ready = Ready {
+                    queued,
+                    session,
+                    bytes,
+                };
+                if let Admit::Send(ready) = self.outbound.streams.admit(peer, ready) {
+                    self.dispatch_request(peer, ready);
+                }
+            }
+            Signed::Response { channel, bytes, .. } => {
+                // The channel is closed if the peer gave up; nothing to do then.
+                _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .envelopes
+                    .send_response(channel, Response::Reply(bytes));
+            }
+        }
+    }
+
+    fn dispatch_request(&mut self, peer: PeerId, ready: Ready) {
+        let req = self
+            .swarm
+            .behaviour_mut()
+            .envelopes
+            .send_request(&peer, Request::Envelope(Frame::outbound(ready.bytes)));
+        self.outbound.in_flight.insert(
+            req,
+            InFlight {
+                queued: ready.queued,
+                peer,
+                session: ready.session,
+            },
+        );
+    }
+
+    /// A request to `peer` finished: lets the next waiting one go.
+    fn stream_done(&mut self, peer: PeerId) {
+        if let Some(next) = self.outbound.streams.finished(peer) {
+            self.dispatch_request(peer, next);
+        }
+    }
+
+    /// The request `queued` ended with `result`: its service is told.
+    fn finish(&mut self, queued: Queued, result: Result<Reply, NodeError>) {
+        let outcome = Outcome {
+            message_id: queued.message_id,
+            to: queued.to,
+            result,
+        };
+        self.replies.push_back((queued.owner, queued.id, outcome));
+    }
+
+    /// The request `queued` failed before or without an answer.
+    pub(super) fn outbound_failed(&mut self, queued: Queued, e: NodeError) {
+        self.finish(queued, Err(e));
+    }
+
+    /// The peer's answer to one of our requests.
+    pub(super) fn on_response(&mut self, req: OutboundRequestId, response: Response) {
+        let Some(f) = self.outbound.in_flight.remove(&req) else {
+            return;
+        };
+        let to = f.queued.to;
+        let result = match response {
+            Response::Accepted => Ok(Reply::Accepted),
+            Response::Reply(bytes) => check_reply(to, &bytes).and_then(read_reply),
+            Response::Refused(r) => Err(NodeError::Rejected {
+                code: r.error_code,
+                reason: r.error_message,
+                retry_after_ms: r.retry_after_ms,
+            }),
+        };
+        if let (Err(e), Some(id)) = (&result, f.session)
+            && lost_session(e)
+        {
+            // The peer no longer has our session: the next send starts a new one.
+            let now = self.now_ms();
+            self.shared.sessions.forget(now, to, id);
+        }
+        self.stream_done(f.peer);
+        self.finish(f.queued, result);
+    }
+
+    pub(super) fn on_envelopes(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.on_response(request_id, response),
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(f) = self.outbound.in_flight.remove(&request_id) {
+                    self.stream_done(f.peer);
+                    self.outbound_failed(f.queued, NodeError::Transport(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// The last connection to `peer` closed: requests waiting for a stream to
+    /// it fail (those in flight fail through libp2p).
+    pub(super) fn drop_waiting(&mut self, peer: PeerId, entity: EntityId) {
+        for ready in self.outbound.streams.drain_waiting(peer) {
+            self.outbound_failed(ready.queued, NodeError::NotConnected(entity));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_counts_messages_and_bytes_until_tickets_are_dropped() {
+        let a = Arc::new(Admission {
+            held: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            max: 2,
+            max_bytes: 100,
+        });
+        let t1 = a.admit(60).expect("fits");
+        assert!(a.admit(41).is_none(), "60 + 41 bytes is over 100");
+        let t2 = a.admit(40).expect("fits exactly");
+        assert!(a.admit(0).is_none(), "two held");
+        drop(t1);
+        let t3 = a.admit(60).expect("room again");
+        drop((t2, t3));
+        assert_eq!(a.held.load(Ordering::Relaxed), 0);
+        assert_eq!(a.bytes.load(Ordering::Relaxed), 0);
+    }
+}

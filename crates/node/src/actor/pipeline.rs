@@ -1,0 +1,248 @@
+//! The inbound pipeline: a request from its stream to its service and back.
+//!
+//! 1. verify (on a task of its own: size, layout, the sender is the
+//!    connection's peer, timestamp, key binding, signature);
+//! 2. admit (nonce memory, recipient);
+//! 3. route (the service that owns the type; `UNSUPPORTED_MSG_TYPE` if none);
+//! 4. rate (one token of the route's class, unless its service charges);
+//! 5. open (a sealed type: in its session; unsealed: refused unless
+//!    `security.require_encryption` is off);
+//! 6. the service's [`Answer`]; a sealed message's delivery is released in
+//!    its session's order;
+//! 7. the answer on the stream: accepted, a reply envelope (signed off the
+//!    actor) or a refusal (response kind 2, unsigned: the connection
+//!    authenticates it, so a stranger's garbage costs the node no signature).
+//!
+//! The request's share of the inbound byte budget (its [`Frame`]) is held until
+//! its answer is handed to the swarm.
+
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use libp2p::request_response::ResponseChannel;
+use peer_core::inbound::{Acceptor, Refusal};
+use peer_core::rate::Class;
+use peer_core::{EntityId, Envelope, ErrorCode, MessageId, Rejection};
+use tokio::sync::mpsc;
+
+use super::Actor;
+use super::outbound::{Signed, draft};
+use crate::clock::Clock;
+use crate::net;
+use crate::net::codec::{self, Frame, Request, Response};
+use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Routed, Sealing};
+
+/// An inbound request after the stateless checks, back from its task.
+pub(crate) struct Verified {
+    entity: EntityId,
+    result: Result<Envelope, Refusal>,
+    frame: Option<Frame>,
+    channel: ResponseChannel<Response>,
+}
+
+/// The pipeline's own state.
+pub(crate) struct Pipeline {
+    acceptor: Acceptor,
+    verified_tx: mpsc::Sender<Verified>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Pipeline {
+    pub fn new(
+        acceptor: Acceptor,
+        verified_tx: mpsc::Sender<Verified>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            acceptor,
+            verified_tx,
+            clock,
+        }
+    }
+}
+
+/// The refusal for `id` with `r`.
+fn refused(r: impl Into<Refused>) -> Answer {
+    Answer::Refused(r.into())
+}
+
+impl Actor {
+    /// Step 1, on a task of its own so that signature checks run in parallel
+    /// on every core; the result comes back to [`Actor::on_verified`].
+    pub(super) fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: Request,
+        channel: ResponseChannel<Response>,
+    ) {
+        // Peers without an Ed25519 key are disconnected when they connect.
+        let Some(entity) = net::entity_of(&peer) else {
+            return;
+        };
+        let verifier = self.pipeline.acceptor.verifier();
+        let tx = self.pipeline.verified_tx.clone();
+        let clock = self.pipeline.clock.clone();
+        tokio::spawn(async move {
+            let (result, frame) = match request {
+                Request::Oversize(len) => (Err(verifier.too_large(len)), None),
+                Request::Envelope(frame) => {
+                    let result = verifier.verify_from(clock.wall_ms(), &entity, &frame.bytes);
+                    (result, Some(frame))
+                }
+            };
+            // Fails only when the node is stopping.
+            _ = tx
+                .send(Verified {
+                    entity,
+                    result,
+                    frame,
+                    channel,
+                })
+                .await;
+        });
+    }
+
+    /// Steps 2–7.
+    pub(super) fn on_verified(&mut self, v: Verified) {
+        let Verified {
+            entity,
+            result,
+            frame,
+            channel,
+        } = v;
+        let (message_id, answer) = match result {
+            Ok(env) => {
+                let id = env.message_id;
+                (Some(id), self.handle(entity, env))
+            }
+            Err(refusal) => (refusal.message_id, refused(refusal.rejection)),
+        };
+        let response = match answer {
+            Answer::Accepted => Response::Accepted,
+            Answer::Refused(r) => {
+                tracing::debug!(peer = %entity, rejection = %r.rejection, "rejected");
+                // Refusing the losing side of simultaneous handshakes is how they
+                // converge, not a fault of the peer: not counted.
+                if r.rejection.code != ErrorCode::HandshakeInProgress {
+                    self.shared.stats.rejected(Some(entity), r.rejection.code);
+                }
+                Response::Refused(codec::Refusal::new(&r.rejection, message_id, r.retry_after))
+            }
+            Answer::Reply { msg_type, payload } => {
+                let d = draft(
+                    self.shared.clock.wall_ms(),
+                    Some(entity),
+                    MessageId::from_random(rand::random()),
+                    msg_type,
+                    payload,
+                );
+                self.outbound
+                    .signer()
+                    .spawn(d, move |env| Signed::Response {
+                        channel,
+                        bytes: env.encode(),
+                        _frame: frame,
+                    });
+                return;
+            }
+        };
+        // The channel is closed if the peer gave up; nothing to do then.
+        _ = self
+            .swarm
+            .behaviour_mut()
+            .envelopes
+            .send_response(channel, response);
+        drop(frame);
+    }
+
+    /// Steps 2–6 for an envelope that passed verification.
+    fn handle(&mut self, from: EntityId, env: Envelope) -> Answer {
+        let env = match self
+            .pipeline
+            .acceptor
+            .admit(self.shared.clock.wall_ms(), env)
+        {
+            Ok(env) => env,
+            Err(refusal) => return refused(refusal.rejection),
+        };
+        let Some(Routed { service, route }) = self.routes.get(&env.msg_type).cloned() else {
+            // An unknown type costs a token of the default class, like any request.
+            if let Err(r) = self.shared.charge(from, Class::Task) {
+                return refused(r);
+            }
+            return refused(Rejection::new(
+                ErrorCode::UnsupportedMsgType,
+                format!(
+                    "this node has no handler for msg_type {:?}",
+                    env.msg_type.as_str()
+                ),
+            ));
+        };
+        if route.charge == Charge::OnArrival
+            && let Err(r) = self.shared.charge(from, route.class)
+        {
+            return refused(r);
+        }
+        // A refusal by the pipeline of a type its service charges costs a token.
+        let refuse_unopened = |this: &mut Self, r: Rejection| {
+            if route.charge == Charge::ByService
+                && let Err(limited) = this.shared.charge(from, route.class)
+            {
+                return refused(limited);
+            }
+            refused(r)
+        };
+        let now = self.now_ms();
+        let (inbound, slot) = match (route.sealing, env.session_id.is_some()) {
+            (Sealing::Sealed, true) => {
+                let sender_key = env.sender_key;
+                match self.shared.sessions.open(now, env) {
+                    Ok(u) => (
+                        Inbound {
+                            from,
+                            sender_key,
+                            message_id: u.message_id,
+                            msg_type: u.msg_type,
+                            payload: u.plaintext,
+                            sealed: true,
+                        },
+                        Some(u.slot),
+                    ),
+                    Err(r) => return refuse_unopened(self, r),
+                }
+            }
+            (Sealing::Sealed, false) if self.shared.sessions.require_encryption() => {
+                let r = Rejection::new(
+                    ErrorCode::EncryptionRequired,
+                    format!(
+                        "this node accepts {} only sealed in a session",
+                        env.msg_type
+                    ),
+                );
+                return refuse_unopened(self, r);
+            }
+            _ => (
+                Inbound {
+                    from,
+                    sender_key: env.sender_key,
+                    message_id: env.message_id,
+                    msg_type: env.msg_type,
+                    payload: env.payload,
+                    sealed: false,
+                },
+                None,
+            ),
+        };
+        self.effects.in_order = slot.map(|_| InOrder::default());
+        let answer = self.call(service, |s, cx| s.on_envelope(cx, inbound));
+        let held = self.effects.in_order.take().and_then(|slot| slot.event);
+        if let Some(slot) = slot {
+            // A refused message still fills its place in the order.
+            let now = self.now_ms();
+            for e in self.shared.sessions.release(now, from, slot, held) {
+                self.deliver_now(e);
+            }
+        }
+        answer
+    }
+}

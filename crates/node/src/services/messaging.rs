@@ -1,0 +1,139 @@
+//! Messages between agents: the agent's sends (`NodeHandle::send`, of any
+//! type; application types are sealed), and the application messages that
+//! arrive, handed to the agent in their session's order.
+
+use std::collections::HashMap;
+
+use peer_core::rate::Class;
+use peer_core::{EntityId, MsgType};
+
+use crate::actor::Reply as Answerer;
+use crate::node::{Delivered, Event, NodeError, ReplyView};
+use crate::secure::parse_json;
+use crate::service::{Answer, Context, Inbound, Outcome, Reply, RequestId, Route, Service};
+
+/// What the messaging service takes from handles.
+#[derive(Debug)]
+pub enum Command {
+    /// Send `payload` as `msg_type` to `to`; answer once it is accepted or refused.
+    Send {
+        /// The recipient.
+        to: EntityId,
+        /// The message type.
+        msg_type: MsgType,
+        /// The payload.
+        payload: Vec<u8>,
+        /// Where the outcome goes.
+        reply: Answerer<Delivered>,
+    },
+}
+
+/// An agent's message on its way.
+struct Sending {
+    reply: Answerer<Delivered>,
+    /// An application message's type and plaintext, kept so that it can be
+    /// sent again, once, in a new session if the peer no longer has ours
+    /// (it restarted, or expired the session first).
+    resend: Option<(MsgType, Vec<u8>)>,
+}
+
+/// Sends the agent's messages and delivers application messages to it.
+#[derive(Default)]
+pub struct Messaging {
+    sending: HashMap<RequestId, Sending>,
+}
+
+impl std::fmt::Debug for Messaging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messaging")
+            .field("sending", &self.sending.len())
+            .finish()
+    }
+}
+
+/// What the agent learns of an outcome.
+fn delivered(outcome: Outcome) -> Result<Delivered, NodeError> {
+    let message_id = outcome.message_id.to_string();
+    match outcome.result? {
+        Reply::Accepted => Ok(Delivered {
+            message_id,
+            reply: None,
+        }),
+        Reply::Envelope(env) => Ok(Delivered {
+            message_id,
+            reply: Some(ReplyView {
+                msg_type: env.msg_type.to_string(),
+                payload: serde_json::from_slice(&env.payload).unwrap_or(serde_json::Value::Null),
+            }),
+        }),
+    }
+}
+
+impl Service for Messaging {
+    type Command = Command;
+
+    fn name(&self) -> &'static str {
+        "messaging"
+    }
+
+    fn routes(&self) -> Vec<Route> {
+        MsgType::APPLICATION
+            .iter()
+            .map(|t| Route::sealed(t, Class::Task))
+            .collect()
+    }
+
+    fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {
+        match parse_json(msg.payload) {
+            Ok(payload) => {
+                cx.deliver(Event::Message {
+                    message_id: msg.message_id.to_string(),
+                    from: msg.from,
+                    msg_type: msg.msg_type.to_string(),
+                    payload,
+                });
+                Answer::Accepted
+            }
+            Err(r) => r.into(),
+        }
+    }
+
+    fn on_command(&mut self, cx: &mut Context<'_>, command: Command) {
+        let Command::Send {
+            to,
+            msg_type,
+            payload,
+            reply,
+        } = command;
+        let resend = msg_type
+            .is_application()
+            .then(|| (msg_type.clone(), payload.clone()));
+        let id = cx.send(to, msg_type, payload);
+        self.sending.insert(id, Sending { reply, resend });
+    }
+
+    fn on_reply(&mut self, cx: &mut Context<'_>, id: RequestId, outcome: Outcome) {
+        let Some(sending) = self.sending.remove(&id) else {
+            return;
+        };
+        let to = outcome.to;
+        if outcome.lost_session()
+            && let Some((msg_type, payload)) = sending.resend
+        {
+            let id = cx.send(to, msg_type, payload);
+            let again = Sending {
+                reply: sending.reply,
+                resend: None,
+            };
+            self.sending.insert(id, again);
+            return;
+        }
+        let result = delivered(outcome);
+        match &result {
+            Ok(_) => cx.stats().sent(to),
+            Err(NodeError::Rejected { code, .. }) => cx.stats().refused(to, code),
+            Err(_) => {}
+        }
+        _ = sending.reply.send(result);
+    }
+}
