@@ -93,6 +93,14 @@ pub struct ProtocolConfig {
     /// Most peers with their own row in `/v1/stats`; later ones share the row
     /// `other` (default 10,000).
     pub max_stats_peers: usize,
+    /// Deepest nesting of arrays and objects in an application payload, inbound
+    /// (refused `MALFORMED_MESSAGE`) and sent (`NodeError::Invalid`). The node
+    /// never parses a payload into a tree, but the agents it hands them to may,
+    /// with recursive parsers that crash or refuse well before 100,000 levels.
+    /// Default 64, the strictest common default (.NET's System.Text.Json; Ruby
+    /// allows 100, serde_json 127): a payload within it parses everywhere, and
+    /// real messages rarely nest beyond ten.
+    pub max_json_depth: usize,
 }
 
 /// Local HTTP API settings.
@@ -151,6 +159,7 @@ impl Default for ProtocolConfig {
             replay_window_secs: core.replay.window_ms / 1000,
             replay_capacity: core.replay.capacity,
             max_stats_peers: 10_000,
+            max_json_depth: 64,
         }
     }
 }

@@ -100,14 +100,11 @@ pub struct Opened {
     pub payload: RawJson,
 }
 
-/// An application payload as JSON; `MALFORMED_MESSAGE` if it is not.
-pub fn parse_json(bytes: Vec<u8>) -> Result<RawJson, Rejection> {
-    RawJson::parse(bytes).map_err(|e| {
-        refuse(
-            ErrorCode::MalformedMessage,
-            format!("payload is not JSON: {e}"),
-        )
-    })
+/// An application payload as JSON nested at most `max_depth` deep
+/// (`protocol.max_json_depth`); `MALFORMED_MESSAGE` if it is not.
+pub fn parse_json(bytes: Vec<u8>, max_depth: usize) -> Result<RawJson, Rejection> {
+    RawJson::parse(bytes, max_depth)
+        .map_err(|e| refuse(ErrorCode::MalformedMessage, format!("payload is {e}")))
 }
 
 /// Where a sealed message sits in its session's order.
@@ -620,7 +617,7 @@ mod tests {
             let opened = Opened {
                 message_id: u.message_id.to_string(),
                 msg_type: u.msg_type,
-                payload: parse_json(u.plaintext).expect("json"),
+                payload: parse_json(u.plaintext, 64).expect("json"),
             };
             b.release(NOW, a_id, u.slot, Some(opened))
         };

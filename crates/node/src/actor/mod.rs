@@ -827,7 +827,8 @@ impl Actor {
             _ => Some(Opened {
                 message_id: id.to_string(),
                 msg_type,
-                payload: crate::secure::parse_json(plaintext).map_err(|r| refusal(id, r))?,
+                payload: crate::secure::parse_json(plaintext, self.config.protocol.max_json_depth)
+                    .map_err(|r| refusal(id, r))?,
             }),
         };
         Ok(opened.map(|o| Opened {

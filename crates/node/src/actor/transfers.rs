@@ -352,31 +352,33 @@ impl Actor {
                 self.charge(from, Class::Chunk, id)?;
                 Ok(None)
             }
-            Ok(Progress::Complete { msg_type, payload }) => match parse_json(payload) {
-                Ok(payload) => {
-                    if let Some(b) = before {
-                        let done = Status {
-                            received_chunks: b.chunk_count,
-                            received_bytes: b.total_len,
-                            ..b
-                        };
-                        self.inbound_progress(from, tid, done);
+            Ok(Progress::Complete { msg_type, payload }) => {
+                match parse_json(payload, self.config.protocol.max_json_depth) {
+                    Ok(payload) => {
+                        if let Some(b) = before {
+                            let done = Status {
+                                received_chunks: b.chunk_count,
+                                received_bytes: b.total_len,
+                                ..b
+                            };
+                            self.inbound_progress(from, tid, done);
+                        }
+                        Ok(Some(Opened {
+                            message_id: tid.to_string(),
+                            msg_type,
+                            payload,
+                        }))
                     }
-                    Ok(Some(Opened {
-                        message_id: tid.to_string(),
-                        msg_type,
-                        payload,
-                    }))
+                    Err(r) => {
+                        // Refused after all: a repeat of its chunks must not pass
+                        // for delivered.
+                        self.receiving.abort(&from, tid);
+                        self.inbound_failed(from, tid, r.code.as_str(), r.reason.clone());
+                        self.charge(from, Class::Chunk, id)?;
+                        Err(refusal(id, r))
+                    }
                 }
-                Err(r) => {
-                    // Refused after all: a repeat of its chunks must not pass
-                    // for delivered.
-                    self.receiving.abort(&from, tid);
-                    self.inbound_failed(from, tid, r.code.as_str(), r.reason.clone());
-                    self.charge(from, Class::Chunk, id)?;
-                    Err(refusal(id, r))
-                }
-            },
+            }
             Err(r) => {
                 if before.is_some() && self.receiving.status(&from, tid).is_none() {
                     // The whole message did not match its manifest: dropped.
