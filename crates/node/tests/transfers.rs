@@ -468,6 +468,7 @@ async fn serve_api(node: &common::TestNode, token: &str) -> String {
     let addr = listener.local_addr().expect("addr");
     let router = peer_node::api::router(
         node.handle.clone(),
+        &peer_node::config::ApiConfig::default(),
         token.to_owned(),
         tokio_util::sync::CancellationToken::new(),
     );
