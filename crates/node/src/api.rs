@@ -1,12 +1,18 @@
 //! The local HTTP API (axum). Every route but `/v1/health` needs
 //! `Authorization: Bearer <token>`, the token in `<data_dir>/api-token`.
 //! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`.
+//!
+//! Three caps bound what clients can make the API hold, each answered at once
+//! with `503 UNAVAILABLE` and `Retry-After: 1` rather than queued: requests
+//! being handled (`api.max_concurrent_requests`, event streams aside), bytes of
+//! request bodies held (`api.max_body_bytes_in_flight`) and open event streams
+//! (`api.max_event_streams`). Each is a tokio [`Semaphore`].
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -21,14 +27,24 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ApiConfig;
 use crate::node::{NodeError, NodeHandle};
 
 /// Bytes a `POST /v1/messages` body may take beyond its payload.
 const BODY_SLACK: usize = 64 * 1024;
+
+/// Largest request body the API reads: a message of `max_message_size`
+/// (`transfer.max_message_size`) and 64 KiB of JSON around it.
+pub fn max_body_size(max_message_size: u64) -> usize {
+    usize::try_from(max_message_size)
+        .unwrap_or(usize::MAX)
+        .saturating_add(BODY_SLACK)
+}
 
 #[derive(Clone)]
 struct AppState {
@@ -38,31 +54,76 @@ struct AppState {
     /// Largest request body: a message up to the transfer limit, and its JSON
     /// wrapping.
     body_limit: usize,
+    /// One permit per request being handled (`api.max_concurrent_requests`).
+    requests: Cap,
+    /// One permit per byte of request bodies held (`api.max_body_bytes_in_flight`).
+    body_bytes: Cap,
+    /// One permit per open event stream (`api.max_event_streams`).
+    streams: Cap,
 }
 
-/// The API router over `node`, guarded by `token`. Event streams end when
+/// A semaphore and the configured count it started with.
+#[derive(Clone)]
+struct Cap {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Cap {
+    fn new(max: usize) -> Self {
+        // A tokio semaphore holds at most 2^61 permits: far more than any
+        // count or byte total the API could reach.
+        let max = max.min(Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Permits taken now.
+    fn taken(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
+}
+
+/// The API router over `node`, guarded by `token`, with the caps of `config`
+/// (`config.listen` is the caller's to bind). Event streams end when
 /// `stopping` is cancelled, so a graceful shutdown does not wait on them.
-pub fn router(node: NodeHandle, token: String, stopping: CancellationToken) -> Router {
-    let body_limit = usize::try_from(node.max_message_size())
-        .unwrap_or(usize::MAX)
-        .saturating_add(BODY_SLACK);
+pub fn router(
+    node: NodeHandle,
+    config: &ApiConfig,
+    token: String,
+    stopping: CancellationToken,
+) -> Router {
+    let body_limit = max_body_size(node.max_message_size());
     let state = AppState {
         node,
         token,
         stopping,
         body_limit,
+        requests: Cap::new(config.max_concurrent_requests),
+        body_bytes: Cap::new(config.max_body_bytes_in_flight),
+        streams: Cap::new(config.max_event_streams),
     };
-    let private = Router::new()
+    let limited = middleware::from_fn_with_state(state.clone(), limit_requests);
+    let authorized = middleware::from_fn_with_state(state.clone(), require_token);
+    // The token is checked first: a client without it takes no permit.
+    let calls = Router::new()
         .route("/v1/peers", get(list_peers).post(connect))
         .route("/v1/messages", axum::routing::post(send))
-        .route("/v1/events", get(events))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(limited.clone())
+        .route_layer(authorized.clone());
+    // An event stream counts against `api.max_event_streams` instead.
+    let streams = Router::new()
+        .route("/v1/events", get(events))
+        .route_layer(authorized);
     Router::new()
         .route("/v1/health", get(health))
-        .merge(private)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .route_layer(limited)
+        .merge(calls)
+        .merge(streams)
         .with_state(state)
 }
 
@@ -87,6 +148,14 @@ impl ApiError {
 
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    }
+
+    /// 503 `UNAVAILABLE` with `Retry-After: 1`: an API cap is reached.
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after_ms: Some(1000),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+        }
     }
 }
 
@@ -166,6 +235,20 @@ async fn require_token(
     }
 }
 
+/// Serves the request if fewer than `api.max_concurrent_requests` are being
+/// handled, else refuses it at once with 503. The permit is held until the
+/// handler has answered.
+async fn limit_requests(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match s.requests.permits.clone().try_acquire_owned() {
+        Ok(_handling) => next.run(req).await,
+        Err(_) => ApiError::unavailable(format!(
+            "too many API requests at once (api.max_concurrent_requests is {}); retry later",
+            s.requests.max
+        ))
+        .into_response(),
+    }
+}
+
 fn body_too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -174,39 +257,85 @@ fn body_too_large() -> ApiError {
     )
 }
 
-/// The request body, or a JSON error: 413 `MESSAGE_TOO_LARGE` over the body
-/// limit (`transfer.max_message_size` + 64 KiB).
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            body_too_large()
-        } else {
-            ApiError::bad_request(e.body_text())
-        }
-    })
+/// Bytes of a request body reserved against `api.max_body_bytes_in_flight`;
+/// dropping it gives them back.
+struct Reserved {
+    cap: Cap,
+    permit: Option<OwnedSemaphorePermit>,
+    bytes: usize,
 }
 
-/// Reads a body of up to `limit` bytes into one buffer, sized from
-/// `Content-Length` when given: a large message is neither copied once more
-/// nor held twice, as collecting it piece by piece would.
-async fn read_large_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+impl Reserved {
+    fn new(cap: &Cap) -> Self {
+        Self {
+            cap: cap.clone(),
+            permit: None,
+            bytes: 0,
+        }
+    }
+
+    /// Grows the reservation to `bytes` (503 if the budget lacks room).
+    fn grow_to(&mut self, bytes: usize) -> Result<(), ApiError> {
+        while self.bytes < bytes {
+            // Semaphores hand out at most u32::MAX permits at a time.
+            let step = u32::try_from(bytes - self.bytes).unwrap_or(u32::MAX);
+            let more = self
+                .cap
+                .permits
+                .clone()
+                .try_acquire_many_owned(step)
+                .map_err(|_| {
+                    ApiError::unavailable(format!(
+                        "request bodies being handled hold {} bytes and this one needs {} more (api.max_body_bytes_in_flight is {}); retry later",
+                        self.cap.taken(),
+                        bytes - self.bytes,
+                        self.cap.max
+                    ))
+                })?;
+            match &mut self.permit {
+                Some(held) => held.merge(more),
+                None => self.permit = Some(more),
+            }
+            self.bytes += step as usize;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a body of up to the body limit (`transfer.max_message_size` + 64 KiB)
+/// into one buffer, sized from `Content-Length` when given: a large message is
+/// neither copied once more nor held twice, as collecting it piece by piece
+/// would. The body's bytes are reserved against `api.max_body_bytes_in_flight`
+/// before they are read: its `Content-Length` at once, else each piece as it
+/// arrives. The handler keeps the reservation for as long as it holds the body
+/// or a part of it. 413 `MESSAGE_TOO_LARGE` over the body limit, 503
+/// `UNAVAILABLE` over the budget.
+async fn read_body(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, Reserved), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    if declared.is_some_and(|n| n > s.body_limit) {
         return Err(body_too_large());
     }
+    let mut reserved = Reserved::new(&s.body_bytes);
+    reserved.grow_to(declared.unwrap_or(0))?;
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
     let mut data = body.into_data_stream();
     while let Some(piece) = data.next().await {
         let piece = piece.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
-        if buf.len().saturating_add(piece.len()) > limit {
+        let len = buf.len().saturating_add(piece.len());
+        if len > s.body_limit {
             return Err(body_too_large());
         }
+        reserved.grow_to(len)?;
         buf.extend_from_slice(&piece);
     }
-    Ok(buf.freeze())
+    Ok((buf.freeze(), reserved))
 }
 
 fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -233,9 +362,11 @@ struct ConnectBody {
 
 async fn connect(
     State(s): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body: ConnectBody = parse_json(&read_body(body)?)?;
+    // The body and its reservation are done with once parsed.
+    let body: ConnectBody = parse_json(&read_body(&s, &headers, body).await?.0)?;
     let addr = body.addr.parse().map_err(|e| {
         ApiError::bad_request(format!("addr {:?} is not a multiaddr: {e}", body.addr))
     })?;
@@ -277,12 +408,16 @@ async fn send(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body = read_large_body(&headers, body, s.body_limit).await?;
+    let (body, reserved) = read_body(&s, &headers, body).await?;
     let (to, msg_type, payload) = read_send_body(&body)?;
     // The payload shares the body's buffer; only the payload is kept.
     drop(body);
-    let delivered = s.node.send(to, msg_type, payload).await?;
-    Ok(Json(json!(delivered)))
+    let delivered = s.node.send(to, msg_type, payload).await;
+    // The body's bytes count until the send is answered: until then the node
+    // holds the payload (a chunked message's for its whole transfer), and the
+    // payload holds the body's buffer.
+    drop(reserved);
+    Ok(Json(json!(delivered?)))
 }
 
 /// The recipient, type and payload (as the exact JSON text sent) of a
@@ -301,10 +436,20 @@ fn read_send_body(bytes: &Bytes) -> Result<(EntityId, MsgType, Bytes), ApiError>
     Ok((to, msg_type, sub_bytes(bytes, body.payload.get())))
 }
 
+/// An event stream, if fewer than `api.max_event_streams` are open (else 503);
+/// it counts until the client goes away or the node stops.
 async fn events(
     State(s): State<AppState>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let stream = BroadcastStream::new(s.node.subscribe()).map(|item| {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let subscriber = s.streams.permits.clone().try_acquire_owned().map_err(|_| {
+        ApiError::unavailable(format!(
+            "too many event streams open (api.max_event_streams is {}); close one or retry later",
+            s.streams.max
+        ))
+    })?;
+    let stream = BroadcastStream::new(s.node.subscribe()).map(move |item| {
+        // The stream owns the permit: it is given back when the stream is dropped.
+        let _subscriber = &subscriber;
         // Written straight into the stream's buffer: a reassembled message may
         // be tens of MiB.
         let event = match item {
@@ -316,7 +461,7 @@ async fn events(
         Ok(event.unwrap_or_else(|e| SseEvent::default().comment(format!("unwritable event: {e}"))))
     });
     let stream = stream.take_until(s.stopping.cancelled_owned());
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn stats(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -102,6 +102,14 @@ pub struct ProtocolConfig {
     /// Most peers with their own row in `/v1/stats`; later ones share the row
     /// `other` (default 10,000).
     pub max_stats_peers: usize,
+    /// Deepest nesting of arrays and objects in an application payload, inbound
+    /// (refused `MALFORMED_MESSAGE`) and sent (`NodeError::Invalid`). The node
+    /// never parses a payload into a tree, but the agents it hands them to may,
+    /// with recursive parsers that crash or refuse well before 100,000 levels.
+    /// Default 64, the strictest common default (.NET's System.Text.Json; Ruby
+    /// allows 100, serde_json 127): a payload within it parses everywhere, and
+    /// real messages rarely nest beyond ten.
+    pub max_json_depth: usize,
 }
 
 /// Local HTTP API settings.
@@ -113,6 +121,22 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Events kept for a slow `/v1/events` reader before it misses some (default 1,024).
     pub event_buffer: usize,
+    /// Most requests handled at once, event streams aside; one more is refused
+    /// at once with `503 UNAVAILABLE` and `Retry-After: 1`, not queued
+    /// (default 256; at least 1).
+    pub max_concurrent_requests: usize,
+    /// Most bytes of request bodies held at once, all requests together; a body
+    /// that does not fit is refused `503` before it is read. A body counts from
+    /// before it is read (its `Content-Length`, else its bytes as they arrive)
+    /// until its request is answered: a message's payload shares its body's
+    /// buffer, so a chunked message's body counts until its transfer ends.
+    /// Default 320 MiB: the bodies of the transfers `transfer.max_outgoing_bytes`
+    /// (256 MiB) lets run, and 64 MiB more being read; at least the largest
+    /// body, `transfer.max_message_size` + 64 KiB (checked).
+    pub max_body_bytes_in_flight: usize,
+    /// Most `/v1/events` subscribers at once; one more is refused `503`
+    /// (default 64; at least 1).
+    pub max_event_streams: usize,
 }
 
 impl Default for Config {
@@ -162,6 +186,7 @@ impl Default for ProtocolConfig {
             replay_window_secs: core.replay.window_ms / 1000,
             replay_capacity: core.replay.capacity,
             max_stats_peers: 10_000,
+            max_json_depth: 64,
         }
     }
 }
@@ -171,6 +196,9 @@ impl Default for ApiConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
             event_buffer: 1024,
+            max_concurrent_requests: 256,
+            max_body_bytes_in_flight: 320 * 1024 * 1024,
+            max_event_streams: 64,
         }
     }
 }
@@ -276,6 +304,19 @@ impl Config {
                 self.security.max_peers
             )));
         }
+        let api = &self.api;
+        if api.max_concurrent_requests == 0 || api.max_event_streams == 0 {
+            return Err(ConfigError::Invalid(
+                "api.max_concurrent_requests and api.max_event_streams must be at least 1".into(),
+            ));
+        }
+        let body = crate::api::max_body_size(self.transfer.max_message_size);
+        if api.max_body_bytes_in_flight < body {
+            return Err(ConfigError::Invalid(format!(
+                "api.max_body_bytes_in_flight ({}) must be at least the largest request body, transfer.max_message_size + 64 KiB ({body})",
+                api.max_body_bytes_in_flight
+            )));
+        }
         if self.network.max_inbound_buffer_bytes < self.protocol.max_envelope_size {
             return Err(ConfigError::Invalid(format!(
                 "network.max_inbound_buffer_bytes ({}) must be at least protocol.max_envelope_size ({})",
@@ -321,6 +362,40 @@ mod tests {
         assert_eq!(c.network.max_idle_secs, 300);
         assert_eq!(c.network.connection_timeout_secs, 10);
         assert!(c.api.listen.ip().is_loopback());
+        assert_eq!(c.protocol.max_json_depth, 64);
+        assert_eq!(c.api.max_concurrent_requests, 256);
+        assert_eq!(c.api.max_body_bytes_in_flight, 320 << 20);
+        assert_eq!(c.api.max_event_streams, 64);
+        c.validate().expect("the defaults are valid");
+    }
+
+    #[test]
+    fn api_caps_must_fit_one_largest_body_and_one_request() {
+        let mut c = Config::default();
+        c.transfer.max_message_size = 1 << 20;
+        let body = (1 << 20) + 64 * 1024;
+        c.api.max_body_bytes_in_flight = body;
+        let c = c.validate().expect("exactly one largest body fits");
+        let mut small = c.clone();
+        small.api.max_body_bytes_in_flight = body - 1;
+        let err = small.validate().expect_err("one byte short");
+        assert!(
+            err.to_string().contains("api.max_body_bytes_in_flight"),
+            "{err}"
+        );
+        for zero in [
+            |c: &mut Config| c.api.max_concurrent_requests = 0,
+            |c: &mut Config| c.api.max_event_streams = 0,
+        ] {
+            let mut none = c.clone();
+            zero(&mut none);
+            let err = none.validate().expect_err("zero");
+            assert!(err.to_string().contains("at least 1"), "{err}");
+        }
+        let mut one = c;
+        one.api.max_concurrent_requests = 1;
+        one.api.max_event_streams = 1;
+        one.validate().expect("one of each");
     }
 
     #[test]

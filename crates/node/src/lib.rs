@@ -84,7 +84,8 @@ pub async fn run(
         "entity_id",
         secrets.identity.entity_id().to_string().as_bytes(),
     )?;
-    let api_addr = config.api.listen;
+    let api = config.api.clone();
+    let api_addr = api.listen;
     let data_dir = config.data_dir.clone();
     let handle = node::start(config, secrets.identity, store)?;
     let api_err = |source| RunError::Api {
@@ -105,7 +106,7 @@ pub async fn run(
         shutdown.await;
         cancel.cancel();
     });
-    let router = api::router(handle, secrets.api_token, stopping.clone());
+    let router = api::router(handle, &api, secrets.api_token, stopping.clone());
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(stopping.cancelled_owned())
         .await;

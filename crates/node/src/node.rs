@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::actor::{self, Command};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::json::RawJson;
+use crate::json::{self, RawJson};
 use crate::net;
 use crate::secure::SessionView;
 use crate::service::{Erased, Routes, Service, ServiceHandle, ServiceId};
@@ -215,6 +215,7 @@ pub struct NodeHandle {
     max_envelope_size: usize,
     chunk_size: usize,
     max_message_size: u64,
+    max_json_depth: usize,
     entity_id: EntityId,
     peer_id: PeerId,
     events: broadcast::Sender<Event>,
@@ -281,12 +282,21 @@ impl NodeHandle {
         self.max_message_size
     }
 
+    /// Deepest nesting of arrays and objects [`NodeHandle::send`] takes in an
+    /// application payload (`protocol.max_json_depth`).
+    pub fn max_json_depth(&self) -> usize {
+        self.max_json_depth
+    }
+
     /// Sends a message and answers once the recipient accepted or refused it.
     /// Application messages (`MsgType::is_application`) are sealed in an
     /// end-to-end session with the recipient, which is set up (or renewed after
     /// its lifetime) on the way; other types travel signed but not sealed.
     /// An application payload larger than `transfer.chunk_size` goes as a
     /// chunked transfer, and the answer comes once every chunk is accepted.
+    /// An application payload nested deeper than `protocol.max_json_depth` is
+    /// refused with [`NodeError::Invalid`] before anything is sent (its JSON
+    /// is the caller's to check; the recipient refuses what is not JSON).
     pub async fn send(
         &self,
         to: EntityId,
@@ -294,8 +304,11 @@ impl NodeHandle {
         payload: impl Into<Bytes>,
     ) -> Result<Delivered, NodeError> {
         let payload: Bytes = payload.into();
-        if msg_type.is_application() && payload.len() > self.chunk_size {
-            return self.send_transfer(to, msg_type, payload).await;
+        if msg_type.is_application() {
+            if payload.len() > self.chunk_size {
+                return self.send_transfer(to, msg_type, payload).await;
+            }
+            check_depth(&payload, self.max_json_depth)?;
         }
         // Version "1.2", the recipient, a session id and the AEAD tag at most.
         let worst = FIXED_OVERHEAD + 3 + msg_type.as_str().len() + 32 + 16 + TAG_LEN;
@@ -329,16 +342,19 @@ impl NodeHandle {
                 limit: self.max_message_size,
             });
         }
-        // Hashing a large message takes tens of ms: not on a runtime worker.
-        let chunk_size = self.chunk_size;
+        // Checking and hashing a large message take tens of ms: not on a
+        // runtime worker.
+        let (chunk_size, max_depth) = (self.chunk_size, self.max_json_depth);
         let (manifest, payload) = tokio::task::spawn_blocking(move || {
+            check_depth(&payload, max_depth)?;
             let id = TransferId::from_random(rand::random());
-            let manifest = chunk::split(msg_type, &payload, chunk_size, id).map(|(m, _)| m);
-            (manifest, payload)
+            let manifest = chunk::split(msg_type, &payload, chunk_size, id)
+                .map(|(m, _)| m)
+                .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            Ok::<_, NodeError>((manifest, payload))
         })
         .await
-        .map_err(|_| NodeError::Stopped)?;
-        let manifest = manifest.map_err(|e| NodeError::Invalid(e.to_string()))?;
+        .map_err(|_| NodeError::Stopped)??;
         self.builtin::<transfer::Transfers>()
             .ask(|reply| transfer::Command::Send {
                 to,
@@ -363,6 +379,11 @@ impl NodeHandle {
     pub async fn stats(&self) -> Result<StatsView, NodeError> {
         self.ask(Command::Stats).await
     }
+}
+
+/// `NodeError::Invalid` if `payload` nests deeper than `max_depth`.
+fn check_depth(payload: &[u8], max_depth: usize) -> Result<(), NodeError> {
+    json::check_depth(payload, max_depth).map_err(|e| NodeError::Invalid(format!("payload is {e}")))
 }
 
 /// Why a node could not start.
@@ -487,6 +508,7 @@ impl Builder {
             max_envelope_size: config.protocol.max_envelope_size,
             chunk_size: config.transfer.chunk_size,
             max_message_size: config.transfer.max_message_size,
+            max_json_depth: config.protocol.max_json_depth,
             entity_id: identity.entity_id(),
             peer_id,
             events: events.clone(),
@@ -555,7 +577,7 @@ mod tests {
             message_id: "m".into(),
             from: peer,
             msg_type: "message".into(),
-            payload: RawJson::parse(br#"{ "a" : 1 }"#.to_vec()).expect("json"),
+            payload: RawJson::parse(br#"{ "a" : 1 }"#.to_vec(), 64).expect("json"),
         };
         let text = serde_json::to_string(&message).expect("json");
         assert!(text.contains(r#""payload":{ "a" : 1 }"#), "{text}");

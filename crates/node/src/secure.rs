@@ -111,14 +111,11 @@ pub struct SessionView {
     pub expires_ms: u64,
 }
 
-/// An application payload as JSON; `MALFORMED_MESSAGE` if it is not.
-pub fn parse_json(bytes: Vec<u8>) -> Result<RawJson, Rejection> {
-    RawJson::parse(bytes).map_err(|e| {
-        refuse(
-            ErrorCode::MalformedMessage,
-            format!("payload is not JSON: {e}"),
-        )
-    })
+/// An application payload as JSON nested at most `max_depth` deep
+/// (`protocol.max_json_depth`); `MALFORMED_MESSAGE` if it is not.
+pub fn parse_json(bytes: Vec<u8>, max_depth: usize) -> Result<RawJson, Rejection> {
+    RawJson::parse(bytes, max_depth)
+        .map_err(|e| refuse(ErrorCode::MalformedMessage, format!("payload is {e}")))
 }
 
 /// Where a sealed message sits in its session's order.
@@ -799,7 +796,7 @@ mod tests {
             message_id: text.into(),
             from,
             msg_type: "message".into(),
-            payload: parse_json(format!("{{\"t\":\"{text}\"}}").into_bytes()).expect("json"),
+            payload: parse_json(format!("{{\"t\":\"{text}\"}}").into_bytes(), 64).expect("json"),
         }
     }
 
@@ -935,6 +932,7 @@ mod tests {
             msg_type: "message".into(),
             payload: parse_json(
                 format!("{{\"t\":\"4\",\"pad\":\"{}\"}}", "x".repeat(40)).into_bytes(),
+                64,
             )
             .expect("json"),
         };

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use peer_core::{EntityId, Identity};
+use peer_node::net::codec::Response;
 use peer_node::node::Event;
 use tokio::sync::broadcast;
 
@@ -249,4 +250,51 @@ async fn plaintext_application_message_is_refused_by_default() {
         .draft(target.handle.entity_id(), "ping")
         .sign(&raw.identity);
     assert_eq!(raw.send(ping.encode()).await, None, "a pong, not an error");
+}
+
+/// `depth` arrays around a number.
+fn nested(depth: usize) -> Vec<u8> {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth)).into_bytes()
+}
+
+#[tokio::test]
+async fn a_sealed_payload_nested_too_deep_is_malformed_and_the_next_still_arrives() {
+    let target = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
+    let to = target.handle.entity_id();
+    let mut events = target.handle.subscribe();
+    let mut raw = RawPeer::connect(&target.addr).await;
+    let mut session = raw.open_session(to).await;
+    // One level over the default limit (64), and far over it.
+    for depth in [65, 100_000] {
+        let response = raw
+            .request_sealed(&mut session, to, "message", &nested(depth))
+            .await;
+        let Response::Refused(refusal) = response else {
+            panic!("refused, got {response:?}");
+        };
+        assert_eq!(refusal.error_code, "MALFORMED_MESSAGE", "{refusal:?}");
+        let reason = &refusal.error_message;
+        assert!(
+            reason.contains("64") && reason.contains("protocol.max_json_depth"),
+            "{reason}"
+        );
+    }
+    // At the limit: delivered, in order, without waiting for the refused ones.
+    let started = std::time::Instant::now();
+    let ok = raw
+        .send_sealed(&mut session, to, "message", &nested(64))
+        .await;
+    assert_eq!(ok, None);
+    let payload = next_message_from(&mut events, raw.entity_id()).await;
+    assert_eq!(
+        payload,
+        serde_json::from_slice::<serde_json::Value>(&nested(64)).expect("json")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no reorder wait"
+    );
+    let stats = target.handle.stats().await.expect("stats");
+    let theirs = &stats.peers[&raw.entity_id().to_string()];
+    assert_eq!(theirs.rejected.get("MALFORMED_MESSAGE"), Some(&2));
 }

@@ -468,6 +468,7 @@ async fn serve_api(node: &common::TestNode, token: &str) -> String {
     let addr = listener.local_addr().expect("addr");
     let router = peer_node::api::router(
         node.handle.clone(),
+        &peer_node::config::ApiConfig::default(),
         token.to_owned(),
         tokio_util::sync::CancellationToken::new(),
     );
@@ -658,4 +659,53 @@ async fn a_transfer_wider_than_the_outbound_queue_waits_for_room() {
         .expect("delivered despite the small queue");
     let (_, _, received) = progress_then_message(&mut events).await;
     assert_eq!(received, payload);
+}
+
+#[tokio::test]
+async fn a_reassembled_message_nested_too_deep_is_malformed_and_the_next_arrives() {
+    let node = start_node_with(TCP, |_| {}).await;
+    let mut s = Sender::new(&node).await;
+    let mut events = node.handle.subscribe();
+    // 100 KB inside 65 arrays: one level over the default limit (64).
+    let mut deep = b"[".repeat(65);
+    deep.extend_from_slice(&json_string(100_000, 7));
+    deep.extend_from_slice(&b"]".repeat(65));
+    let (manifest, chunks) = chunk::split(
+        message_type(),
+        &deep,
+        chunk::DEFAULT_CHUNK_SIZE,
+        TransferId::from_random(rand::random()),
+    )
+    .expect("split");
+    let chunks: Vec<Chunk> = chunks.collect();
+    assert_eq!(s.send(chunk::MSG_MANIFEST, &manifest.encode()).await, None);
+    let (last, rest) = chunks.split_last().expect("chunks");
+    for c in rest {
+        assert_eq!(s.send_chunk(c).await, None);
+    }
+    let code = s.send_chunk(last).await;
+    assert_eq!(code.as_deref(), Some("MALFORMED_MESSAGE"));
+    let reason = loop {
+        if let Event::TransferFailed {
+            transfer_id,
+            code,
+            reason,
+            ..
+        } = next_event(&mut events).await
+        {
+            assert_eq!(transfer_id, manifest.transfer_id.to_string());
+            assert_eq!(code, "MALFORMED_MESSAGE");
+            break reason;
+        }
+    };
+    assert!(reason.contains("protocol.max_json_depth"), "{reason}");
+
+    // The next transfer from the same sender arrives.
+    assert_eq!(s.announce().await, None);
+    for c in s.chunks.clone() {
+        assert_eq!(s.send_chunk(&c).await, None);
+    }
+    let (_, message_id, received) = progress_then_message(&mut events).await;
+    assert_eq!(message_id, s.manifest.transfer_id.to_string());
+    assert_eq!(received, s.data);
 }

@@ -84,7 +84,7 @@ impl Service for Messaging {
     }
 
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {
-        match parse_json(msg.payload) {
+        match parse_json(msg.payload, cx.config().protocol.max_json_depth) {
             Ok(payload) => {
                 cx.deliver(Event::Message {
                     message_id: msg.message_id.to_string(),

@@ -303,6 +303,17 @@ impl RawPeer {
         msg_type: &str,
         plaintext: &[u8],
     ) -> Option<String> {
+        error_code(self.request_sealed(session, to, msg_type, plaintext).await)
+    }
+
+    /// As [`RawPeer::send_sealed`], but returns the node's response.
+    pub async fn request_sealed(
+        &mut self,
+        session: &mut Session,
+        to: EntityId,
+        msg_type: &str,
+        plaintext: &[u8],
+    ) -> Response {
         let mut d = self.draft(to, msg_type);
         let (seq, ciphertext) = session
             .seal(now_ms(), &d.msg_type, plaintext)
@@ -310,7 +321,7 @@ impl RawPeer {
         d.session_id = Some(session.id());
         d.sequence_num = seq;
         d.payload = ciphertext;
-        self.send(d.sign(&self.identity).encode()).await
+        self.request(d.sign(&self.identity).encode()).await
     }
 }
 

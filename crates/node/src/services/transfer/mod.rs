@@ -421,33 +421,35 @@ impl Transfers {
                 Ok(())
             }
             Ok(Progress::AlreadyComplete) => cx.charge(from, Class::Chunk),
-            Ok(Progress::Complete { msg_type, payload }) => match parse_json(payload) {
-                Ok(payload) => {
-                    if let Some(b) = before {
-                        let done = Status {
-                            received_chunks: b.chunk_count,
-                            received_bytes: b.total_len,
-                            ..b
-                        };
-                        Self::inbound_progress(cx, from, tid, done);
+            Ok(Progress::Complete { msg_type, payload }) => {
+                match parse_json(payload, cx.config().protocol.max_json_depth) {
+                    Ok(payload) => {
+                        if let Some(b) = before {
+                            let done = Status {
+                                received_chunks: b.chunk_count,
+                                received_bytes: b.total_len,
+                                ..b
+                            };
+                            Self::inbound_progress(cx, from, tid, done);
+                        }
+                        cx.deliver(Event::Message {
+                            message_id: tid.to_string(),
+                            from,
+                            msg_type: msg_type.to_string(),
+                            payload,
+                        });
+                        Ok(())
                     }
-                    cx.deliver(Event::Message {
-                        message_id: tid.to_string(),
-                        from,
-                        msg_type: msg_type.to_string(),
-                        payload,
-                    });
-                    Ok(())
+                    Err(r) => {
+                        // Refused after all: a repeat of its chunks must not pass
+                        // for delivered.
+                        self.receiving.abort(&from, tid);
+                        Self::inbound_failed(cx, from, tid, r.code.as_str(), r.reason.clone());
+                        cx.charge(from, Class::Chunk)?;
+                        Err(r.into())
+                    }
                 }
-                Err(r) => {
-                    // Refused after all: a repeat of its chunks must not pass
-                    // for delivered.
-                    self.receiving.abort(&from, tid);
-                    Self::inbound_failed(cx, from, tid, r.code.as_str(), r.reason.clone());
-                    cx.charge(from, Class::Chunk)?;
-                    Err(r.into())
-                }
-            },
+            }
             Err(r) => {
                 if before.is_some() && self.receiving.status(&from, tid).is_none() {
                     // The whole message did not match its manifest: dropped.
