@@ -74,6 +74,10 @@ pub struct NetworkConfig {
     /// Most peers remembered in the database; the least recently seen is forgotten
     /// first (default 10,000).
     pub max_known_peers: usize,
+    /// Peer sightings waiting to be written to the database; beyond it a
+    /// sighting is dropped and counted in `peer_store_dropped_total` (default
+    /// 1,024, at least 1).
+    pub store_queue: usize,
 }
 
 /// Inbound message checks.
@@ -138,6 +142,7 @@ impl Default for NetworkConfig {
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
             max_outbound_in_flight: 4096,
             max_known_peers: 10_000,
+            store_queue: 1024,
         }
     }
 }
@@ -224,6 +229,11 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "network.max_concurrent_streams is {streams}; it must be 1 to {MAX_STREAMS}"
             )));
+        }
+        if self.network.store_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "network.store_queue must be at least 1".into(),
+            ));
         }
         self.rate_limits.validate().map_err(ConfigError::Invalid)?;
         self.security.validate().map_err(ConfigError::Invalid)?;
@@ -354,6 +364,17 @@ mod tests {
         assert!(err.to_string().contains("replay_window_secs"), "{err}");
         let err = with_replay(huge / 2, huge - 1).expect_err("2 * tolerance > window");
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn the_store_queue_holds_at_least_one_sighting() {
+        let mut c = Config::default();
+        assert_eq!(c.network.store_queue, 1024);
+        c.network.store_queue = 1;
+        let mut c = c.validate().expect("1 is enough");
+        c.network.store_queue = 0;
+        let err = c.validate().expect_err("0 holds nothing");
+        assert!(err.to_string().contains("network.store_queue"), "{err}");
     }
 
     #[test]

@@ -45,6 +45,16 @@ struct CodeLabel {
     code: String,
 }
 
+/// Counters of the database writer (`store::Writer`), served with the node's
+/// metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StoreCounters {
+    /// Write transactions committed.
+    pub(crate) commits: Counter,
+    /// Peer sightings dropped because the writer's queue was full.
+    pub(crate) dropped: Counter,
+}
+
 /// The Prometheus metrics of a node.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -57,7 +67,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn new() -> Self {
+    fn new(store: &StoreCounters) -> Self {
         let mut registry = Registry::with_prefix("peer");
         let sent = Counter::default();
         let received = Counter::default();
@@ -89,6 +99,16 @@ impl Metrics {
             "Peers with an open connection",
             connected.clone(),
         );
+        registry.register(
+            "store_commits",
+            "Database write transactions of peer sightings committed",
+            store.commits.clone(),
+        );
+        registry.register(
+            "store_dropped",
+            "Peer sightings not recorded because the database writer's queue was full",
+            store.dropped.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             sent,
@@ -118,13 +138,14 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Empty counters with room for `max_peers` rows.
-    pub fn new(max_peers: usize) -> Self {
+    /// Empty counters with room for `max_peers` rows; the metrics also serve
+    /// the database writer's `store` counters.
+    pub fn new(max_peers: usize, store: &StoreCounters) -> Self {
         Self {
             peers: HashMap::new(),
             other: PeerCounters::default(),
             max_peers,
-            metrics: Metrics::new(),
+            metrics: Metrics::new(store),
         }
     }
 
@@ -205,7 +226,7 @@ mod tests {
 
     #[test]
     fn peers_beyond_the_bound_share_the_other_row() {
-        let mut s = Stats::new(2);
+        let mut s = Stats::new(2, &StoreCounters::default());
         for b in 0..5u8 {
             s.received(EntityId([b; 32]));
         }
@@ -221,7 +242,7 @@ mod tests {
 
     #[test]
     fn codes_we_do_not_know_share_one_label() {
-        let mut s = Stats::new(1);
+        let mut s = Stats::new(1, &StoreCounters::default());
         let peer = EntityId([1; 32]);
         s.refused(peer, "RATE_LIMITED");
         for n in 0..100 {

@@ -4,8 +4,15 @@
 //! id → record) and `peers_by_seen`, keyed by the record's `last_seen_ms`
 //! (big-endian) followed by its entity id, so that the least recently seen peer
 //! is the index's first key and recording a peer takes O(log n).
+//!
+//! The node records peer sightings through a [`Writer`]: a thread of its own
+//! that writes them in batches, so the node actor never waits for the disk.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use peer_core::EntityId;
 use redb::{
@@ -13,6 +20,8 @@ use redb::{
     WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::stats::StoreCounters;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
@@ -68,7 +77,8 @@ store_errors!(
     redb::TableError,
     redb::StorageError,
     redb::CommitError,
-    serde_json::Error
+    serde_json::Error,
+    std::io::Error
 );
 
 /// The database handle.
@@ -179,6 +189,85 @@ fn forget_oldest(
         table.remove(&key.value()[8..])?;
     }
     Ok(())
+}
+
+/// Writes peer sightings to the database on a thread of its own, so the node
+/// actor never waits for the disk. Cheap to clone; the thread ends when the
+/// last clone is dropped, after writing every sighting still queued.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tx: SyncSender<PeerRecord>,
+    counters: StoreCounters,
+}
+
+impl Writer {
+    /// Starts the writer thread. At most `capacity` (at least 1) sightings wait
+    /// for it; each batch it writes keeps at most `max_peers` peers known (see
+    /// [`Store::upsert_peer`]). The thread's handle is for waiting until it
+    /// has written everything, once every `Writer` is dropped.
+    pub fn spawn(
+        store: Arc<Store>,
+        capacity: usize,
+        max_peers: usize,
+    ) -> Result<(Self, JoinHandle<()>), StoreError> {
+        let (writer, rx) = Self::channel(capacity);
+        let counters = writer.counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("peer-store".into())
+            .spawn(move || write_batches(&store, &rx, capacity, max_peers, &counters))?;
+        Ok((writer, thread))
+    }
+
+    fn channel(capacity: usize) -> (Self, Receiver<PeerRecord>) {
+        let (tx, rx) = sync_channel(capacity.max(1));
+        let writer = Self {
+            tx,
+            counters: StoreCounters::default(),
+        };
+        (writer, rx)
+    }
+
+    /// Queues a sighting of a peer without waiting. If `capacity` sightings are
+    /// already queued it is dropped and counted (`peer_store_dropped_total`):
+    /// a sighting is advisory, and the peer's next connection records it again.
+    pub fn record_peer(&self, record: PeerRecord) {
+        if self.tx.try_send(record).is_err() {
+            self.counters.dropped.inc();
+        }
+    }
+
+    /// The writer's counters, for the node's metrics.
+    pub fn counters(&self) -> &StoreCounters {
+        &self.counters
+    }
+}
+
+/// The writer thread: waits for a sighting, takes those queued behind it (at
+/// most `max_batch` in all), keeps the latest of each peer and writes them in
+/// one transaction. Returns once every [`Writer`] is dropped and the queue is
+/// empty. A failed write is logged and its batch lost.
+fn write_batches(
+    store: &Store,
+    rx: &Receiver<PeerRecord>,
+    max_batch: usize,
+    max_peers: usize,
+    counters: &StoreCounters,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = HashMap::from([(first.entity_id, first)]);
+        let mut taken = 1;
+        while taken < max_batch
+            && let Ok(record) = rx.try_recv()
+        {
+            batch.insert(record.entity_id, record);
+            taken += 1;
+        }
+        let records: Vec<PeerRecord> = batch.into_values().collect();
+        match store.upsert_peers(&records, max_peers) {
+            Ok(()) => _ = counters.commits.inc(),
+            Err(e) => tracing::error!(error = %e, peers = records.len(), "cannot record peers"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -296,6 +385,84 @@ mod tests {
         expected.sort();
         assert_eq!(keys, expected);
         peers
+    }
+
+    #[test]
+    fn the_writer_coalesces_queued_sightings_by_peer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("node.redb")).expect("open");
+        let (writer, rx) = Writer::channel(1024);
+        // 300 sightings of 3 peers: the last of each is the latest.
+        for n in 0..300u64 {
+            writer.record_peer(peer((n % 3) as u8, n));
+        }
+        let counters = writer.counters().clone();
+        drop(writer);
+        write_batches(&store, &rx, 1024, 10, &counters);
+        assert_eq!(counters.commits.get(), 1, "one transaction for all");
+        let mut seen: Vec<(u8, u64)> = store
+            .peers()
+            .expect("peers")
+            .iter()
+            .map(|p| (p.entity_id.0[0], p.last_seen_ms))
+            .collect();
+        seen.sort();
+        assert_eq!(seen, vec![(0, 297), (1, 298), (2, 299)]);
+
+        // A batch takes at most `max_batch` sightings off the queue.
+        let (writer, rx) = Writer::channel(1024);
+        for n in 0..300u64 {
+            writer.record_peer(peer((n % 3) as u8, 1000 + n));
+        }
+        let counters = writer.counters().clone();
+        drop(writer);
+        write_batches(&store, &rx, 100, 10, &counters);
+        assert_eq!(counters.commits.get(), 3);
+        assert_eq!(store.peers().expect("peers").len(), 3);
+    }
+
+    #[test]
+    fn at_the_queue_bound_sightings_are_dropped_and_counted() {
+        let (writer, rx) = Writer::channel(2);
+        for b in 1..=3 {
+            writer.record_peer(peer(b, 1));
+        }
+        let counters = writer.counters().clone();
+        assert_eq!(counters.dropped.get(), 1);
+        let text = crate::stats::Stats::new(1, &counters).metrics().encode();
+        assert!(text.contains("peer_store_dropped_total 1"), "{text}");
+        assert!(text.contains("peer_store_commits_total 0"), "{text}");
+        drop(writer);
+        let queued: Vec<u8> = rx.iter().map(|p| p.entity_id.0[0]).collect();
+        assert_eq!(
+            queued,
+            vec![1, 2],
+            "the queued ones stay, the third is dropped"
+        );
+    }
+
+    #[test]
+    fn a_sighting_is_readable_once_the_writer_has_written_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(&dir.path().join("node.redb")).expect("open"));
+        let (writer, thread) = Writer::spawn(store.clone(), 16, 10).expect("spawn");
+        let counters = writer.counters().clone();
+        let copy = writer.clone();
+        writer.record_peer(peer(7, 70));
+        drop(writer);
+        copy.record_peer(peer(8, 80));
+        // The thread ends once the last writer is gone, after writing both.
+        drop(copy);
+        thread.join().expect("writer thread");
+        let mut ids: Vec<u8> = store
+            .peers()
+            .expect("peers")
+            .iter()
+            .map(|p| p.entity_id.0[0])
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec![7, 8]);
+        assert!((1..=2).contains(&counters.commits.get()));
     }
 
     proptest::proptest! {

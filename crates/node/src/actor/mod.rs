@@ -1,6 +1,7 @@
 //! The node actor: one task that owns the swarm, the inbound checks, the
-//! end-to-end sessions, the rate limits, the counters and the database, and
-//! answers the [`NodeHandle`](crate::NodeHandle)'s commands.
+//! end-to-end sessions, the rate limits and the counters, and answers the
+//! [`NodeHandle`](crate::NodeHandle)'s commands. It hands peer sightings to the
+//! database writer without waiting.
 //!
 //! CPU-heavy work leaves the actor: inbound signature checks run on tasks of
 //! their own (results come back on `verified`), and so does signing of outbound
@@ -32,12 +33,12 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::config::Config;
 use crate::net::codec::{Frame, Request, Response};
 use crate::net::{self, Behaviour, BehaviourEvent};
-use crate::node::{Delivered, Event, NodeError, PeerView, ReplyView, now_ms};
+use crate::node::{Delivered, Event, Live, NodeError, PeerView, ReplyView, now_ms};
 use crate::outbox::{Admit, Outbox};
 use crate::ratelimit::Limits;
 use crate::secure::{Opened, Released, SealedParts, Secure, Send};
 use crate::stats::{Metrics, Stats, StatsView};
-use crate::store::{PeerRecord, Store};
+use crate::store::{PeerRecord, Writer};
 use crate::transfer::{Outgoing as OutgoingTransfer, Part};
 
 /// Capacity of the channels from verification and signing tasks back to the
@@ -67,7 +68,8 @@ pub(crate) enum Command {
         payload: Bytes,
         reply: Reply<Delivered>,
     },
-    Peers(Reply<Vec<PeerView>>),
+    /// The live part of the peer list, with the sessions of these peers.
+    Live(Vec<EntityId>, oneshot::Sender<Live>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Stats(oneshot::Sender<StatsView>),
 }
@@ -132,6 +134,8 @@ struct Connected {
     entity: EntityId,
     connections: u32,
     addrs: Vec<Multiaddr>,
+    /// When its latest connection opened, ms since the Unix epoch.
+    last_seen_ms: u64,
 }
 
 struct Actor {
@@ -139,7 +143,7 @@ struct Actor {
     identity: Arc<Identity>,
     acceptor: Acceptor,
     secure: Secure<Waiter>,
-    store: Store,
+    writer: Writer,
     stats: Stats,
     events: broadcast::Sender<Event>,
     config: Config,
@@ -245,20 +249,20 @@ pub(crate) fn spawn(
     swarm: Swarm<Behaviour>,
     config: Config,
     identity: Identity,
-    store: Store,
+    writer: Writer,
     events: broadcast::Sender<Event>,
     commands: mpsc::Receiver<Command>,
 ) -> Metrics {
     let (verified_tx, verified_rx) = mpsc::channel(TASK_QUEUE);
     let (signed_tx, signed_rx) = mpsc::channel(TASK_QUEUE);
-    let stats = Stats::new(config.protocol.max_stats_peers);
+    let stats = Stats::new(config.protocol.max_stats_peers, writer.counters());
     let metrics = stats.metrics();
     let actor = Actor {
         swarm,
         acceptor: Acceptor::new(identity.entity_id(), config.inbound()),
         secure: Secure::new(config.security.clone(), identity.entity_id()),
         identity: Arc::new(identity),
-        store,
+        writer,
         stats,
         events,
         connected: HashMap::new(),
@@ -337,7 +341,7 @@ impl Actor {
                 payload,
                 reply,
             } => self.start_transfer(to, manifest, payload, reply),
-            Command::Peers(reply) => _ = reply.send(self.peers()),
+            Command::Live(ids, reply) => _ = reply.send(self.live(ids)),
             Command::ListenAddrs(reply) => _ = reply.send(self.listen_addrs.clone()),
             Command::Stats(reply) => _ = reply.send(self.stats.view()),
         }
@@ -464,24 +468,29 @@ impl Actor {
         self.transfer_timers(now);
     }
 
-    fn peers(&self) -> Result<Vec<PeerView>, NodeError> {
+    /// The connected peers, and the live sessions of the peers `ids`.
+    fn live(&self, ids: Vec<EntityId>) -> Live {
         let now = now_ms();
-        let mut out: Vec<PeerView> = self
-            .store
-            .peers()
-            .map_err(|e| NodeError::Transport(e.to_string()))?
-            .into_iter()
-            .map(|p| PeerView {
-                connected: self.by_entity.contains_key(&p.entity_id),
-                session: self.secure.view(&p.entity_id, now),
-                entity_id: p.entity_id,
-                peer_id: p.peer_id,
-                addrs: p.addrs,
-                last_seen_ms: p.last_seen_ms,
+        let connected = self
+            .connected
+            .iter()
+            .map(|(peer_id, c)| PeerView {
+                entity_id: c.entity,
+                peer_id: peer_id.to_string(),
+                addrs: c.addrs.iter().map(ToString::to_string).collect(),
+                connected: true,
+                session: self.secure.view(&c.entity, now),
+                last_seen_ms: c.last_seen_ms,
             })
             .collect();
-        out.sort_by_key(|p| std::cmp::Reverse(p.last_seen_ms));
-        Ok(out)
+        let sessions = ids
+            .into_iter()
+            .filter_map(|id| Some((id, self.secure.view(&id, now)?)))
+            .collect();
+        Live {
+            connected,
+            sessions,
+        }
     }
 
     fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -564,12 +573,15 @@ impl Actor {
         };
         let addr = endpoint.get_remote_address().clone();
         let first = !self.connected.contains_key(&peer_id);
+        let now = now_ms();
         let c = self.connected.entry(peer_id).or_insert_with(|| Connected {
             entity,
             connections: 0,
             addrs: Vec::new(),
+            last_seen_ms: now,
         });
         c.connections += 1;
+        c.last_seen_ms = now;
         if endpoint.is_dialer() && !c.addrs.contains(&addr) && c.addrs.len() < MAX_ADDRS_PER_PEER {
             c.addrs.push(addr);
         }
@@ -580,14 +592,9 @@ impl Actor {
             entity_id: entity,
             peer_id: peer_id.to_string(),
             addrs,
-            last_seen_ms: now_ms(),
+            last_seen_ms: now,
         };
-        if let Err(e) = self
-            .store
-            .upsert_peer(&record, self.config.network.max_known_peers)
-        {
-            tracing::error!(error = %e, "cannot record peer");
-        }
+        self.writer.record_peer(record.clone());
         if first {
             _ = self.events.send(Event::PeerConnected { entity_id: entity });
         }
