@@ -236,6 +236,12 @@ impl Config {
             ));
         }
         self.rate_limits.validate().map_err(ConfigError::Invalid)?;
+        let (senders, connections) = (self.rate_limits.max_peers, self.network.max_connections);
+        if senders < connections as usize {
+            return Err(ConfigError::Invalid(format!(
+                "rate_limits.max_peers ({senders}) must be at least network.max_connections ({connections}): every connected peer keeps rate-limit buckets of its own, and a connected newcomer must find room"
+            )));
+        }
         self.security.validate().map_err(ConfigError::Invalid)?;
         self.transfer
             .validate(self.protocol.max_envelope_size)
@@ -375,6 +381,18 @@ mod tests {
         c.network.store_queue = 0;
         let err = c.validate().expect_err("0 holds nothing");
         assert!(err.to_string().contains("network.store_queue"), "{err}");
+    }
+
+    #[test]
+    fn every_connected_peer_has_room_for_its_rate_limit_buckets() {
+        let mut c = Config::default();
+        c.network.max_connections = 100;
+        c.rate_limits.max_peers = 100;
+        let mut c = c.validate().expect("as many senders as connections");
+        c.rate_limits.max_peers = 99;
+        let text = c.validate().expect_err("fewer").to_string();
+        assert!(text.contains("rate_limits.max_peers (99)"), "{text}");
+        assert!(text.contains("network.max_connections (100)"), "{text}");
     }
 
     #[test]

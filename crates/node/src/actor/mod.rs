@@ -517,6 +517,7 @@ impl Actor {
                     && let Some(c) = self.connected.remove(&peer_id)
                 {
                     self.by_entity.remove(&c.entity);
+                    self.limits.disconnected(c.entity);
                     self.stats.set_connected(self.connected.len());
                     for out in self.outbox.drain_waiting(peer_id) {
                         self.fail_purpose(out.purpose, NodeError::NotConnected(c.entity));
@@ -596,6 +597,7 @@ impl Actor {
         };
         self.writer.record_peer(record.clone());
         if first {
+            self.limits.connected(entity);
             _ = self.events.send(Event::PeerConnected { entity_id: entity });
         }
         if let Some(reply) = self.dials.remove(&connection_id) {
