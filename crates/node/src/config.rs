@@ -83,6 +83,10 @@ pub struct NetworkConfig {
     /// Most peers remembered in the database; the least recently seen is forgotten
     /// first (default 10,000).
     pub max_known_peers: usize,
+    /// Peer sightings waiting to be written to the database; beyond it a
+    /// sighting is dropped and counted in `peer_store_dropped_total` (default
+    /// 1,024, at least 1).
+    pub store_queue: usize,
 }
 
 /// Inbound message checks.
@@ -173,6 +177,7 @@ impl Default for NetworkConfig {
             max_outbound_bytes: 128 * 1024 * 1024,
             max_pending_dials: 64,
             max_known_peers: 10_000,
+            store_queue: 1024,
         }
     }
 }
@@ -264,7 +269,18 @@ impl Config {
                 "network.max_concurrent_streams is {streams}; it must be 1 to {MAX_STREAMS}"
             )));
         }
+        if self.network.store_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "network.store_queue must be at least 1".into(),
+            ));
+        }
         self.rate_limits.validate().map_err(ConfigError::Invalid)?;
+        let (senders, connections) = (self.rate_limits.max_peers, self.network.max_connections);
+        if senders < connections as usize {
+            return Err(ConfigError::Invalid(format!(
+                "rate_limits.max_peers ({senders}) must be at least network.max_connections ({connections}): every connected peer keeps rate-limit buckets of its own, and a connected newcomer must find room"
+            )));
+        }
         self.security.validate().map_err(ConfigError::Invalid)?;
         self.transfer
             .validate(self.protocol.max_envelope_size)
@@ -453,6 +469,29 @@ mod tests {
         assert!(err.to_string().contains("replay_window_secs"), "{err}");
         let err = with_replay(huge / 2, huge - 1).expect_err("2 * tolerance > window");
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn the_store_queue_holds_at_least_one_sighting() {
+        let mut c = Config::default();
+        assert_eq!(c.network.store_queue, 1024);
+        c.network.store_queue = 1;
+        let mut c = c.validate().expect("1 is enough");
+        c.network.store_queue = 0;
+        let err = c.validate().expect_err("0 holds nothing");
+        assert!(err.to_string().contains("network.store_queue"), "{err}");
+    }
+
+    #[test]
+    fn every_connected_peer_has_room_for_its_rate_limit_buckets() {
+        let mut c = Config::default();
+        c.network.max_connections = 100;
+        c.rate_limits.max_peers = 100;
+        let mut c = c.validate().expect("as many senders as connections");
+        c.rate_limits.max_peers = 99;
+        let text = c.validate().expect_err("fewer").to_string();
+        assert!(text.contains("rate_limits.max_peers (99)"), "{text}");
+        assert!(text.contains("network.max_connections (100)"), "{text}");
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //!
 //! One task (the actor) owns the swarm, the services and the state they share.
 //! The rest of the program holds a cloneable [`NodeHandle`] that sends it
-//! commands over a bounded channel, each with a oneshot for the answer.
+//! commands over a bounded channel, each with a oneshot for the answer. Peer
+//! sightings go to the database through a [`Writer`] thread; the handle reads
+//! the database itself.
 
 use std::any::TypeId;
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -27,7 +30,7 @@ use crate::secure::SessionView;
 use crate::service::{Erased, Routes, Service, ServiceHandle, ServiceId};
 use crate::services::{handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
-use crate::store::Store;
+use crate::store::{PeerRecord, Store, Writer};
 
 /// Capacity of the command channel between handles and the actor.
 const COMMAND_QUEUE: usize = 1024;
@@ -221,6 +224,7 @@ pub struct NodeHandle {
     events: broadcast::Sender<Event>,
     metrics: Metrics,
     services: Arc<HashMap<TypeId, ServiceId>>,
+    store: Arc<Store>,
 }
 
 impl NodeHandle {
@@ -365,9 +369,18 @@ impl NodeHandle {
             .await?
     }
 
-    /// Connected and remembered peers.
+    /// Connected and remembered peers, most recently seen first. The database
+    /// is read on a blocking thread; the actor only adds what it alone knows
+    /// (who is connected, and sessions).
     pub async fn peers(&self) -> Result<Vec<PeerView>, NodeError> {
-        self.ask(Command::Peers).await?
+        let store = self.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.peers())
+            .await
+            .map_err(|e| NodeError::Transport(e.to_string()))?
+            .map_err(|e| NodeError::Transport(e.to_string()))?;
+        let ids = records.iter().map(|r| r.entity_id).collect();
+        let live = self.ask(|reply| Command::Live(ids, reply)).await?;
+        Ok(peer_list(records, live))
     }
 
     /// Addresses the node listens on.
@@ -384,6 +397,44 @@ impl NodeHandle {
 /// `NodeError::Invalid` if `payload` nests deeper than `max_depth`.
 fn check_depth(payload: &[u8], max_depth: usize) -> Result<(), NodeError> {
     json::check_depth(payload, max_depth).map_err(|e| NodeError::Invalid(format!("payload is {e}")))
+}
+
+/// What only the actor knows about peers.
+#[derive(Debug)]
+pub(crate) struct Live {
+    /// The connected peers, as of now.
+    pub(crate) connected: Vec<PeerView>,
+    /// The live sessions of the peers asked about.
+    pub(crate) sessions: HashMap<EntityId, SessionView>,
+}
+
+/// The peer list: the remembered peers, each replaced by its live view if it
+/// is connected, then the connected peers not (yet) remembered; most recently
+/// seen first.
+fn peer_list(records: Vec<PeerRecord>, live: Live) -> Vec<PeerView> {
+    let mut connected: HashMap<EntityId, PeerView> = live
+        .connected
+        .into_iter()
+        .map(|p| (p.entity_id, p))
+        .collect();
+    let mut sessions = live.sessions;
+    let mut out: Vec<PeerView> = records
+        .into_iter()
+        .map(|r| match connected.remove(&r.entity_id) {
+            Some(view) => view,
+            None => PeerView {
+                session: sessions.remove(&r.entity_id),
+                entity_id: r.entity_id,
+                peer_id: r.peer_id,
+                addrs: r.addrs,
+                connected: false,
+                last_seen_ms: r.last_seen_ms,
+            },
+        })
+        .collect();
+    out.extend(connected.into_values());
+    out.sort_by_key(|p| (Reverse(p.last_seen_ms), p.entity_id));
+    out
 }
 
 /// Why a node could not start.
@@ -476,7 +527,9 @@ impl Builder {
 
     /// Starts the node actor on the current tokio runtime: listens, dials the
     /// bootstrap peers, and serves commands until every handle is dropped.
-    /// Fails if two services own one message type, or the network cannot start.
+    /// Peer sightings are written to the database by a thread of their own,
+    /// which ends after the actor. Fails if two services own one message type,
+    /// or the network cannot start.
     pub fn start(self) -> Result<NodeHandle, StartError> {
         let Self {
             config,
@@ -500,9 +553,17 @@ impl Builder {
                 tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
             }
         }
+        let store = Arc::new(store);
+        // The thread is not joined: it ends by itself once the actor drops the writer.
+        let (writer, _) = Writer::spawn(
+            store.clone(),
+            config.network.store_queue,
+            config.network.max_known_peers,
+        )
+        .map_err(|e| StartError(format!("cannot start the database writer: {e}")))?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(config.api.event_buffer.max(1));
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(writer.counters());
         let handle = NodeHandle {
             tx,
             max_envelope_size: config.protocol.max_envelope_size,
@@ -514,12 +575,13 @@ impl Builder {
             events: events.clone(),
             metrics: metrics.clone(),
             services: Arc::new(types),
+            store,
         };
         let parts = actor::Parts {
             swarm,
             config: Arc::new(config),
             identity,
-            store,
+            writer,
             clock,
             events,
             services,
@@ -581,6 +643,51 @@ mod tests {
         };
         let text = serde_json::to_string(&message).expect("json");
         assert!(text.contains(r#""payload":{ "a" : 1 }"#), "{text}");
+    }
+
+    #[test]
+    fn the_peer_list_joins_remembered_and_live_peers() {
+        let id = |b: u8| EntityId([b; 32]);
+        let record = |b: u8, seen: u64| PeerRecord {
+            entity_id: id(b),
+            peer_id: format!("stored{b}"),
+            addrs: vec![],
+            last_seen_ms: seen,
+        };
+        let view = |b: u8, seen: u64| PeerView {
+            entity_id: id(b),
+            peer_id: format!("live{b}"),
+            addrs: vec![format!("/ip4/127.0.0.1/tcp/{b}")],
+            connected: true,
+            session: None,
+            last_seen_ms: seen,
+        };
+        let session = SessionView {
+            session_id: "s".into(),
+            state: "READY".into(),
+            role: "initiator".into(),
+            expires_ms: 9,
+        };
+        // 1 is remembered with a session, 2 remembered and connected again,
+        // 3 connected and not written yet.
+        let live = Live {
+            connected: vec![view(2, 50), view(3, 40)],
+            sessions: HashMap::from([(id(1), session.clone())]),
+        };
+        let list = peer_list(vec![record(1, 10), record(2, 20)], live);
+        let got: Vec<(u8, bool, u64, &str)> = list
+            .iter()
+            .map(|p| (p.entity_id.0[0], p.connected, p.last_seen_ms, &*p.peer_id))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, true, 50, "live2"),
+                (3, true, 40, "live3"),
+                (1, false, 10, "stored1"),
+            ]
+        );
+        assert_eq!(list[2].session, Some(session));
     }
 
     #[test]

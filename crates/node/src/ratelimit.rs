@@ -2,16 +2,21 @@
 //! and message class (see `peer_core::rate`). Checked only after a message's
 //! signature and nonce were verified, so nobody can spend another peer's budget.
 //!
-//! At most `max_peers` senders get buckets of their own. A new sender beyond that
-//! first takes the place of a sender idle long enough for all its buckets to be
-//! full again (forgetting it changes nothing); if there is none, it shares one
-//! overflow set of buckets with every other such sender.
+//! At most `max_peers` senders have buckets, each its own. The node tells the
+//! limits which peers are connected ([`Limits::connected`],
+//! [`Limits::disconnected`]). A new sender at the bound takes the place of the
+//! least recently used sender that is not connected: if any of those has been
+//! idle long enough for its buckets to be full again (forgetting it changes
+//! nothing), that one is. A connected sender is never forgotten, and as
+//! `max_peers` is at least `network.max_connections` (checked at start), a
+//! connected newcomer always finds a place; a sender that is not connected
+//! finds none only while every place is a connected peer's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock, Reference};
+use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -44,7 +49,8 @@ impl From<peer_core::rate::Quota> for QuotaConfig {
 pub struct RateLimitConfig {
     /// Whether limits are enforced (default true).
     pub enabled: bool,
-    /// Senders with buckets of their own (default 10,000).
+    /// Senders with buckets (default 10,000); at least
+    /// `network.max_connections` (checked at start).
     pub max_peers: usize,
     /// `handshake_*`, `challenge_response`, `session_*`, `ready` (default 5/min, burst 10).
     pub handshake: QuotaConfig,
@@ -111,10 +117,12 @@ pub struct Limits<C: Clock = DefaultClock> {
     quotas: Vec<Quota>,
     enabled: bool,
     max_peers: usize,
-    /// Idle time after which every bucket is full again.
-    refill: Duration,
     peers: HashMap<EntityId, Buckets<C>>,
-    overflow: Buckets<C>,
+    /// The senders in `peers` that are not connected, by last use: the first is
+    /// the next to be forgotten.
+    evictable: BTreeSet<(C::Instant, EntityId)>,
+    /// Connected peers, with buckets or not (bounded by the node's connections).
+    connected: HashSet<EntityId>,
 }
 
 impl<C: Clock> std::fmt::Debug for Limits<C> {
@@ -122,6 +130,7 @@ impl<C: Clock> std::fmt::Debug for Limits<C> {
         f.debug_struct("Limits")
             .field("enabled", &self.enabled)
             .field("peers", &self.peers.len())
+            .field("connected", &self.connected.len())
             .finish_non_exhaustive()
     }
 }
@@ -147,61 +156,84 @@ impl<C: Clock + Clone> Limits<C> {
                 Quota::per_minute(nonzero(q.per_minute)).allow_burst(nonzero(q.burst))
             })
             .collect();
-        let refill = quotas
-            .iter()
-            .map(|q| q.replenish_interval() * q.burst_size().get())
-            .max()
-            .unwrap_or_default();
-        let overflow = Self::buckets(&quotas, &clock);
         Self {
             clock,
             quotas,
             enabled: config.enabled,
             max_peers: config.max_peers,
-            refill,
             peers: HashMap::new(),
-            overflow,
+            evictable: BTreeSet::new(),
+            connected: HashSet::new(),
         }
     }
 
-    fn buckets(quotas: &[Quota], clock: &C) -> Buckets<C> {
-        Buckets {
-            by_class: quotas
-                .iter()
-                .map(|q| RateLimiter::direct_with_clock(*q, clock.clone()))
-                .collect(),
-            last_used: clock.now(),
+    /// `peer`'s first connection opened: its buckets are kept until it
+    /// disconnects.
+    pub fn connected(&mut self, peer: EntityId) {
+        if self.connected.insert(peer)
+            && let Some(b) = self.peers.get(&peer)
+        {
+            self.evictable.remove(&(b.last_used, peer));
         }
     }
 
-    /// Takes one token of `class` from `peer`'s bucket; `Err(wait)` if it is empty.
+    /// `peer`'s last connection closed: its buckets may be forgotten again.
+    pub fn disconnected(&mut self, peer: EntityId) {
+        if self.connected.remove(&peer)
+            && let Some(b) = self.peers.get(&peer)
+        {
+            self.evictable.insert((b.last_used, peer));
+        }
+    }
+
+    /// Takes one token of `class` from `peer`'s bucket; `Err(wait)` if it is
+    /// empty. A sender without buckets gets full ones, in the place of the least
+    /// recently used sender that is not connected if `max_peers` have buckets;
+    /// if every one of them is connected (only when `max_peers` is below the
+    /// connections), the message is refused for one refill interval of `class`.
+    /// O(log n).
     pub fn check(&mut self, peer: EntityId, class: Class) -> Result<(), Duration> {
         if !self.enabled {
             return Ok(());
         }
+        let index = Class::ALL.iter().position(|&c| c == class).unwrap_or(0);
         let now = self.clock.now();
-        if !self.peers.contains_key(&peer) && self.peers.len() >= self.max_peers {
-            let refill = self.refill;
-            self.peers
-                .retain(|_, b| now.duration_since(b.last_used) < refill.into());
-        }
-        let buckets = if self.peers.contains_key(&peer) || self.peers.len() < self.max_peers {
-            let quotas = &self.quotas;
-            let clock = &self.clock;
-            self.peers
-                .entry(peer)
-                .or_insert_with(|| Self::buckets(quotas, clock))
-        } else {
-            &mut self.overflow
+        let evictable = !self.connected.contains(&peer);
+        let buckets = match self.peers.get_mut(&peer) {
+            Some(b) => {
+                if evictable {
+                    self.evictable.remove(&(b.last_used, peer));
+                }
+                b
+            }
+            None => {
+                if self.peers.len() >= self.max_peers {
+                    let Some((_, oldest)) = self.evictable.pop_first() else {
+                        return Err(self.quotas[index].replenish_interval());
+                    };
+                    self.peers.remove(&oldest);
+                }
+                let buckets = Buckets {
+                    by_class: self
+                        .quotas
+                        .iter()
+                        .map(|q| RateLimiter::direct_with_clock(*q, self.clock.clone()))
+                        .collect(),
+                    last_used: now,
+                };
+                self.peers.entry(peer).or_insert(buckets)
+            }
         };
         buckets.last_used = now;
-        let index = Class::ALL.iter().position(|&c| c == class).unwrap_or(0);
+        if evictable {
+            self.evictable.insert((now, peer));
+        }
         buckets.by_class[index]
             .check()
             .map_err(|not_until| not_until.wait_time_from(now))
     }
 
-    /// Senders with buckets of their own.
+    /// Senders with buckets.
     pub fn tracked(&self) -> usize {
         self.peers.len()
     }
@@ -244,25 +276,158 @@ mod tests {
         l.check(peer(1), Class::Task).expect("one token back");
     }
 
+    /// Spends `peer`'s whole handshake burst (10).
+    fn spend_handshakes(l: &mut Limits<FakeRelativeClock>, peer: EntityId) {
+        while l.check(peer, Class::Handshake).is_ok() {}
+    }
+
+    fn id(n: u32) -> EntityId {
+        let mut b = [0u8; 32];
+        b[..4].copy_from_slice(&n.to_be_bytes());
+        EntityId(b)
+    }
+
     #[test]
-    fn beyond_max_peers_newcomers_share_the_overflow_buckets() {
-        let (mut l, clock) = limits(2);
-        l.check(peer(1), Class::Handshake).expect("1");
-        l.check(peer(2), Class::Handshake).expect("2");
-        for i in 0..10 {
-            l.check(peer(3 + i), Class::Handshake)
-                .expect("overflow burst is 10");
+    fn an_honest_newcomer_gets_full_buckets_past_many_identities() {
+        let (mut l, clock) = limits(100);
+        // Ten times as many identities as places, each spending its burst.
+        for n in 0..1000 {
+            spend_handshakes(&mut l, id(n));
+            assert!(l.tracked() <= 100);
+            clock.advance(Duration::from_millis(1));
         }
-        assert!(
-            l.check(peer(99), Class::Handshake).is_err(),
-            "overflow shared"
-        );
+        let honest = peer(0xee);
+        l.connected(honest);
+        for _ in 0..10 {
+            l.check(honest, Class::Handshake)
+                .expect("a burst of its own");
+        }
+        assert!(l.check(honest, Class::Handshake).is_err(), "and no more");
+        assert_eq!(l.tracked(), 100);
+    }
+
+    #[test]
+    fn connected_peers_survive_any_number_of_newcomers() {
+        let (mut l, clock) = limits(3);
+        for p in [peer(1), peer(2)] {
+            l.connected(p);
+            spend_handshakes(&mut l, p);
+        }
+        for n in 0..1000 {
+            l.check(id(n), Class::Handshake)
+                .expect("a place of its own");
+            assert_eq!(l.tracked(), 3);
+            clock.advance(Duration::from_millis(1));
+        }
+        for p in [peer(1), peer(2)] {
+            assert!(
+                l.check(p, Class::Handshake).is_err(),
+                "its empty bucket is kept"
+            );
+        }
+        // Once disconnected, it can be forgotten: the first newcomer takes the
+        // place of the last stranger (used before it), the second takes its.
+        l.disconnected(peer(1));
+        for n in [1000, 1001] {
+            clock.advance(Duration::from_millis(1));
+            l.check(id(n), Class::Handshake).expect("newcomer");
+        }
+        l.check(peer(1), Class::Handshake)
+            .expect("forgotten, so full again");
+        assert!(l.check(peer(2), Class::Handshake).is_err());
+        assert_eq!(l.tracked(), 3);
+    }
+
+    #[test]
+    fn the_least_recently_used_stranger_is_forgotten_first() {
+        let (mut l, clock) = limits(2);
+        spend_handshakes(&mut l, peer(1));
+        clock.advance(Duration::from_secs(1));
+        spend_handshakes(&mut l, peer(2));
+        clock.advance(Duration::from_secs(1));
+        assert!(l.check(peer(1), Class::Handshake).is_err(), "1 used last");
+        l.check(peer(3), Class::Handshake).expect("takes 2's place");
+        assert!(l.check(peer(1), Class::Handshake).is_err(), "1 is kept");
+        l.check(peer(2), Class::Handshake)
+            .expect("2 was forgotten: full buckets");
         assert_eq!(l.tracked(), 2);
-        // Once 1 and 2 have been idle long enough to be full again, a newcomer
-        // takes a place of its own.
-        clock.advance(Duration::from_secs(121));
-        l.check(peer(50), Class::Handshake).expect("own place");
-        assert!(l.tracked() <= 2);
+    }
+
+    #[test]
+    fn a_newcomer_finds_no_place_among_connected_peers_only() {
+        // Only with max_peers below the connections, which config refuses.
+        let (mut l, _) = limits(1);
+        l.connected(peer(1));
+        l.connected(peer(2));
+        l.check(peer(1), Class::Handshake).expect("room for one");
+        let wait = l.check(peer(2), Class::Handshake).expect_err("no room");
+        assert_eq!(wait, Duration::from_secs(12), "5/min: one token in 12 s");
+        assert_eq!(l.tracked(), 1);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Connect(u8),
+        Disconnect(u8),
+        Check(u8),
+        Advance(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u8..10).prop_map(Op::Connect),
+            (0u8..10).prop_map(Op::Disconnect),
+            (0u8..10).prop_map(Op::Check),
+            (0u64..200).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever senders do, at most `max_peers` have buckets, the eviction
+        /// order holds exactly the senders that are not connected, and a
+        /// connected sender that has buckets keeps them (while no more peers
+        /// are connected than there are places, as config ensures).
+        #[test]
+        fn the_table_stays_bounded_and_keeps_connected_peers(
+            ops in proptest::collection::vec(op(), 1..200)
+        ) {
+            let (mut l, clock) = limits(4);
+            for op in ops {
+                let kept: Vec<EntityId> = l
+                    .connected
+                    .iter()
+                    .filter(|p| l.peers.contains_key(p))
+                    .copied()
+                    .collect();
+                match op {
+                    Op::Connect(b) if l.connected.len() < 4 => l.connected(peer(b)),
+                    Op::Connect(_) => {}
+                    Op::Disconnect(b) => l.disconnected(peer(b)),
+                    Op::Check(b) => {
+                        // A stranger finds no place only when every place is
+                        // a connected peer's.
+                        let room = l.connected.contains(&peer(b)) || l.connected.len() < 4;
+                        _ = l.check(peer(b), Class::Task);
+                        proptest::prop_assert!(!room || l.peers.contains_key(&peer(b)), "found a place");
+                    }
+                    Op::Advance(secs) => clock.advance(Duration::from_secs(secs)),
+                }
+                proptest::prop_assert!(l.tracked() <= 4);
+                for p in kept {
+                    proptest::prop_assert!(!l.connected.contains(&p) || l.peers.contains_key(&p));
+                }
+                let mut expected: Vec<(governor::nanos::Nanos, EntityId)> = l
+                    .peers
+                    .iter()
+                    .filter(|(p, _)| !l.connected.contains(p))
+                    .map(|(p, b)| (b.last_used, *p))
+                    .collect();
+                expected.sort();
+                let order: Vec<_> = l.evictable.iter().copied().collect();
+                proptest::prop_assert_eq!(order, expected);
+            }
+        }
     }
 
     #[test]

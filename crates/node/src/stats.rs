@@ -45,6 +45,16 @@ struct CodeLabel {
     code: String,
 }
 
+/// Counters of the database writer (`store::Writer`), served with the node's
+/// metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StoreCounters {
+    /// Write transactions committed.
+    pub(crate) commits: Counter,
+    /// Peer sightings dropped because the writer's queue was full.
+    pub(crate) dropped: Counter,
+}
+
 /// The Prometheus metrics of a node.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -58,8 +68,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A fresh registry of the node's metrics.
-    pub(crate) fn new() -> Self {
+    /// A fresh registry of the node's metrics, serving the database
+    /// writer's `store` counters too.
+    pub(crate) fn new(store: &StoreCounters) -> Self {
         let mut registry = Registry::with_prefix("peer");
         let sent = Counter::default();
         let received = Counter::default();
@@ -96,6 +107,16 @@ impl Metrics {
             "envelopes_signed",
             "Envelopes this node signed (requests and replies)",
             signed.clone(),
+        );
+        registry.register(
+            "store_commits",
+            "Database write transactions of peer sightings committed",
+            store.commits.clone(),
+        );
+        registry.register(
+            "store_dropped",
+            "Peer sightings not recorded because the database writer's queue was full",
+            store.dropped.clone(),
         );
         Self {
             registry: Arc::new(registry),
@@ -219,7 +240,7 @@ mod tests {
 
     #[test]
     fn peers_beyond_the_bound_share_the_other_row() {
-        let mut s = Stats::new(2, Metrics::new());
+        let mut s = Stats::new(2, Metrics::new(&StoreCounters::default()));
         for b in 0..5u8 {
             s.received(EntityId([b; 32]));
         }
@@ -235,7 +256,7 @@ mod tests {
 
     #[test]
     fn codes_we_do_not_know_share_one_label() {
-        let mut s = Stats::new(1, Metrics::new());
+        let mut s = Stats::new(1, Metrics::new(&StoreCounters::default()));
         let peer = EntityId([1; 32]);
         s.refused(peer, "RATE_LIMITED");
         for n in 0..100 {

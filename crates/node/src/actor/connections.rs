@@ -15,7 +15,7 @@ use peer_core::EntityId;
 
 use super::{Actor, Reply};
 use crate::net;
-use crate::node::{Event, NodeError, PeerView};
+use crate::node::{Event, Live, NodeError, PeerView};
 use crate::service::PeerEvent;
 use crate::store::PeerRecord;
 
@@ -26,6 +26,8 @@ struct Connected {
     entity: EntityId,
     connections: u32,
     addrs: Vec<Multiaddr>,
+    /// When its latest connection opened, ms since the Unix epoch.
+    last_seen_ms: u64,
 }
 
 struct Dial {
@@ -126,6 +128,7 @@ impl Actor {
         };
         let addr = endpoint.get_remote_address().clone();
         let first = !self.connections.peers.contains_key(&peer_id);
+        let now = self.shared.clock.wall_ms();
         let c = self
             .connections
             .peers
@@ -134,32 +137,28 @@ impl Actor {
                 entity,
                 connections: 0,
                 addrs: Vec::new(),
+                last_seen_ms: now,
             });
         c.connections += 1;
+        c.last_seen_ms = now;
         if endpoint.is_dialer() && !c.addrs.contains(&addr) && c.addrs.len() < MAX_ADDRS_PER_PEER {
             c.addrs.push(addr);
         }
         let addrs: Vec<String> = c.addrs.iter().map(ToString::to_string).collect();
+        self.writer.record_peer(PeerRecord {
+            entity_id: entity,
+            peer_id: peer_id.to_string(),
+            addrs,
+            last_seen_ms: now,
+        });
         if !first {
             return;
         }
         self.shared.by_entity.insert(entity, peer_id);
         self.shared.sessions.set_connected(entity, true);
-        self.shared
-            .stats
-            .set_connected(self.connections.peers.len());
-        let record = PeerRecord {
-            entity_id: entity,
-            peer_id: peer_id.to_string(),
-            addrs,
-            last_seen_ms: self.shared.clock.wall_ms(),
-        };
-        if let Err(e) = self
-            .store
-            .upsert_peer(&record, self.shared.config.network.max_known_peers)
-        {
-            tracing::error!(error = %e, "cannot record peer");
-        }
+        self.shared.limits.connected(entity);
+        let connected = self.connections.peers.len();
+        self.shared.stats.set_connected(connected);
         _ = self
             .shared
             .events
@@ -183,9 +182,8 @@ impl Actor {
                 c.addrs.push(a);
             }
         }
-        let entity = c.entity;
         if let Some(d) = self.connections.dials.remove(&connection_id) {
-            let view = self.peer_view(entity, Some(peer_id));
+            let view = self.peer_view(peer_id, &self.connections.peers[&peer_id]);
             _ = d.reply.send(Ok(view));
         }
     }
@@ -213,6 +211,7 @@ impl Actor {
         };
         self.shared.by_entity.remove(&c.entity);
         self.shared.sessions.set_connected(c.entity, false);
+        self.shared.limits.disconnected(c.entity);
         self.shared
             .stats
             .set_connected(self.connections.peers.len());
@@ -223,43 +222,35 @@ impl Actor {
         self.peer_event(PeerEvent::Disconnected(c.entity));
     }
 
-    /// A peer as `GET /v1/peers` shows it, from what the actor knows now.
-    fn peer_view(&self, entity: EntityId, peer_id: Option<PeerId>) -> PeerView {
-        let now = self.now_ms();
-        let wall = self.shared.clock.wall_ms();
-        let addrs = peer_id
-            .and_then(|p| self.connections.peers.get(&p))
-            .map(|c| c.addrs.iter().map(ToString::to_string).collect())
-            .unwrap_or_default();
+    /// A connected peer as `GET /v1/peers` shows it.
+    fn peer_view(&self, peer_id: PeerId, c: &Connected) -> PeerView {
+        let (now, wall) = (self.now_ms(), self.shared.clock.wall_ms());
         PeerView {
-            entity_id: entity,
-            peer_id: peer_id.map(|p| p.to_string()).unwrap_or_default(),
-            addrs,
-            connected: peer_id.is_some(),
-            session: self.shared.sessions.view(&entity, now, wall),
-            last_seen_ms: wall,
+            entity_id: c.entity,
+            peer_id: peer_id.to_string(),
+            addrs: c.addrs.iter().map(ToString::to_string).collect(),
+            connected: true,
+            session: self.shared.sessions.view(&c.entity, now, wall),
+            last_seen_ms: c.last_seen_ms,
         }
     }
 
-    /// Known peers, most recently seen first.
-    pub(super) fn peers(&self) -> Result<Vec<PeerView>, NodeError> {
-        let now = self.now_ms();
-        let wall = self.shared.clock.wall_ms();
-        let mut out: Vec<PeerView> = self
-            .store
-            .peers()
-            .map_err(|e| NodeError::Transport(e.to_string()))?
-            .into_iter()
-            .map(|p| PeerView {
-                connected: self.shared.by_entity.contains_key(&p.entity_id),
-                session: self.shared.sessions.view(&p.entity_id, now, wall),
-                entity_id: p.entity_id,
-                peer_id: p.peer_id,
-                addrs: p.addrs,
-                last_seen_ms: p.last_seen_ms,
-            })
+    /// The connected peers, and the live sessions of the peers `ids`.
+    pub(super) fn live(&self, ids: Vec<EntityId>) -> Live {
+        let (now, wall) = (self.now_ms(), self.shared.clock.wall_ms());
+        let connected = self
+            .connections
+            .peers
+            .iter()
+            .map(|(peer_id, c)| self.peer_view(*peer_id, c))
             .collect();
-        out.sort_by_key(|p| std::cmp::Reverse(p.last_seen_ms));
-        Ok(out)
+        let sessions = ids
+            .into_iter()
+            .filter_map(|id| Some((id, self.shared.sessions.view(&id, now, wall)?)))
+            .collect();
+        Live {
+            connected,
+            sessions,
+        }
     }
 }

@@ -7,7 +7,8 @@
 //!   open, hand to the service, answer.
 //! - `outbound`: a service's send from admission to its outcome: admit (count
 //!   and bytes), seal, sign (on a task of its own), queue per peer, send.
-//! - `connections`: connections, dials and the peer table.
+//! - `connections`: connections, dials, and peer sightings for the database
+//!   writer (which the actor never waits for).
 //!
 //! The loop sleeps until the earliest deadline any service, the sessions or a
 //! dial asks for, on the monotonic clock.
@@ -32,12 +33,12 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::clock::{Clock, Monotonic};
 use crate::config::Config;
 use crate::net::{Behaviour, BehaviourEvent};
-use crate::node::{Event, NodeError, PeerView};
+use crate::node::{Event, Live, NodeError, PeerView};
 use crate::ratelimit::Limits;
 use crate::secure::Secure;
 use crate::service::{Context, Effects, Erased, Outcome, PeerEvent, Refused, Routes, ServiceId};
 use crate::stats::{Metrics, Stats, StatsView};
-use crate::store::Store;
+use crate::store::Writer;
 
 pub(crate) use outbound::Queued;
 
@@ -55,7 +56,8 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 /// What a handle asks of the actor.
 pub(crate) enum Command {
     Connect(Multiaddr, Reply<PeerView>),
-    Peers(Reply<Vec<PeerView>>),
+    /// The live part of the peer list, with the sessions of these peers.
+    Live(Vec<EntityId>, oneshot::Sender<Live>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Stats(oneshot::Sender<StatsView>),
     /// A command for one service.
@@ -66,7 +68,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Connect(addr, _) => write!(f, "Connect({addr})"),
-            Self::Peers(_) => f.write_str("Peers"),
+            Self::Live(ids, _) => write!(f, "Live({} peers)", ids.len()),
             Self::ListenAddrs(_) => f.write_str("ListenAddrs"),
             Self::Stats(_) => f.write_str("Stats"),
             Self::Service(id, _) => write!(f, "Service({id:?})"),
@@ -119,7 +121,7 @@ pub(crate) struct Parts {
     pub swarm: Swarm<Behaviour>,
     pub config: Arc<Config>,
     pub identity: Identity,
-    pub store: Store,
+    pub writer: Writer,
     pub clock: Arc<dyn Clock>,
     pub events: broadcast::Sender<Event>,
     pub services: Vec<Box<dyn Erased>>,
@@ -140,7 +142,7 @@ struct Actor {
     pipeline: Pipeline,
     outbound: Outbound,
     connections: Connections,
-    store: Store,
+    writer: Writer,
     listen_addrs: Vec<Multiaddr>,
 }
 
@@ -152,7 +154,7 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
         swarm,
         config,
         identity,
-        store,
+        writer,
         clock,
         events,
         services,
@@ -184,7 +186,7 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
         replies: Default::default(),
         next_request: 0,
         mono,
-        store,
+        writer,
         listen_addrs: Vec::new(),
     };
     tokio::spawn(actor.run(commands, verified_rx, signed_rx));
@@ -323,7 +325,7 @@ impl Actor {
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
             Command::Connect(addr, reply) => self.dial(addr, reply),
-            Command::Peers(reply) => _ = reply.send(self.peers()),
+            Command::Live(ids, reply) => _ = reply.send(self.live(ids)),
             Command::ListenAddrs(reply) => _ = reply.send(self.listen_addrs.clone()),
             Command::Stats(reply) => _ = reply.send(self.shared.stats.view()),
             Command::Service(id, command) => {
