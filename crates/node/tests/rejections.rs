@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use peer_core::{EntityId, Identity};
+use peer_node::net::codec::Response;
 use peer_node::node::Event;
 use tokio::sync::broadcast;
 
@@ -219,6 +220,28 @@ async fn non_json_application_payload_is_malformed() {
         d.sign(&raw.identity).encode()
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_refusal_is_an_unsigned_kind_2_answer_naming_the_message() {
+    let target = start_node().await;
+    let mut raw = RawPeer::connect(&target.addr).await;
+    let env = raw
+        .draft(target.handle.entity_id(), "no_such_type")
+        .sign(&raw.identity);
+    let Response::Refused(refusal) = raw.request(env.encode()).await else {
+        panic!("a refusal, not an error envelope");
+    };
+    assert_eq!(refusal.error_code, "UNSUPPORTED_MSG_TYPE");
+    assert!(
+        refusal.error_message.contains("no_such_type"),
+        "{refusal:?}"
+    );
+    assert_eq!(
+        refusal.original_message_id,
+        Some(env.message_id.to_string())
+    );
+    assert_eq!(refusal.retry_after_ms, None);
 }
 
 #[tokio::test]

@@ -30,7 +30,7 @@ use peer_core::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::Config;
-use crate::net::codec::{Frame, Request, Response};
+use crate::net::codec::{self, Frame, Request, Response};
 use crate::net::{self, Behaviour, BehaviourEvent};
 use crate::node::{Delivered, Event, NodeError, PeerView, ReplyView, now_ms};
 use crate::outbox::{Admit, Outbox};
@@ -679,7 +679,13 @@ impl Actor {
                 if refusal.rejection.code != ErrorCode::HandshakeInProgress {
                     self.stats.rejected(peer_entity, refusal.rejection.code);
                 }
-                Response::Reply(self.error_envelope(peer_entity, refusal, retry_after))
+                Response::Refused(codec::Refusal {
+                    error_code: refusal.rejection.code.as_str().to_owned(),
+                    error_message: refusal.rejection.reason,
+                    original_message_id: refusal.message_id.map(|id| id.to_string()),
+                    retry_after_ms: retry_after
+                        .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+                })
             }
         };
         // The channel is closed if the peer gave up; nothing to do then.
@@ -864,31 +870,6 @@ impl Actor {
         }
     }
 
-    fn error_envelope(
-        &self,
-        to: Option<EntityId>,
-        refusal: Refusal,
-        retry_after: Option<Duration>,
-    ) -> Vec<u8> {
-        let mut payload = serde_json::json!({
-            "error_code": refusal.rejection.code.as_str(),
-            "error_message": refusal.rejection.reason,
-        });
-        if let Some(id) = refusal.message_id {
-            payload["original_message_id"] = id.to_string().into();
-        }
-        if let Some(wait) = retry_after {
-            payload["retry_after_ms"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
-        }
-        draft(
-            to,
-            MsgType::ERROR.parse().expect("valid"),
-            payload.to_string().into_bytes(),
-        )
-        .sign(&self.identity)
-        .encode()
-    }
-
     fn on_response(&mut self, request_id: OutboundRequestId, response: Response) {
         let Some(p) = self.sends.remove(&request_id) else {
             return;
@@ -907,6 +888,11 @@ impl Actor {
                     Response::Reply(bytes) => {
                         check_reply(p.to, &bytes).and_then(|env| Self::read_reply(env, message_id))
                     }
+                    Response::Refused(r) => Err(NodeError::Rejected {
+                        code: r.error_code,
+                        reason: r.error_message,
+                        retry_after_ms: r.retry_after_ms,
+                    }),
                 };
                 let lost = result.as_ref().err().is_some_and(lost_session);
                 if let (true, Some(id)) = (lost, session) {
@@ -963,6 +949,10 @@ impl Actor {
     fn on_handshake_reply(&mut self, to: EntityId, response: Response) {
         let env = match response {
             Response::Reply(bytes) => check_reply(to, &bytes),
+            Response::Refused(r) => {
+                let code = ErrorCode::from_wire(&r.error_code).unwrap_or(ErrorCode::InvalidState);
+                return self.handshake_refused(to, &Rejection::new(code, r.error_message));
+            }
             Response::Accepted => Err(NodeError::Transport(
                 "handshake step answered without a reply".into(),
             )),
@@ -975,11 +965,7 @@ impl Actor {
             }
         };
         if env.msg_type == *MsgType::ERROR {
-            let r = rejection_of(&env);
-            for (waiter, r) in self.secure.handshake_refused(to, &r) {
-                self.fail(waiter, rejected(r));
-            }
-            return;
+            return self.handshake_refused(to, &rejection_of(&env));
         }
         match self.secure.handshake(now_ms(), &self.identity, &env) {
             Ok((next, released)) => {
@@ -989,6 +975,13 @@ impl Actor {
                 self.send_released(to, released);
             }
             Err(r) => self.fail_waiting(to, &r),
+        }
+    }
+
+    /// The peer refused one of our handshake steps.
+    fn handshake_refused(&mut self, to: EntityId, r: &Rejection) {
+        for (waiter, r) in self.secure.handshake_refused(to, r) {
+            self.fail(waiter, rejected(r));
         }
     }
 

@@ -135,9 +135,16 @@ impl RawPeer {
     }
 }
 
+/// The code of a refusal: a kind-2 refusal, or a kind-1 `error` envelope (as
+/// older peers send). `None` for anything else.
 pub fn error_code(response: Response) -> Option<String> {
-    let Response::Reply(bytes) = response else {
-        return None;
+    let bytes = match response {
+        Response::Accepted => return None,
+        Response::Refused(r) => {
+            assert!(!r.error_message.is_empty(), "a reason is given");
+            return Some(r.error_code);
+        }
+        Response::Reply(bytes) => bytes,
     };
     let env = Envelope::decode(&bytes).expect("reply decodes");
     assert!(env.verify(), "the reply is signed by the node");
