@@ -68,6 +68,16 @@ pub struct NetworkConfig {
     /// wait for room before they allocate (default 64 MiB; at least
     /// `protocol.max_envelope_size`).
     pub max_inbound_buffer_bytes: usize,
+    /// Most bytes of inbound requests buffered at once for one connection, taken
+    /// before (and on top of) `max_inbound_buffer_bytes`: the streams of one
+    /// connection wait only behind each other. Default 2 MiB, two envelopes of
+    /// the largest size. At least `protocol.max_envelope_size` and at most
+    /// `max_inbound_buffer_bytes` (checked at start).
+    pub max_inbound_bytes_per_connection: usize,
+    /// Slowest rate, in bytes per second, at which a request body must arrive
+    /// once its budget is taken: it gets 1 s plus its length divided by this,
+    /// then the stream is dropped (default 65,536; at least 1).
+    pub min_inbound_bytes_per_sec: u64,
     /// Most outbound messages held at once, in flight or waiting for a free
     /// stream; beyond it a send fails with `UNAVAILABLE` (default 4,096).
     pub max_outbound_in_flight: usize,
@@ -136,6 +146,8 @@ impl Default for NetworkConfig {
             max_pending_incoming: 128,
             max_concurrent_streams: 256,
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
+            max_inbound_bytes_per_connection: 2 * 1024 * 1024,
+            min_inbound_bytes_per_sec: 64 * 1024,
             max_outbound_in_flight: 4096,
             max_known_peers: 10_000,
         }
@@ -161,6 +173,28 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
             event_buffer: 1024,
         }
+    }
+}
+
+impl NetworkConfig {
+    /// Checks the per-connection bounds against the node's inbound budget.
+    fn validate_inbound(&self, max_envelope_size: usize) -> Result<(), String> {
+        if self.min_inbound_bytes_per_sec == 0 {
+            return Err("network.min_inbound_bytes_per_sec is 0; it must be at least 1".into());
+        }
+        let share = self.max_inbound_bytes_per_connection;
+        let budget = self.max_inbound_buffer_bytes;
+        if share < max_envelope_size {
+            return Err(format!(
+                "network.max_inbound_bytes_per_connection ({share}) must be at least protocol.max_envelope_size ({max_envelope_size})"
+            ));
+        }
+        if share > budget {
+            return Err(format!(
+                "network.max_inbound_bytes_per_connection ({share}) must be at most network.max_inbound_buffer_bytes ({budget})"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -258,6 +292,9 @@ impl Config {
                 self.network.max_inbound_buffer_bytes, self.protocol.max_envelope_size
             )));
         }
+        self.network
+            .validate_inbound(self.protocol.max_envelope_size)
+            .map_err(ConfigError::Invalid)?;
         Ok(self)
     }
 
@@ -354,6 +391,36 @@ mod tests {
         assert!(err.to_string().contains("replay_window_secs"), "{err}");
         let err = with_replay(huge / 2, huge - 1).expect_err("2 * tolerance > window");
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    fn with_inbound(tune: impl FnOnce(&mut NetworkConfig)) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        tune(&mut c.network);
+        c.validate()
+    }
+
+    #[test]
+    fn a_connection_share_holds_an_envelope_and_fits_the_budget() {
+        let c = Config::default();
+        assert_eq!(c.network.max_inbound_bytes_per_connection, 2 * 1024 * 1024);
+        assert_eq!(c.network.min_inbound_bytes_per_sec, 65_536);
+        c.clone().validate().expect("the defaults are valid");
+        let envelope = c.protocol.max_envelope_size;
+        with_inbound(|n| n.max_inbound_bytes_per_connection = envelope).expect("one envelope");
+        let err = with_inbound(|n| n.max_inbound_bytes_per_connection = envelope - 1)
+            .expect_err("below one envelope");
+        assert!(err.to_string().contains("max_envelope_size"), "{err}");
+        let budget = c.network.max_inbound_buffer_bytes;
+        with_inbound(|n| n.max_inbound_bytes_per_connection = budget).expect("the whole budget");
+        let err = with_inbound(|n| n.max_inbound_bytes_per_connection = budget + 1)
+            .expect_err("over the budget");
+        assert!(err.to_string().contains("at most"), "{err}");
+        with_inbound(|n| n.min_inbound_bytes_per_sec = 1).expect("1 byte/s");
+        let err = with_inbound(|n| n.min_inbound_bytes_per_sec = 0).expect_err("0");
+        assert!(
+            err.to_string().contains("min_inbound_bytes_per_sec"),
+            "{err}"
+        );
     }
 
     #[test]

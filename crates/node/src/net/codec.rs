@@ -8,13 +8,18 @@
 //! answers). A request longer than the limit is not buffered: its body is read
 //! and discarded, and the receiver answers `MESSAGE_TOO_LARGE`.
 //!
-//! Inbound bodies are buffered only against a node-wide byte budget
-//! (`network.max_inbound_buffer_bytes`): a reader waits for budget before it
-//! allocates, and the budget comes back when the request is dropped. So however
-//! many peers and streams there are, inbound buffers never exceed the budget.
+//! Inbound bodies are buffered against two byte budgets: their connection's
+//! share (`network.max_inbound_bytes_per_connection`) and then the node's
+//! (`network.max_inbound_buffer_bytes`). A reader waits for both before it
+//! allocates, and both come back when the request is dropped. So however many
+//! peers and streams there are, inbound buffers never exceed the node's budget,
+//! and the streams of one connection wait only behind each other. Once a body
+//! has its budget it must arrive at `network.min_inbound_bytes_per_sec` after a
+//! one-second allowance, or the stream is dropped.
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::prelude::*;
 use libp2p::StreamProtocol;
@@ -27,6 +32,9 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peer-protocol/1.2.0")
 /// Largest refusal body read (response kind 2); a longer one is invalid data.
 pub const MAX_REFUSAL: u64 = 64 * 1024;
 
+/// Time a request body gets on top of its length divided by the minimum rate.
+pub const RATE_ALLOWANCE: Duration = Duration::from_secs(1);
+
 /// A request: an envelope's bytes, or (inbound only) notice of an oversize frame.
 #[derive(Debug)]
 pub enum Request {
@@ -36,12 +44,19 @@ pub enum Request {
     Oversize(u64),
 }
 
-/// Envelope bytes, holding their share of the inbound budget until dropped.
+/// Envelope bytes, holding their share of the inbound budgets until dropped.
 #[derive(Debug)]
 pub struct Frame {
     /// The bytes.
     pub bytes: Vec<u8>,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<Budget>,
+}
+
+/// Bytes taken from a connection's share and from the node's budget.
+#[derive(Debug)]
+struct Budget {
+    _connection: OwnedSemaphorePermit,
+    _node: OwnedSemaphorePermit,
 }
 
 impl Frame {
@@ -81,22 +96,108 @@ pub struct Refusal {
     pub retry_after_ms: Option<u64>,
 }
 
-/// The codec; `max_size` bounds every frame it reads, `budget` all inbound
-/// bodies buffered at once.
-#[derive(Debug, Clone)]
+/// What a codec reads and how much it buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame read, in bytes.
+    pub max_size: usize,
+    /// Inbound bodies buffered at once by the whole node, in bytes.
+    pub node_bytes: usize,
+    /// Inbound bodies buffered at once by one connection, in bytes.
+    pub connection_bytes: usize,
+    /// Slowest rate a body may arrive at once it has its budget, in bytes per
+    /// second (after [`RATE_ALLOWANCE`]).
+    pub min_rate: u64,
+}
+
+/// The codec. The caller guarantees `max_size <= connection_bytes <=
+/// node_bytes` (the configuration checks it); a frame larger than a budget
+/// would wait for it forever.
+///
+/// Each connection has its own share of the inbound budget, and the codec finds
+/// its connection through cloning. libp2p-request-response 0.30 clones the
+/// behaviour's codec exactly once per connection handler
+/// (`Behaviour::handle_established_{inbound,outbound}_connection`), and each
+/// handler clones its own codec once per stream (`Handler::on_fully_negotiated_*`).
+/// So a clone of the root codec (the one given to the behaviour) starts a new
+/// connection with a fresh share, and a clone of a connection's codec is one of
+/// its streams and uses the same share. `tests/limits.rs`
+/// `one_connection_using_its_share_does_not_hold_up_another` checks this
+/// against real swarms.
+#[derive(Debug)]
 pub struct Codec {
-    max_size: usize,
-    budget: Arc<Semaphore>,
+    limits: Limits,
+    node: Arc<Semaphore>,
+    connection: Arc<Semaphore>,
+    root: bool,
+}
+
+fn semaphore(bytes: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS)))
 }
 
 impl Codec {
-    /// A codec reading frames of at most `max_size` bytes, with at most
-    /// `budget_bytes` of inbound bodies buffered across all its clones. The
-    /// caller guarantees `budget_bytes >= max_size` (the configuration checks it).
-    pub fn new(max_size: usize, budget_bytes: usize) -> Self {
+    /// The root codec, to give to the request-response behaviour. Read from
+    /// directly (as unit tests do), it behaves as one connection.
+    pub fn new(limits: Limits) -> Self {
         Self {
-            max_size,
-            budget: Arc::new(Semaphore::new(budget_bytes.min(Semaphore::MAX_PERMITS))),
+            limits,
+            node: semaphore(limits.node_bytes),
+            connection: semaphore(limits.connection_bytes),
+            root: true,
+        }
+    }
+
+    /// Waits for `len` bytes of the connection's share, then of the node's budget.
+    async fn reserve(&self, len: u64) -> io::Result<Budget> {
+        // len <= max_size <= the budgets, which fit in u32 permits.
+        let permits = u32::try_from(len).map_err(io::Error::other)?;
+        let connection = self.connection.clone().acquire_many_owned(permits);
+        let connection = connection.await.map_err(io::Error::other)?;
+        let node = self.node.clone().acquire_many_owned(permits);
+        let node = node.await.map_err(io::Error::other)?;
+        Ok(Budget {
+            _connection: connection,
+            _node: node,
+        })
+    }
+
+    /// Runs `read` of a `len`-byte body, failing it if the body arrives slower
+    /// than the minimum rate.
+    async fn in_time<F, R>(&self, len: u64, read: F) -> io::Result<R>
+    where
+        F: Future<Output = io::Result<R>>,
+    {
+        let rate = self.limits.min_rate.max(1);
+        let allowed =
+            RATE_ALLOWANCE + Duration::from_nanos(len.saturating_mul(1_000_000_000) / rate);
+        match tokio::time::timeout(allowed, read).await {
+            Ok(read) => read,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "a {len}-byte body not received within {allowed:?} (minimum {rate} bytes/s)"
+                ),
+            )),
+        }
+    }
+}
+
+impl Clone for Codec {
+    /// A clone of the root codec is a new connection, with a fresh share of the
+    /// inbound budget; a clone of a connection's codec shares its connection's.
+    /// See [`Codec`] for why this matches how libp2p clones codecs.
+    fn clone(&self) -> Self {
+        let connection = if self.root {
+            semaphore(self.limits.connection_bytes)
+        } else {
+            self.connection.clone()
+        };
+        Self {
+            limits: self.limits,
+            node: self.node.clone(),
+            connection,
+            root: false,
         }
     }
 }
@@ -133,22 +234,19 @@ impl libp2p::request_response::Codec for Codec {
         T: AsyncRead + Unpin + Send,
     {
         let len = read_len(io).await?;
-        if len > self.max_size as u64 {
-            futures::io::copy(io.take(len), &mut futures::io::sink()).await?;
+        if len > self.limits.max_size as u64 {
+            let mut sink = futures::io::sink();
+            self.in_time(len, futures::io::copy(io.take(len), &mut sink))
+                .await?;
             return Ok(Request::Oversize(len));
         }
-        // len <= max_size <= budget, which fits in u32 permits.
-        let permits = u32::try_from(len).map_err(io::Error::other)?;
-        let permit = self
-            .budget
-            .clone()
-            .acquire_many_owned(permits)
-            .await
-            .map_err(io::Error::other)?;
-        let bytes = read_body(io, len).await?;
+        let budget = self.reserve(len).await?;
+        // The clock starts once the budget is ours: waiting for it is not the
+        // sender's fault.
+        let bytes = self.in_time(len, read_body(io, len)).await?;
         Ok(Request::Envelope(Frame {
             bytes,
-            _budget: Some(permit),
+            _budget: Some(budget),
         }))
     }
 
@@ -162,7 +260,7 @@ impl libp2p::request_response::Codec for Codec {
             0 => Ok(Response::Accepted),
             1 => {
                 let len = read_len(io).await?;
-                if len > self.max_size as u64 {
+                if len > self.limits.max_size as u64 {
                     return Err(invalid("reply over the size limit"));
                 }
                 read_body(io, len).await.map(Response::Reply)
@@ -230,20 +328,38 @@ impl libp2p::request_response::Codec for Codec {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
     use super::*;
     use futures::io::Cursor;
     use libp2p::request_response::Codec as _;
 
-    fn block<F: Future>(f: F) -> F::Output {
-        futures::executor::block_on(f)
+    fn limits(max_size: usize, connection_bytes: usize, node_bytes: usize) -> Limits {
+        Limits {
+            max_size,
+            node_bytes,
+            connection_bytes,
+            min_rate: 1000,
+        }
     }
 
-    fn written(c: &mut Codec, bytes: Vec<u8>) -> Cursor<Vec<u8>> {
+    async fn written(c: &mut Codec, bytes: Vec<u8>) -> Cursor<Vec<u8>> {
         let mut buf = Cursor::new(Vec::new());
         let req = Request::Envelope(Frame::outbound(bytes));
-        block(c.write_request(&PROTOCOL, &mut buf, req)).expect("write");
+        c.write_request(&PROTOCOL, &mut buf, req)
+            .await
+            .expect("write");
         buf.set_position(0);
         buf
+    }
+
+    async fn read(c: &mut Codec, bytes: Vec<u8>) -> Frame {
+        let mut buf = written(c, bytes).await;
+        match c.read_request(&PROTOCOL, &mut buf).await.expect("read") {
+            Request::Envelope(f) => f,
+            other => panic!("{other:?}"),
+        }
     }
 
     fn refusal(original: Option<&str>, retry_after_ms: Option<u64>) -> Refusal {
@@ -255,16 +371,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn frames_round_trip_and_oversize_is_discarded() {
-        let mut c = Codec::new(8, 16);
-        let mut buf = written(&mut c, b"hello".to_vec());
-        match block(c.read_request(&PROTOCOL, &mut buf)).expect("read") {
-            Request::Envelope(f) => assert_eq!(f.bytes, b"hello"),
-            other => panic!("{other:?}"),
-        }
-        let mut big = written(&mut c, vec![7; 20]);
-        let got = block(c.read_request(&PROTOCOL, &mut big)).expect("read");
+    #[tokio::test]
+    async fn frames_round_trip_and_oversize_is_discarded() {
+        let mut c = Codec::new(limits(8, 16, 16));
+        assert_eq!(read(&mut c, b"hello".to_vec()).await.bytes, b"hello");
+        let mut big = written(&mut c, vec![7; 20]).await;
+        let got = c.read_request(&PROTOCOL, &mut big).await.expect("read");
         assert!(matches!(got, Request::Oversize(20)));
         assert_eq!(big.position(), 24, "the body was consumed, not buffered");
 
@@ -279,18 +391,18 @@ mod tests {
         ];
         for res in responses {
             let mut buf = Cursor::new(Vec::new());
-            block(c.write_response(&PROTOCOL, &mut buf, res.clone())).expect("write");
+            c.write_response(&PROTOCOL, &mut buf, res.clone())
+                .await
+                .expect("write");
             buf.set_position(0);
-            assert_eq!(
-                block(c.read_response(&PROTOCOL, &mut buf)).expect("read"),
-                res
-            );
+            let back = c.read_response(&PROTOCOL, &mut buf).await.expect("read");
+            assert_eq!(back, res);
         }
     }
 
     #[tokio::test]
     async fn a_refusal_is_kind_2_with_the_error_payload_fields() {
-        let mut c = Codec::new(8, 16);
+        let mut c = Codec::new(limits(8, 16, 16));
         let mut buf = Cursor::new(Vec::new());
         let res = Response::Refused(refusal(Some("m-1"), Some(300)));
         c.write_response(&PROTOCOL, &mut buf, res)
@@ -324,7 +436,7 @@ mod tests {
     }
 
     async fn read_kind_2(body: &[u8]) -> io::Result<Response> {
-        let mut c = Codec::new(8, 16);
+        let mut c = Codec::new(limits(8, 16, 16));
         let len = u32::try_from(body.len()).expect("fits");
         let mut wire = vec![2];
         wire.extend_from_slice(&len.to_be_bytes());
@@ -354,23 +466,134 @@ mod tests {
         }
     }
 
-    #[test]
-    fn inbound_bodies_hold_budget_until_dropped() {
-        let mut c = Codec::new(8, 10);
-        let mut one = written(&mut c, vec![1; 8]);
-        let first = block(c.read_request(&PROTOCOL, &mut one)).expect("read");
-        assert_eq!(c.budget.available_permits(), 2);
-        // A second 8-byte body must wait until the first is dropped.
-        let mut two = written(&mut c, vec![2; 8]);
+    #[tokio::test]
+    async fn inbound_bodies_hold_budget_until_dropped() {
+        let mut c = Codec::new(limits(8, 10, 10));
+        let first = read(&mut c, vec![1; 8]).await;
+        assert_eq!(c.node.available_permits(), 2);
+        // A second 8-byte body, on another connection, must wait until the
+        // first is dropped.
+        let mut two = written(&mut c, vec![2; 8]).await;
         let mut reader = c.clone();
         let protocol = PROTOCOL;
-        let mut read = Box::pin(reader.read_request(&protocol, &mut two));
-        assert!(
-            futures::FutureExt::now_or_never(&mut read).is_none(),
-            "waits for budget"
-        );
+        let mut read_two = Box::pin(reader.read_request(&protocol, &mut two));
+        assert!((&mut read_two).now_or_never().is_none(), "waits for budget");
         drop(first);
-        assert!(matches!(block(read).expect("read"), Request::Envelope(_)));
-        assert_eq!(c.budget.available_permits(), 10, "all budget is back");
+        assert!(matches!(
+            read_two.await.expect("read"),
+            Request::Envelope(_)
+        ));
+        assert_eq!(c.node.available_permits(), 10, "all budget is back");
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_only_behind_its_own_streams() {
+        let root = Codec::new(limits(8, 8, 32));
+        let a = root.clone();
+        let (mut a1, mut a2, mut b) = (a.clone(), a.clone(), root.clone());
+        let held = read(&mut a1, vec![1; 8]).await;
+        assert_eq!(a.connection.available_permits(), 0, "a's share is taken");
+        // Another stream of the same connection waits, even for one byte and
+        // with most of the node's budget free.
+        let mut small = written(&mut a2, vec![2]).await;
+        let protocol = PROTOCOL;
+        let mut waiting = Box::pin(a2.read_request(&protocol, &mut small));
+        assert!(
+            (&mut waiting).now_or_never().is_none(),
+            "behind its own stream"
+        );
+        // Another connection reads at once, from its own share.
+        assert_eq!(read(&mut b, vec![3; 8]).await.bytes, vec![3; 8]);
+        drop(held);
+        assert!(matches!(waiting.await.expect("read"), Request::Envelope(_)));
+        assert_eq!(root.node.available_permits(), 32, "all budget is back");
+    }
+
+    /// Yields `head` at once, then `step` bytes of `body` every `every`.
+    struct Trickle {
+        head: Vec<u8>,
+        body: Vec<u8>,
+        step: usize,
+        every: Duration,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl Trickle {
+        fn new(len: u32, step: usize, every_ms: u64) -> Self {
+            Self {
+                head: len.to_be_bytes().to_vec(),
+                body: vec![9; len as usize],
+                step,
+                every: Duration::from_millis(every_ms),
+                sleep: None,
+            }
+        }
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = &mut *self;
+            let (from, n) = if this.head.is_empty() {
+                let every = this.every;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+                futures::ready!(sleep.as_mut().poll(cx));
+                this.sleep = None;
+                let n = this.step.min(this.body.len());
+                (&mut this.body, n)
+            } else {
+                let n = this.head.len();
+                (&mut this.head, n)
+            };
+            let n = n.min(buf.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            from.drain(..n);
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    async fn trickled(c: &mut Codec, len: u32, step: usize, every_ms: u64) -> io::Result<Request> {
+        c.read_request(&PROTOCOL, &mut Trickle::new(len, step, every_ms))
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_slower_than_the_minimum_rate_is_dropped_at_its_deadline() {
+        // 1,000 bytes at 1,000 bytes/s: 1 s allowance + 1 s.
+        let mut c = Codec::new(limits(1000, 1000, 1000));
+        let on_time = trickled(&mut c, 1000, 100, 199).await.expect("1.99 s");
+        assert!(matches!(on_time, Request::Envelope(_)));
+        drop(on_time);
+        let err = trickled(&mut c, 1000, 100, 201).await.expect_err("2.01 s");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert_eq!(c.node.available_permits(), 1000, "the budget is back");
+        assert_eq!(c.connection.available_permits(), 1000);
+        // An oversize body is drained under the same rule: 2,000 bytes, 3 s.
+        let drained = trickled(&mut c, 2000, 200, 299).await.expect("2.99 s");
+        assert!(matches!(drained, Request::Oversize(2000)));
+        let err = trickled(&mut c, 2000, 200, 301).await.expect_err("3.01 s");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_budget_does_not_count_against_the_rate() {
+        let mut c = Codec::new(limits(1000, 1000, 1000));
+        let held = read(&mut c, vec![1; 1000]).await;
+        let mut stream = c.clone();
+        let reader = tokio::spawn(async move { trickled(&mut stream, 1000, 100, 199).await });
+        // Far past the body's 2 s, but it has no budget yet.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!reader.is_finished(), "still waiting for budget");
+        drop(held);
+        let read = reader
+            .await
+            .expect("task")
+            .expect("read in 1.99 s once it has budget");
+        assert!(matches!(read, Request::Envelope(_)));
     }
 }

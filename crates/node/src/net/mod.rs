@@ -62,7 +62,12 @@ pub fn build_swarm(
 ) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
     let net = &config.network;
     let timeout = config.connection_timeout();
-    let max_size = config.protocol.max_envelope_size;
+    let inbound = codec::Limits {
+        max_size: config.protocol.max_envelope_size,
+        node_bytes: net.max_inbound_buffer_bytes,
+        connection_bytes: net.max_inbound_bytes_per_connection,
+        min_rate: net.min_inbound_bytes_per_sec,
+    };
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_per_peer(Some(net.max_connections_per_peer))
         .with_max_established(Some(net.max_connections))
@@ -87,7 +92,7 @@ pub fn build_swarm(
             )),
             ping: ping::Behaviour::default(),
             envelopes: request_response::Behaviour::with_codec(
-                codec::Codec::new(max_size, net.max_inbound_buffer_bytes),
+                codec::Codec::new(inbound),
                 [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
                 rr_config,
             ),
