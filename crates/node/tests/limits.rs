@@ -1,16 +1,25 @@
-//! Bounds on what one connection can take of a node, tested with real swarms
-//! on loopback: a connection's share of the inbound budget.
+//! Bounds on what one connection or one host can take of a node, tested with
+//! real swarms on loopback: a connection's share of the inbound budget, and the
+//! per-IP connection caps.
+//!
+//! A QUIC swarm that listens on `/ip4/127.0.0.2/udp/0/quic-v1` dials from that
+//! listener's socket (libp2p-quic reuses it), so it connects from 127.0.0.2: the
+//! "attacker" host. (A TCP swarm would not do: libp2p-tcp binds its dials to
+//! `0.0.0.0:<listen port>`, and the kernel picks 127.0.0.1 as the source.)
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::prelude::*;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use libp2p::{Multiaddr, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
 use peer_core::{Envelope, Identity};
-use peer_node::net;
-use peer_node::net::codec::{PROTOCOL, Response};
+use peer_node::Config;
+use peer_node::net::codec::{Frame, PROTOCOL, Request, Response};
+use peer_node::net::{self, Behaviour, BehaviourEvent};
 use tokio::sync::oneshot;
 
 mod common;
@@ -180,6 +189,7 @@ async fn one_connection_using_its_share_does_not_hold_up_another() {
         c.protocol.max_envelope_size = LIMIT;
         c.network.max_inbound_bytes_per_connection = LIMIT;
         c.network.max_inbound_buffer_bytes = 3 * LIMIT;
+        c.network.max_connections_per_ip = 2;
         c.network.min_inbound_bytes_per_sec = 1;
         c.network.connection_timeout_secs = 60;
     })
@@ -247,4 +257,180 @@ async fn one_connection_using_its_share_does_not_hold_up_another() {
     };
     let bytes = got.expect("answered once the share is free");
     assert!(is_pong(&bytes), "{bytes:?}");
+}
+
+/// The node's QUIC address.
+async fn quic_addr(node: &TestNode) -> Multiaddr {
+    for _ in 0..500 {
+        let addrs = node.handle.listen_addrs().await.expect("addrs");
+        if let Some(a) = addrs
+            .iter()
+            .find(|a| a.iter().any(|p| p == Protocol::QuicV1))
+        {
+            return a.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the node never listened on QUIC");
+}
+
+/// A peer with a fresh PeerId that connects to `node` over QUIC from `ip`.
+struct Host {
+    swarm: Swarm<Behaviour>,
+    identity: Identity,
+}
+
+impl Host {
+    /// Connects from `ip` and pings the node: `Ok` if it answers, `Err` with
+    /// what happened if the connection was refused or closed.
+    async fn connect_from(ip: &str, node: &TestNode) -> Result<Self, String> {
+        let identity = Identity::from_secret(&rand::random());
+        let key = net::keypair(identity.secret_bytes());
+        let mut swarm = net::build_swarm(key, &Config::default()).expect("swarm");
+        let listen: Multiaddr = format!("/ip4/{ip}/udp/0/quic-v1").parse().expect("addr");
+        swarm.listen_on(listen).expect("listen");
+        loop {
+            if let SwarmEvent::NewListenAddr { .. } = swarm.select_next_some().await {
+                break;
+            }
+        }
+        swarm.dial(quic_addr(node).await).expect("dial");
+        let target = loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
+                SwarmEvent::OutgoingConnectionError { error, .. } => return Err(error.to_string()),
+                _ => {}
+            }
+        };
+        let ping = Frame::outbound(ping(&identity, node));
+        let id = swarm
+            .behaviour_mut()
+            .envelopes
+            .send_request(&target, Request::Envelope(ping));
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response: Response::Reply(_),
+                            },
+                        ..
+                    },
+                )) if request_id == id => return Ok(Self { swarm, identity }),
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::OutboundFailure {
+                        request_id, error, ..
+                    },
+                )) if request_id == id => return Err(error.to_string()),
+                SwarmEvent::ConnectionClosed { cause, .. } => {
+                    return Err(format!("closed: {cause:?}"));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Waits until `node` no longer lists `identity` as connected.
+async fn wait_gone(node: &TestNode, identity: &Identity) {
+    let id = identity.entity_id();
+    for _ in 0..500 {
+        let peers = node.handle.peers().await.expect("peers");
+        if !peers.iter().any(|p| p.entity_id == id && p.connected) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{id} still shows as connected");
+}
+
+#[tokio::test]
+async fn connections_from_one_ip_beyond_the_cap_are_denied_while_other_hosts_connect() {
+    let node = start_node_with("/ip4/127.0.0.1/udp/0/quic-v1", |c| {
+        c.network.max_connections_per_ip = 2;
+    })
+    .await;
+    let first = Host::connect_from("127.0.0.2", &node).await.expect("first");
+    let _second = Host::connect_from("127.0.0.2", &node)
+        .await
+        .expect("second");
+    // Fresh PeerIds do not help: the third from the same address is denied.
+    let third = Host::connect_from("127.0.0.2", &node).await;
+    assert!(third.is_err(), "third from 127.0.0.2 denied");
+    // Other hosts still get in.
+    let _other = Host::connect_from("127.0.0.3", &node)
+        .await
+        .expect("another address");
+    let _local = Host::connect_from("127.0.0.1", &node)
+        .await
+        .expect("and another");
+    // A closed connection frees its place.
+    let Host { swarm, identity } = first;
+    drop(swarm);
+    wait_gone(&node, &identity).await;
+    let _again = Host::connect_from("127.0.0.2", &node)
+        .await
+        .expect("room again after a close");
+}
+
+/// Reads what `stream` has: `Ok(0)` when the other side closed it.
+async fn read_some(stream: &tokio::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            read => return read,
+        }
+    }
+}
+
+#[tokio::test]
+async fn handshakes_from_one_ip_beyond_the_pending_cap_are_dropped() {
+    // Long enough that the held handshakes stay pending through the test.
+    let node = start_node_with("/ip4/127.0.0.1/tcp/0", |c| {
+        c.network.max_pending_per_ip = 2;
+        c.network.connection_timeout_secs = 60;
+    })
+    .await;
+    let port = node
+        .addr
+        .iter()
+        .find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("tcp port");
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::from((ip, 0))).expect("bind source");
+        socket.connect(target).await.expect("tcp connect")
+    };
+    // Two connections from 127.0.0.2 that never start their handshake.
+    let held = [from([127, 0, 0, 2]).await, from([127, 0, 0, 2]).await];
+    // The node takes connections in order, so the third is over the cap: it
+    // is closed at once.
+    let third = from([127, 0, 0, 2]).await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(20), read_some(&third, &mut buf))
+        .await
+        .expect("the node closes the third");
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "closed, not answered: {read:?}"
+    );
+    // The first two are still open, waiting for their handshake.
+    for stream in &held {
+        let err = stream.try_read(&mut buf).expect_err("no data, no close");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+    // Another host still connects, through the whole handshake.
+    let mut honest = RawPeer::connect(&node.addr).await;
+    let env = honest.draft(node.handle.entity_id(), "ping");
+    assert!(matches!(
+        honest.request(env.sign(&honest.identity).encode()).await,
+        Response::Reply(_)
+    ));
 }

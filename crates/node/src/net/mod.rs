@@ -2,6 +2,7 @@
 //! Protocol decisions are made by the node actor, never here.
 
 pub mod codec;
+pub mod ip_limits;
 
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ mod behaviour {
     pub struct Behaviour {
         /// Bounds on connection counts.
         pub limits: connection_limits::Behaviour,
+        /// Bounds on inbound connections per IPv4 address or IPv6 /64.
+        pub ip_limits: ip_limits::Behaviour,
         /// Exchanges listen addresses and protocol lists.
         pub identify: identify::Behaviour,
         /// Liveness and round-trip time.
@@ -68,6 +71,10 @@ pub fn build_swarm(
         connection_bytes: net.max_inbound_bytes_per_connection,
         min_rate: net.min_inbound_bytes_per_sec,
     };
+    let ip_limits = ip_limits::Limits {
+        established: net.max_connections_per_ip,
+        pending: net.max_pending_per_ip,
+    };
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_per_peer(Some(net.max_connections_per_peer))
         .with_max_established(Some(net.max_connections))
@@ -86,6 +93,7 @@ pub fn build_swarm(
         .with_quic()
         .with_behaviour(|key| Behaviour {
             limits: connection_limits::Behaviour::new(limits),
+            ip_limits: ip_limits::Behaviour::new(ip_limits),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/peer-protocol/id/1.2.0".into(),
                 key.public(),
