@@ -55,6 +55,14 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     /// Most incoming connections still being set up (default 128).
     pub max_pending_incoming: u32,
+    /// Most established incoming connections from one IPv4 address or one IPv6
+    /// /64 (default 16; at least 1). Connections this node dials are not
+    /// counted. With `max_inbound_bytes_per_connection` it bounds what one host
+    /// can hold of the inbound budget (see there).
+    pub max_connections_per_ip: u32,
+    /// Most incoming connections still being set up from one IPv4 address or
+    /// one IPv6 /64 (default 8; at least 1).
+    pub max_pending_per_ip: u32,
     /// Most request streams open at once on one connection, inbound and outbound
     /// together: libp2p's request-response counts both against this one limit and
     /// drops an inbound request beyond it (default 256, at most 480). This node
@@ -68,6 +76,21 @@ pub struct NetworkConfig {
     /// wait for room before they allocate (default 64 MiB; at least
     /// `protocol.max_envelope_size`).
     pub max_inbound_buffer_bytes: usize,
+    /// Most bytes of inbound requests buffered at once for one connection, taken
+    /// before (and on top of) `max_inbound_buffer_bytes`: the streams of one
+    /// connection wait only behind each other. Default 2 MiB, two envelopes of
+    /// the largest size: with 16 connections per IP, one host holds at most
+    /// 32 MiB, half the node's budget (4 MiB would let one host take all
+    /// 64 MiB, and fewer connections per IP would shut out more hosts behind
+    /// one NAT). At least `protocol.max_envelope_size`, and
+    /// `max_connections_per_ip` times it must be less than
+    /// `max_inbound_buffer_bytes`, so that no single host can hold the whole
+    /// budget (checked at start).
+    pub max_inbound_bytes_per_connection: usize,
+    /// Slowest rate, in bytes per second, at which a request body must arrive
+    /// once its budget is taken: it gets 1 s plus its length divided by this,
+    /// then the stream is dropped (default 65,536; at least 1).
+    pub min_inbound_bytes_per_sec: u64,
     /// Most outbound messages held at once, from the moment they are sent
     /// until their answer: waiting for a session, being signed, waiting for a
     /// free stream or in flight; beyond it a send fails with `UNAVAILABLE`
@@ -171,8 +194,12 @@ impl Default for NetworkConfig {
             max_connections_per_peer: 3,
             max_connections: 1024,
             max_pending_incoming: 128,
+            max_connections_per_ip: 16,
+            max_pending_per_ip: 8,
             max_concurrent_streams: 256,
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
+            max_inbound_bytes_per_connection: 2 * 1024 * 1024,
+            min_inbound_bytes_per_sec: 64 * 1024,
             max_outbound_in_flight: 4096,
             max_outbound_bytes: 128 * 1024 * 1024,
             max_pending_dials: 64,
@@ -205,6 +232,41 @@ impl Default for ApiConfig {
             max_body_bytes_in_flight: 320 * 1024 * 1024,
             max_event_streams: 64,
         }
+    }
+}
+
+impl NetworkConfig {
+    /// Checks the per-IP and per-connection bounds against each other and
+    /// against the node's inbound budget.
+    fn validate_inbound(&self, max_envelope_size: usize) -> Result<(), String> {
+        for (key, value) in [
+            (
+                "max_connections_per_ip",
+                u64::from(self.max_connections_per_ip),
+            ),
+            ("max_pending_per_ip", u64::from(self.max_pending_per_ip)),
+            ("min_inbound_bytes_per_sec", self.min_inbound_bytes_per_sec),
+        ] {
+            if value == 0 {
+                return Err(format!("network.{key} is 0; it must be at least 1"));
+            }
+        }
+        let share = self.max_inbound_bytes_per_connection;
+        let budget = self.max_inbound_buffer_bytes;
+        if share < max_envelope_size {
+            return Err(format!(
+                "network.max_inbound_bytes_per_connection ({share}) must be at least protocol.max_envelope_size ({max_envelope_size})"
+            ));
+        }
+        // With at least one connection per IP, this also keeps the share below
+        // the budget.
+        let per_ip = u128::from(self.max_connections_per_ip);
+        if per_ip * share as u128 >= budget as u128 {
+            return Err(format!(
+                "network.max_connections_per_ip ({per_ip}) times network.max_inbound_bytes_per_connection ({share}) must be less than network.max_inbound_buffer_bytes ({budget}), or one host can hold the whole inbound budget"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -339,6 +401,9 @@ impl Config {
                 self.network.max_inbound_buffer_bytes, self.protocol.max_envelope_size
             )));
         }
+        self.network
+            .validate_inbound(self.protocol.max_envelope_size)
+            .map_err(ConfigError::Invalid)?;
         Ok(self)
     }
 
@@ -469,6 +534,66 @@ mod tests {
         assert!(err.to_string().contains("replay_window_secs"), "{err}");
         let err = with_replay(huge / 2, huge - 1).expect_err("2 * tolerance > window");
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    fn with_inbound(tune: impl FnOnce(&mut NetworkConfig)) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        tune(&mut c.network);
+        c.validate()
+    }
+
+    #[test]
+    fn one_host_can_never_hold_the_whole_inbound_budget() {
+        let c = Config::default();
+        let n = &c.network;
+        assert_eq!(n.max_inbound_bytes_per_connection, 2 * 1024 * 1024);
+        assert_eq!(n.min_inbound_bytes_per_sec, 65_536);
+        assert_eq!((n.max_connections_per_ip, n.max_pending_per_ip), (16, 8));
+        c.clone().validate().expect("the defaults are valid");
+        // 16 x 4 MiB is the whole 64 MiB budget: refused; 15 x 4 MiB is not.
+        let err = with_inbound(|n| n.max_inbound_bytes_per_connection = 4 << 20)
+            .expect_err("equal to the budget");
+        assert!(err.to_string().contains("one host"), "{err}");
+        with_inbound(|n| {
+            n.max_inbound_bytes_per_connection = 4 << 20;
+            n.max_connections_per_ip = 15;
+        })
+        .expect("60 MiB < 64 MiB");
+        // A share larger than the budget is refused too.
+        let err = with_inbound(|n| {
+            n.max_connections_per_ip = 1;
+            n.max_inbound_bytes_per_connection = n.max_inbound_buffer_bytes + 1;
+        })
+        .expect_err("over the budget");
+        assert!(err.to_string().contains("less than"), "{err}");
+        // The share holds at least one envelope of the largest size.
+        let envelope = c.protocol.max_envelope_size;
+        with_inbound(|n| n.max_inbound_bytes_per_connection = envelope).expect("one envelope");
+        let err = with_inbound(|n| n.max_inbound_bytes_per_connection = envelope - 1)
+            .expect_err("below one envelope");
+        assert!(err.to_string().contains("max_envelope_size"), "{err}");
+    }
+
+    #[test]
+    fn per_ip_bounds_and_the_minimum_rate_are_at_least_1() {
+        with_inbound(|n| {
+            n.max_connections_per_ip = 1;
+            n.max_pending_per_ip = 1;
+            n.min_inbound_bytes_per_sec = 1;
+        })
+        .expect("1 is allowed");
+        type Tune = fn(&mut NetworkConfig);
+        let zeroes: [(&str, Tune); 3] = [
+            ("max_connections_per_ip", |n| n.max_connections_per_ip = 0),
+            ("max_pending_per_ip", |n| n.max_pending_per_ip = 0),
+            ("min_inbound_bytes_per_sec", |n| {
+                n.min_inbound_bytes_per_sec = 0
+            }),
+        ];
+        for (key, zero) in zeroes {
+            let err = with_inbound(zero).expect_err("0 is refused");
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

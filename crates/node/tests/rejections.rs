@@ -235,6 +235,28 @@ async fn non_json_application_payload_is_malformed() {
 }
 
 #[tokio::test]
+async fn a_refusal_is_an_unsigned_kind_2_answer_naming_the_message() {
+    let target = start_node().await;
+    let mut raw = RawPeer::connect(&target.addr).await;
+    let env = raw
+        .draft(target.handle.entity_id(), "no_such_type")
+        .sign(&raw.identity);
+    let Response::Refused(refusal) = raw.request(env.encode()).await else {
+        panic!("a refusal, not an error envelope");
+    };
+    assert_eq!(refusal.error_code, "UNSUPPORTED_MSG_TYPE");
+    assert!(
+        refusal.error_message.contains("no_such_type"),
+        "{refusal:?}"
+    );
+    assert_eq!(
+        refusal.original_message_id,
+        Some(env.message_id.to_string())
+    );
+    assert_eq!(refusal.retry_after_ms, None);
+}
+
+#[tokio::test]
 async fn plaintext_application_message_is_refused_by_default() {
     let target = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
     let mut raw = RawPeer::connect(&target.addr).await;

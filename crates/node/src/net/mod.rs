@@ -2,6 +2,7 @@
 //! Protocol decisions are made by the node actor, never here.
 
 pub mod codec;
+pub mod ip_limits;
 
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ mod behaviour {
     pub struct Behaviour {
         /// Bounds on connection counts.
         pub limits: connection_limits::Behaviour,
+        /// Bounds on inbound connections per IPv4 address or IPv6 /64.
+        pub ip_limits: ip_limits::Behaviour,
         /// Exchanges listen addresses and protocol lists.
         pub identify: identify::Behaviour,
         /// Liveness and round-trip time.
@@ -62,7 +65,16 @@ pub fn build_swarm(
 ) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
     let net = &config.network;
     let timeout = config.connection_timeout();
-    let max_size = config.protocol.max_envelope_size;
+    let inbound = codec::Limits {
+        max_size: config.protocol.max_envelope_size,
+        node_bytes: net.max_inbound_buffer_bytes,
+        connection_bytes: net.max_inbound_bytes_per_connection,
+        min_rate: net.min_inbound_bytes_per_sec,
+    };
+    let ip_limits = ip_limits::Limits {
+        established: net.max_connections_per_ip,
+        pending: net.max_pending_per_ip,
+    };
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_per_peer(Some(net.max_connections_per_peer))
         .with_max_established(Some(net.max_connections))
@@ -81,13 +93,14 @@ pub fn build_swarm(
         .with_quic()
         .with_behaviour(|key| Behaviour {
             limits: connection_limits::Behaviour::new(limits),
+            ip_limits: ip_limits::Behaviour::new(ip_limits),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/peer-protocol/id/1.2.0".into(),
                 key.public(),
             )),
             ping: ping::Behaviour::default(),
             envelopes: request_response::Behaviour::with_codec(
-                codec::Codec::new(max_size, net.max_inbound_buffer_bytes),
+                codec::Codec::new(inbound),
                 [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
                 rr_config,
             ),

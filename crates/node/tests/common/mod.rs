@@ -135,6 +135,8 @@ impl RawPeer {
     }
 }
 
+/// The code of a refusal: a kind-2 refusal, or a kind-1 `error` envelope (as
+/// older peers send). `None` for anything else.
 pub fn error_code(response: Response) -> Option<String> {
     let bytes = match response {
         Response::Accepted => return None,
