@@ -325,6 +325,13 @@ impl Config {
 
     /// Checks values that have limits beyond their type.
     fn validate(self) -> Result<Self, ConfigError> {
+        self.check()?;
+        Ok(self)
+    }
+
+    /// Checks values that have limits beyond their type, and that go
+    /// together; [`Config::load`] and the node builder run it.
+    pub fn check(&self) -> Result<(), ConfigError> {
         let streams = self.network.max_concurrent_streams;
         if !(1..=MAX_STREAMS).contains(&streams) {
             return Err(ConfigError::Invalid(format!(
@@ -404,7 +411,7 @@ impl Config {
         self.network
             .validate_inbound(self.protocol.max_envelope_size)
             .map_err(ConfigError::Invalid)?;
-        Ok(self)
+        Ok(())
     }
 
     /// The core's inbound settings derived from this configuration.

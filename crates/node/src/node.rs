@@ -528,8 +528,9 @@ impl Builder {
     /// Starts the node actor on the current tokio runtime: listens, dials the
     /// bootstrap peers, and serves commands until every handle is dropped.
     /// Peer sightings are written to the database by a thread of their own,
-    /// which ends after the actor. Fails if two services own one message type,
-    /// or the network cannot start.
+    /// which ends after the actor. Fails if the configuration is invalid
+    /// ([`Config::check`]), two services own one message type, or the network
+    /// cannot start.
     pub fn start(self) -> Result<NodeHandle, StartError> {
         let Self {
             config,
@@ -539,6 +540,7 @@ impl Builder {
             services,
             types,
         } = self;
+        config.check().map_err(|e| StartError(e.to_string()))?;
         let routes = Routes::build(&services).map_err(StartError)?;
         let key = net::keypair(identity.secret_bytes());
         let peer_id = key.public().to_peer_id();

@@ -64,6 +64,8 @@ pub struct Metrics {
     rejected: Family<CodeLabel, Counter>,
     refused: Family<CodeLabel, Counter>,
     connected: Gauge,
+    session_peers: Gauge,
+    rate_senders: Gauge,
     signed: Counter,
 }
 
@@ -77,6 +79,8 @@ impl Metrics {
         let rejected = Family::<CodeLabel, Counter>::default();
         let refused = Family::<CodeLabel, Counter>::default();
         let connected = Gauge::default();
+        let session_peers = Gauge::default();
+        let rate_senders = Gauge::default();
         let signed = Counter::default();
         registry.register(
             "messages_sent",
@@ -104,6 +108,16 @@ impl Metrics {
             connected.clone(),
         );
         registry.register(
+            "session_peers",
+            "Peers with end-to-end session state (security.max_peers bounds it)",
+            session_peers.clone(),
+        );
+        registry.register(
+            "rate_limit_senders",
+            "Senders with rate-limit buckets of their own (rate_limits.max_peers bounds it)",
+            rate_senders.clone(),
+        );
+        registry.register(
             "envelopes_signed",
             "Envelopes this node signed (requests and replies)",
             signed.clone(),
@@ -125,6 +139,8 @@ impl Metrics {
             rejected,
             refused,
             connected,
+            session_peers,
+            rate_senders,
             signed,
         }
     }
@@ -219,6 +235,13 @@ impl Stats {
         self.metrics
             .connected
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The sizes of the session and rate-limit tables.
+    pub fn set_tables(&self, session_peers: usize, rate_senders: usize) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.metrics.session_peers.set(n(session_peers));
+        self.metrics.rate_senders.set(n(rate_senders));
     }
 
     /// The counters as served by `/v1/stats`.

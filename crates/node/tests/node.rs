@@ -160,10 +160,13 @@ async fn sends_beyond_the_stream_limit_wait_their_turn() {
 #[tokio::test]
 async fn large_messages_beyond_the_inbound_budget_wait_for_room() {
     const SIZE: usize = 60 * 1024;
-    // Room for one large message at a time on the receiver.
+    // Room for one large message at a time from the sender's connection (its
+    // share), two on the receiver.
     let tune = |c: &mut peer_node::Config| {
         c.protocol.max_envelope_size = 64 * 1024;
-        c.network.max_inbound_buffer_bytes = 64 * 1024;
+        c.network.max_inbound_bytes_per_connection = 64 * 1024;
+        c.network.max_inbound_buffer_bytes = 128 * 1024;
+        c.network.max_connections_per_ip = 1;
     };
     let (a, b) = pair("/ip4/127.0.0.1/tcp/0", tune).await;
     let to = b.handle.entity_id();

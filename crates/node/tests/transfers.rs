@@ -709,3 +709,73 @@ async fn a_reassembled_message_nested_too_deep_is_malformed_and_the_next_arrives
     assert_eq!(message_id, s.manifest.transfer_id.to_string());
     assert_eq!(received, s.data);
 }
+
+/// The system's clocks, with the wall clock shifted by a step the test sets.
+#[derive(Debug, Default)]
+struct SteppedClock {
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl SteppedClock {
+    fn step(&self, ms: i64) {
+        self.offset_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl peer_node::clock::Clock for SteppedClock {
+    fn wall_ms(&self) -> u64 {
+        let offset = self.offset_ms.load(std::sync::atomic::Ordering::SeqCst);
+        now_ms().saturating_add_signed(offset)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+}
+
+#[tokio::test]
+async fn a_wall_clock_step_of_an_hour_expires_no_session_and_no_transfer() {
+    let clock = std::sync::Arc::new(SteppedClock::default());
+    let stepped = clock.clone();
+    let node = common::start_node_built(
+        TCP,
+        // No resend request during the test: the raw peer does not read them.
+        |c| c.transfer.resend_after_ms = 600_000,
+        move |b| b.clock(stepped),
+    )
+    .await;
+    let mut s = Sender::new(&node).await;
+    let mut events = node.handle.subscribe();
+    assert_eq!(s.announce().await, None);
+    let first = s.chunks[0].clone();
+    assert_eq!(s.send_chunk(&first).await, None);
+    let raw_id = s.raw.entity_id();
+    let session_of = |peers: Vec<peer_node::node::PeerView>| {
+        peers
+            .into_iter()
+            .find(|p| p.entity_id == raw_id)
+            .and_then(|p| p.session)
+            .expect("a session with the raw peer")
+    };
+    let before = session_of(node.handle.peers().await.expect("peers"));
+
+    // The wall clock jumps an hour ahead (the session's whole lifetime, twice
+    // the transfer expiry), stays there a while, and comes back.
+    clock.step(3_600_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = session_of(node.handle.peers().await.expect("peers"));
+    assert_eq!(during.session_id, before.session_id);
+    assert_eq!(during.state, "READY", "not expired by the wall clock");
+    clock.step(0);
+
+    // The session and the transfer go on where they were.
+    for c in s.chunks.clone().into_iter().skip(1) {
+        assert_eq!(s.send_chunk(&c).await, None, "chunk {}", c.index);
+    }
+    let (_, message_id, payload) = progress_then_message(&mut events).await;
+    assert_eq!(message_id, s.manifest.transfer_id.to_string());
+    assert_eq!(payload, s.data);
+    let after = session_of(node.handle.peers().await.expect("peers"));
+    assert_eq!(after.session_id, before.session_id, "no new handshake");
+}

@@ -227,6 +227,10 @@ impl Actor {
                 }
             }
             self.settle();
+            let shared = &self.shared;
+            shared
+                .stats
+                .set_tables(shared.sessions.len(), shared.limits.tracked());
         }
         tracing::info!("node stopped");
     }

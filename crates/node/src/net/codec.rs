@@ -178,24 +178,49 @@ impl Codec {
         })
     }
 
-    /// Runs `read` of a `len`-byte body, failing it if the body arrives slower
-    /// than the minimum rate.
-    async fn in_time<F, R>(&self, len: u64, read: F) -> io::Result<R>
-    where
-        F: Future<Output = io::Result<R>>,
-    {
+    /// Reads a `len`-byte body into `buf` (or, without one, drains it), at no
+    /// less than the minimum rate all along: `n` bytes must have arrived
+    /// [`RATE_ALLOWANCE`] + `n` / rate after `start`, for every `n`. So a
+    /// sender that trickles a byte a second is cut after about the allowance,
+    /// not after the whole body's time.
+    async fn paced<T: AsyncRead + Unpin>(
+        &self,
+        io: &mut T,
+        len: u64,
+        mut buf: Option<&mut [u8]>,
+    ) -> io::Result<()> {
         let rate = self.limits.min_rate.max(1);
-        let allowed =
-            RATE_ALLOWANCE + Duration::from_nanos(len.saturating_mul(1_000_000_000) / rate);
-        match tokio::time::timeout(allowed, read).await {
-            Ok(read) => read,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "a {len}-byte body not received within {allowed:?} (minimum {rate} bytes/s)"
-                ),
-            )),
+        let start = tokio::time::Instant::now();
+        let mut scratch = [0u8; 16 * 1024];
+        let mut got: u64 = 0;
+        while got < len {
+            let due = RATE_ALLOWANCE
+                + Duration::from_nanos((got + 1).saturating_mul(1_000_000_000) / rate);
+            let left = usize::try_from(len - got).unwrap_or(usize::MAX);
+            let into = match buf.as_deref_mut() {
+                Some(b) => {
+                    let from = usize::try_from(got).map_err(io::Error::other)?;
+                    &mut b[from..]
+                }
+                None => &mut scratch[..left.min(16 * 1024)],
+            };
+            let n = match tokio::time::timeout_at(start + due, io.read(into)).await {
+                Ok(n) => n?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{got} of {len} bytes received in {due:?}: slower than the minimum of {rate} bytes/s"
+                        ),
+                    ));
+                }
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n as u64;
         }
+        Ok(())
     }
 }
 
@@ -251,15 +276,14 @@ impl libp2p::request_response::Codec for Codec {
     {
         let len = read_len(io).await?;
         if len > self.limits.max_size as u64 {
-            let mut sink = futures::io::sink();
-            self.in_time(len, futures::io::copy(io.take(len), &mut sink))
-                .await?;
+            self.paced(io, len, None).await?;
             return Ok(Request::Oversize(len));
         }
         let budget = self.reserve(len).await?;
         // The clock starts once the budget is ours: waiting for it is not the
         // sender's fault.
-        let bytes = self.in_time(len, read_body(io, len)).await?;
+        let mut bytes = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+        self.paced(io, len, Some(&mut bytes)).await?;
         Ok(Request::Envelope(Frame {
             bytes,
             _budget: Some(budget),
@@ -580,20 +604,44 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_slower_than_the_minimum_rate_is_dropped_at_its_deadline() {
-        // 1,000 bytes at 1,000 bytes/s: 1 s allowance + 1 s.
+        // At 1,000 bytes/s, n bytes are due 1 s + n ms after the budget is
+        // taken: 100 bytes every 99 ms keep ahead (the allowance absorbs the
+        // steps), 100 every 201 ms fall behind by 1 s after 2 s or so.
         let mut c = Codec::new(limits(1000, 1000, 1000));
-        let on_time = trickled(&mut c, 1000, 100, 199).await.expect("1.99 s");
+        let on_time = trickled(&mut c, 1000, 100, 99).await.expect("keeps up");
         assert!(matches!(on_time, Request::Envelope(_)));
         drop(on_time);
-        let err = trickled(&mut c, 1000, 100, 201).await.expect_err("2.01 s");
+        let err = trickled(&mut c, 1000, 100, 201)
+            .await
+            .expect_err("too slow");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
         assert_eq!(c.node.available_permits(), 1000, "the budget is back");
         assert_eq!(c.connection.available_permits(), 1000);
-        // An oversize body is drained under the same rule: 2,000 bytes, 3 s.
-        let drained = trickled(&mut c, 2000, 200, 299).await.expect("2.99 s");
+        // An oversize body is drained under the same rule.
+        let drained = trickled(&mut c, 2000, 200, 199).await.expect("keeps up");
         assert!(matches!(drained, Request::Oversize(2000)));
-        let err = trickled(&mut c, 2000, 200, 301).await.expect_err("3.01 s");
+        let err = trickled(&mut c, 2000, 200, 401)
+            .await
+            .expect_err("too slow");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_that_stalls_early_is_cut_after_the_allowance_not_the_whole_body() {
+        // 1,000 bytes at 1,000 bytes/s would have 2 s in all, but the first
+        // 100 bytes are due by 1.1 s: a stream that sends nothing is cut then.
+        let mut c = Codec::new(limits(1000, 1000, 1000));
+        let started = tokio::time::Instant::now();
+        let err = trickled(&mut c, 1000, 100, 5_000)
+            .await
+            .expect_err("stalled");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1000) && took < Duration::from_millis(1100),
+            "{took:?}"
+        );
+        assert_eq!(c.node.available_permits(), 1000, "the budget is back");
     }
 
     #[tokio::test(start_paused = true)]
@@ -601,7 +649,7 @@ mod tests {
         let mut c = Codec::new(limits(1000, 1000, 1000));
         let held = read(&mut c, vec![1; 1000]).await;
         let mut stream = c.clone();
-        let reader = tokio::spawn(async move { trickled(&mut stream, 1000, 100, 199).await });
+        let reader = tokio::spawn(async move { trickled(&mut stream, 1000, 100, 99).await });
         // Far past the body's 2 s, but it has no budget yet.
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(!reader.is_finished(), "still waiting for budget");
@@ -609,7 +657,7 @@ mod tests {
         let read = reader
             .await
             .expect("task")
-            .expect("read in 1.99 s once it has budget");
+            .expect("read at the rate once it has budget");
         assert!(matches!(read, Request::Envelope(_)));
     }
 }

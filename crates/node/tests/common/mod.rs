@@ -24,13 +24,33 @@ pub const LIMIT: usize = 64 * 1024;
 pub struct TestNode {
     pub handle: NodeHandle,
     pub addr: Multiaddr,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 /// Starts a node listening on `listen` (port 0) with `tune` applied to its config,
 /// and waits until it listens.
 pub async fn start_node_with(listen: &str, tune: impl FnOnce(&mut Config)) -> TestNode {
-    let dir = tempfile::tempdir().expect("tempdir");
+    start_node_built(listen, tune, |b| b).await
+}
+
+/// As [`start_node_with`], with `build` applied to the node's builder (to add
+/// services or a clock).
+pub async fn start_node_built(
+    listen: &str,
+    tune: impl FnOnce(&mut Config),
+    build: impl FnOnce(node::Builder) -> node::Builder,
+) -> TestNode {
+    start_node_in(tempfile::tempdir().expect("tempdir"), listen, tune, build).await
+}
+
+/// As [`start_node_built`], in the data directory `dir` (a node started again
+/// in the same directory keeps its identity and database).
+pub async fn start_node_in(
+    dir: tempfile::TempDir,
+    listen: &str,
+    tune: impl FnOnce(&mut Config),
+    build: impl FnOnce(node::Builder) -> node::Builder,
+) -> TestNode {
     let mut config = Config {
         data_dir: dir.path().to_path_buf(),
         ..Config::default()
@@ -39,18 +59,16 @@ pub async fn start_node_with(listen: &str, tune: impl FnOnce(&mut Config)) -> Te
     tune(&mut config);
     let secrets = data_dir::init(dir.path(), peer_node::fresh_secrets).expect("init");
     let store = Store::open(&dir.path().join(data_dir::DB_FILE)).expect("store");
-    let handle = node::start(config, secrets.identity, store).expect("start");
+    let handle = build(node::Builder::new(config, secrets.identity, store))
+        .start()
+        .expect("start");
     let addr = loop {
         if let Some(a) = handle.listen_addrs().await.expect("addrs").first() {
             break a.clone();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    TestNode {
-        handle,
-        addr,
-        _dir: dir,
-    }
+    TestNode { handle, addr, dir }
 }
 
 /// A peer that speaks the wire protocol directly, so it can send any bytes.
