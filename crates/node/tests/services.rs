@@ -16,26 +16,22 @@ use common::{start_node_built, wait_connected};
 
 const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 
+/// Where the outcome of an `Ask` goes: the reply's type and payload.
+type Answered = oneshot::Sender<Result<(String, String), NodeError>>;
+
 /// Echoes `test.echo` requests back as `test.echoed`, counts them, and can send
 /// one itself and report what came back.
 #[derive(Default)]
 struct Echo {
     seen: u32,
-    asked: Option<(
-        RequestId,
-        oneshot::Sender<Result<(String, String), NodeError>>,
-    )>,
+    asked: Option<(RequestId, Answered)>,
 }
 
 enum EchoCommand {
     /// How many `test.echo` requests arrived.
     Seen(oneshot::Sender<u32>),
     /// Send a `test.echo` to a peer; answer with the reply's type and payload.
-    Ask(
-        EntityId,
-        Vec<u8>,
-        oneshot::Sender<Result<(String, String), NodeError>>,
-    ),
+    Ask(EntityId, Vec<u8>, Answered),
 }
 
 impl Service for Echo {
