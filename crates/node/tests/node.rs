@@ -115,6 +115,69 @@ async fn sends_beyond_the_in_flight_bound_are_refused_not_queued() {
 }
 
 #[tokio::test]
+async fn sends_beyond_the_outbound_byte_bound_are_refused_before_they_are_signed() {
+    const KB30: usize = 30 * 1024;
+    // Room for 70 KB of payloads in flight: two 30 KB messages, not three.
+    let (a, b) = pair("/ip4/127.0.0.1/tcp/0", |c| {
+        c.protocol.max_envelope_size = 64 * 1024;
+        c.network.max_inbound_bytes_per_connection = 64 * 1024;
+        c.network.max_connections_per_ip = 2;
+        c.network.max_outbound_bytes = 70 * 1024;
+    })
+    .await;
+    let to = b.handle.entity_id();
+    let big = |n: u64| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(KB30)).into_bytes();
+    let signed = common::metric(&a.handle, "peer_envelopes_signed_total");
+    let (mut ok, mut busy) = (0, 0);
+    for answer in send_all(&a.handle, to, (0..10).map(big)).await {
+        match answer {
+            Ok(_) => ok += 1,
+            Err(NodeError::Busy(_)) => busy += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(ok + busy, 10);
+    assert!(ok >= 2 && busy >= 1, "ok={ok} busy={busy}");
+    // Refused sends were never signed: the handshake and the accepted ones were.
+    let signed = common::metric(&a.handle, "peer_envelopes_signed_total") - signed;
+    assert!(signed <= f64::from(ok + 3), "signed {signed} for {ok} sent");
+    a.handle
+        .send(to, "message".parse().expect("type"), big(99))
+        .await
+        .expect("room again once the burst is answered");
+}
+
+#[tokio::test]
+async fn dials_beyond_the_pending_bound_are_refused_at_once() {
+    // A listener that accepts TCP and never answers the Noise handshake: a
+    // dial to it stays pending until the connection timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let a = start_node_with("/ip4/127.0.0.1/tcp/0", |c| {
+        c.network.max_pending_dials = 1;
+        c.network.connection_timeout_secs = 2;
+    })
+    .await;
+    let addr: libp2p::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr");
+    let pending = {
+        let h = a.handle.clone();
+        let addr = addr.clone();
+        tokio::spawn(async move { h.connect(addr).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = tokio::time::timeout(Duration::from_secs(1), a.handle.connect(addr.clone()))
+        .await
+        .expect("refused at once, not after the timeout");
+    assert_eq!(refused, Err(NodeError::Busy(1)));
+    let first = pending.await.expect("task");
+    assert!(matches!(first, Err(NodeError::Dial(_))), "{first:?}");
+    // With the first dial over, there is room for another.
+    let again = a.handle.connect(addr).await;
+    assert!(matches!(again, Err(NodeError::Dial(_))), "{again:?}");
+    drop(silent);
+}
+
+#[tokio::test]
 async fn sending_to_an_unconnected_entity_says_so() {
     let a = start_node_with("/ip4/127.0.0.1/tcp/0", |_| {}).await;
     let stranger = peer_core::Identity::from_secret(&[5; 32]).entity_id();

@@ -80,7 +80,11 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub async fn connect(addr: &Multiaddr) -> Self {
-        let identity = Identity::from_secret(&rand::random());
+        Self::connect_as(Identity::from_secret(&rand::random()), addr).await
+    }
+
+    /// Connects as `identity`.
+    pub async fn connect_as(identity: Identity, addr: &Multiaddr) -> Self {
         let config = Config {
             protocol: ProtocolConfig {
                 max_envelope_size: 4 * LIMIT,
@@ -155,6 +159,63 @@ impl RawPeer {
 
 /// The code of a refusal: a kind-2 refusal, or a kind-1 `error` envelope (as
 /// older peers send). `None` for anything else.
+impl RawPeer {
+    /// Sends every frame with up to `in_flight` requests open at once; returns
+    /// the node's responses in the order the frames were given.
+    pub async fn flood(&mut self, frames: Vec<Vec<u8>>, in_flight: usize) -> Vec<Response> {
+        let total = frames.len();
+        let mut frames = frames.into_iter().enumerate();
+        let mut open = std::collections::HashMap::new();
+        let mut out: Vec<Option<Response>> = (0..total).map(|_| None).collect();
+        let mut done = 0;
+        while done < total {
+            while open.len() < in_flight {
+                let Some((i, bytes)) = frames.next() else {
+                    break;
+                };
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .envelopes
+                    .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
+                open.insert(id, i);
+            }
+            match self.swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    },
+                )) => {
+                    if let Some(i) = open.remove(&request_id) {
+                        out[i] = Some(response);
+                        done += 1;
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::OutboundFailure { error, .. },
+                )) => panic!("request failed: {error}"),
+                _ => {}
+            }
+        }
+        out.into_iter().flatten().collect()
+    }
+}
+
+/// The value of the metric `name` (its whole line's name, e.g.
+/// `peer_envelopes_signed_total`) in `node`'s Prometheus text; 0 if absent.
+pub fn metric(node: &NodeHandle, name: &str) -> f64 {
+    node.metrics()
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn error_code(response: Response) -> Option<String> {
     let bytes = match response {
         Response::Accepted => return None,
@@ -233,14 +294,23 @@ impl RawPeer {
 /// Waits until `node` lists `peer` as connected (the two ends of a new
 /// connection learn of it independently).
 pub async fn wait_connected(node: &NodeHandle, peer: EntityId) {
+    wait_connection(node, peer, true).await;
+}
+
+/// Waits until `node` no longer lists `peer` as connected.
+pub async fn wait_disconnected(node: &NodeHandle, peer: EntityId) {
+    wait_connection(node, peer, false).await;
+}
+
+async fn wait_connection(node: &NodeHandle, peer: EntityId, connected: bool) {
     for _ in 0..500 {
         let peers = node.peers().await.expect("peers");
-        if peers.iter().any(|p| p.entity_id == peer && p.connected) {
+        if peers.iter().any(|p| p.entity_id == peer && p.connected) == connected {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("{peer} never showed as connected");
+    panic!("{peer} never showed as connected: {connected}");
 }
 
 /// Fresh randomness for one handshake attempt.

@@ -1,0 +1,266 @@
+//! What an attacker tries first, against real nodes on loopback, each time with
+//! an honest peer that must be unaffected: identities made up by the thousand
+//! over one connection, garbage as fast as it can be sent, churning the
+//! rate-limit table, replaying after a restart, and a node at its connection
+//! limit. (A host taking every connection slot, and slow streams holding the
+//! inbound budget, are in `limits.rs`; the honest peer's latency under each
+//! attack is measured by `peer-attack`, see docs/BENCHMARKS.md.)
+
+use std::time::Duration;
+
+use peer_core::session::{self, Link};
+use peer_core::{Draft, Identity};
+use peer_node::NodeError;
+use peer_node::node::{Event, now_ms};
+use peer_node::store::Store;
+
+mod common;
+use common::{
+    RawPeer, error_code, handshake_random, metric, start_node_in, start_node_with, wait_connected,
+    wait_disconnected,
+};
+
+const TCP: &str = "/ip4/127.0.0.1/tcp/0";
+
+#[tokio::test]
+async fn identities_made_up_over_one_connection_are_refused_and_get_no_state() {
+    let target = start_node_with(TCP, |_| {}).await;
+    let to = target.handle.entity_id();
+    let mut x = RawPeer::connect(&target.addr).await;
+    wait_connected(&target.handle, x.entity_id()).await;
+
+    // 1,000 identities of X's own making ping over X's connection.
+    let others: Vec<Identity> = (0..1000)
+        .map(|_| Identity::from_secret(&rand::random()))
+        .collect();
+    let pings: Vec<Draft> = others.iter().map(|_| x.draft(to, "ping")).collect();
+    let frames = pings
+        .iter()
+        .zip(&others)
+        .map(|(d, y)| d.clone().sign(y).encode())
+        .collect();
+    for response in x.flood(frames, 64).await {
+        assert_eq!(error_code(response).as_deref(), Some("WRONG_SENDER"));
+    }
+    // Nor can X open a session, or send a message, in another's name.
+    let y = &others[0];
+    let mut link = Link::new(session::Config::default(), y.entity_id(), to);
+    let init = link.connect(now_ms(), handshake_random()).expect("init");
+    let handshake = Draft {
+        payload: init.encode(),
+        ..x.draft(to, init.msg_type())
+    }
+    .sign(y);
+    assert_eq!(
+        x.send(handshake.encode()).await.as_deref(),
+        Some("WRONG_SENDER")
+    );
+    let message = x.draft(to, "message").sign(y);
+    assert_eq!(
+        x.send(message.encode()).await.as_deref(),
+        Some("WRONG_SENDER")
+    );
+
+    // None of them has any state on the node: no counters, no session, no
+    // rate-limit buckets (not even X, which has sent nothing valid yet).
+    let stats = target.handle.stats().await.expect("stats");
+    assert!(
+        others
+            .iter()
+            .all(|o| !stats.peers.contains_key(&o.entity_id().to_string()))
+    );
+    let mine = &stats.peers[&x.entity_id().to_string()];
+    assert_eq!(mine.rejected.get("WRONG_SENDER"), Some(&1002));
+    assert_eq!(metric(&target.handle, "peer_session_peers"), 0.0);
+    assert_eq!(metric(&target.handle, "peer_rate_limit_senders"), 0.0);
+    // X's own ping is answered as ever.
+    let own = x.draft(to, "ping").sign(&x.identity).encode();
+    assert_eq!(x.send(own).await, None);
+
+    // Nor was Y's nonce spent: on its own connection, the very ping refused
+    // over X's is accepted.
+    let mut y_peer =
+        RawPeer::connect_as(Identity::from_secret(&y.secret_bytes()), &target.addr).await;
+    let replayed = pings[0].clone().sign(y).encode();
+    assert_eq!(y_peer.send(replayed).await, None, "a pong");
+}
+
+#[tokio::test]
+async fn garbage_costs_no_signature_and_no_write_while_an_honest_peer_gets_through() {
+    let target = start_node_with(TCP, |_| {}).await;
+    let honest = start_node_with(TCP, |_| {}).await;
+    let to = target.handle.entity_id();
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("connects");
+    let mut events = target.handle.subscribe();
+    let say = |n: u32| {
+        honest.handle.send(
+            to,
+            "message".parse().expect("type"),
+            format!("{{\"n\":{n}}}").into_bytes(),
+        )
+    };
+    // The session is set up (the node signs its handshake replies) before counting.
+    say(0).await.expect("first message");
+    let mut raw = RawPeer::connect(&target.addr).await;
+    wait_connected(&target.handle, raw.entity_id()).await;
+    // Both peers' sightings are written before counting.
+    let mut commits = metric(&target.handle, "peer_store_commits_total");
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = metric(&target.handle, "peer_store_commits_total");
+        if now == commits && now >= 1.0 {
+            break;
+        }
+        commits = now;
+    }
+    let signed = metric(&target.handle, "peer_envelopes_signed_total");
+
+    // 10,000 envelopes with broken signatures, 128 at a time, while the honest
+    // peer sends 50 messages.
+    let garbage = (0..10_000)
+        .map(|_| {
+            let mut env = raw.draft(to, "message").sign(&raw.identity);
+            env.signature[7] ^= 0x40;
+            env.encode()
+        })
+        .collect();
+    let (responses, ()) = tokio::join!(raw.flood(garbage, 128), async {
+        for n in 1..=50 {
+            say(n).await.expect("the honest peer's message is accepted");
+        }
+    });
+    assert_eq!(responses.len(), 10_000);
+    for response in responses {
+        assert_eq!(error_code(response).as_deref(), Some("INVALID_SIGNATURE"));
+    }
+    assert_eq!(
+        metric(&target.handle, "peer_envelopes_signed_total"),
+        signed,
+        "no refusal was signed"
+    );
+    assert_eq!(
+        metric(&target.handle, "peer_store_commits_total"),
+        commits,
+        "nothing was written"
+    );
+    let mut got = Vec::new();
+    while got.len() < 51 {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Ok(Event::Message { payload, .. })) => got.push(payload.to_value()["n"].clone()),
+            Ok(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        got,
+        (0..=50).map(serde_json::Value::from).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn identities_churning_through_the_rate_table_leave_a_newcomer_its_own_bucket() {
+    let target = start_node_with(TCP, |c| {
+        c.network.max_connections = 4;
+        c.rate_limits.max_peers = 4;
+        c.rate_limits.heartbeat.burst = 3;
+        c.rate_limits.heartbeat.per_minute = 1;
+    })
+    .await;
+    let to = target.handle.entity_id();
+    let ping = |raw: &RawPeer| raw.draft(to, "ping").sign(&raw.identity).encode();
+    // One attacker identity stays connected with an empty bucket...
+    let mut drained = RawPeer::connect(&target.addr).await;
+    for _ in 0..3 {
+        assert_eq!(drained.send(ping(&drained)).await, None);
+    }
+    assert_eq!(
+        drained.send(ping(&drained)).await.as_deref(),
+        Some("RATE_LIMITED")
+    );
+    // ...while 20 more come, ping once each, and go: the table is full of them.
+    for _ in 0..20 {
+        let mut sybil = RawPeer::connect(&target.addr).await;
+        assert_eq!(sybil.send(ping(&sybil)).await, None, "its own bucket");
+        let id = sybil.entity_id();
+        drop(sybil);
+        wait_disconnected(&target.handle, id).await;
+    }
+    assert!(metric(&target.handle, "peer_rate_limit_senders") <= 4.0);
+    // A newcomer has a full bucket of its own, shared with nobody.
+    let mut newcomer = RawPeer::connect(&target.addr).await;
+    for _ in 0..3 {
+        assert_eq!(newcomer.send(ping(&newcomer)).await, None);
+    }
+    assert_eq!(
+        newcomer.send(ping(&newcomer)).await.as_deref(),
+        Some("RATE_LIMITED")
+    );
+    // And the connected attacker's bucket was not forgotten to make room.
+    assert_eq!(
+        drained.send(ping(&drained)).await.as_deref(),
+        Some("RATE_LIMITED")
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_node_refuses_replays_of_what_it_accepted_before() {
+    let tune = |c: &mut peer_node::Config| c.security.require_encryption = false;
+    let first = start_node_with(TCP, tune).await;
+    let to = first.handle.entity_id();
+    let mut raw = RawPeer::connect(&first.addr).await;
+    let ping = raw.draft(to, "ping").sign(&raw.identity).encode();
+    let message = raw.draft(to, "message").sign(&raw.identity).encode();
+    assert_eq!(raw.send(ping.clone()).await, None);
+    assert_eq!(raw.send(message.clone()).await, None);
+    let identity = Identity::from_secret(&raw.identity.secret_bytes());
+    drop(raw);
+
+    // The node stops; the same data directory starts again at once.
+    let common::TestNode { handle, dir, .. } = first;
+    drop(handle);
+    let db = dir.path().join(peer_node::data_dir::DB_FILE);
+    for _ in 0..500 {
+        // The database is free once the stopped node has let go of it.
+        if Store::open(&db).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = start_node_in(dir, TCP, tune, |b| b).await;
+    assert_eq!(second.handle.entity_id(), to, "the same node");
+    let mut raw = RawPeer::connect_as(identity, &second.addr).await;
+    for captured in [ping, message] {
+        assert_eq!(raw.send(captured).await.as_deref(), Some("REPLAY_DETECTED"));
+    }
+    let fresh = raw.draft(to, "ping").sign(&raw.identity).encode();
+    assert_eq!(raw.send(fresh).await, None, "fresh messages pass");
+}
+
+#[tokio::test]
+async fn a_connection_the_remote_closes_at_once_is_no_connection() {
+    let target = start_node_with(TCP, |c| {
+        c.network.max_connections = 1;
+        c.rate_limits.max_peers = 1;
+    })
+    .await;
+    let first = start_node_with(TCP, |_| {}).await;
+    first
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("the first takes the only slot");
+    let second = start_node_with(TCP, |_| {}).await;
+    match second.handle.connect(target.addr.clone()).await {
+        Err(NodeError::Dial(reason)) => assert!(!reason.is_empty()),
+        other => panic!("the target is full, got {other:?}"),
+    }
+    let peers = second.handle.peers().await.expect("peers");
+    assert!(
+        peers.iter().all(|p| !p.connected),
+        "nothing is left connected"
+    );
+}
