@@ -307,10 +307,12 @@ impl<T> Peer<T> {
             d = min_deadline(d, live.reorder.poll_timeout());
             d = min_deadline(d, Some(live.session.expires_ms()));
         }
-        let stuck = self
-            .waiting
-            .front()
-            .map(|w| w.since_ms.saturating_add(handshake_timeout_ms));
+        // Stuck once more than the timeout has passed (see `handle_timeout`).
+        let stuck = self.waiting.front().map(|w| {
+            w.since_ms
+                .saturating_add(handshake_timeout_ms)
+                .saturating_add(1)
+        });
         min_deadline(d, stuck)
     }
 }
@@ -477,7 +479,9 @@ impl<T> Secure<T> {
         if peer.waiting.len() >= max_waiting || peer.waiting_bytes.saturating_add(bytes) > max_bytes
         {
             let held = (peer.waiting.len(), peer.waiting_bytes);
+            let deadline = peer.deadline(now_ms, handshake_timeout);
             self.reorder_bytes -= retired;
+            self.wake_at(deadline);
             return Send::Refused(
                 tag,
                 refuse(

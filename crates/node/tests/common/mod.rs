@@ -129,36 +129,11 @@ impl RawPeer {
 
     /// Sends raw bytes and returns the node's response.
     pub async fn request(&mut self, bytes: Vec<u8>) -> Response {
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .envelopes
-            .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
-        loop {
-            match self.swarm.select_next_some().await {
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    },
-                )) if request_id == id => return response,
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::OutboundFailure {
-                        request_id, error, ..
-                    },
-                )) if request_id == id => panic!("request failed: {error}"),
-                _ => {}
-            }
-        }
+        let mut responses = self.flood(vec![bytes], 1).await;
+        responses.pop().expect("one response")
     }
 }
 
-/// The code of a refusal: a kind-2 refusal, or a kind-1 `error` envelope (as
-/// older peers send). `None` for anything else.
 impl RawPeer {
     /// Sends every frame with up to `in_flight` requests open at once; returns
     /// the node's responses in the order the frames were given.
@@ -216,6 +191,8 @@ pub fn metric(node: &NodeHandle, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The code of a refusal: a kind-2 refusal, or a kind-1 `error` envelope (as
+/// older peers send). `None` for anything else.
 pub fn error_code(response: Response) -> Option<String> {
     let bytes = match response {
         Response::Accepted => return None,
