@@ -22,14 +22,35 @@ use common::{
 
 const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 
+/// Sends `count` messages from `from` to `to`, one after the other; all must
+/// be accepted.
+async fn honest_messages(from: &peer_node::NodeHandle, to: peer_core::EntityId, count: u32) {
+    for n in 1..=count {
+        from.send(
+            to,
+            "message".parse().expect("type"),
+            format!("{{\"n\":{n}}}").into_bytes(),
+        )
+        .await
+        .expect("the honest peer's message is accepted");
+    }
+}
+
 #[tokio::test]
 async fn identities_made_up_over_one_connection_are_refused_and_get_no_state() {
     let target = start_node_with(TCP, |_| {}).await;
+    let honest = start_node_with(TCP, |_| {}).await;
     let to = target.handle.entity_id();
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("connects");
     let mut x = RawPeer::connect(&target.addr).await;
     wait_connected(&target.handle, x.entity_id()).await;
 
-    // 1,000 identities of X's own making ping over X's connection.
+    // 1,000 identities of X's own making ping over X's connection, while an
+    // honest peer sends 20 messages.
     let others: Vec<Identity> = (0..1000)
         .map(|_| Identity::from_secret(&rand::random()))
         .collect();
@@ -39,7 +60,9 @@ async fn identities_made_up_over_one_connection_are_refused_and_get_no_state() {
         .zip(&others)
         .map(|(d, y)| d.clone().sign(y).encode())
         .collect();
-    for response in x.flood(frames, 64).await {
+    let (responses, ()) =
+        tokio::join!(x.flood(frames, 64), honest_messages(&honest.handle, to, 20));
+    for response in responses {
         assert_eq!(error_code(response).as_deref(), Some("WRONG_SENDER"));
     }
     // Nor can X open a session, or send a message, in another's name.
@@ -71,8 +94,11 @@ async fn identities_made_up_over_one_connection_are_refused_and_get_no_state() {
     );
     let mine = &stats.peers[&x.entity_id().to_string()];
     assert_eq!(mine.rejected.get("WRONG_SENDER"), Some(&1002));
-    assert_eq!(metric(&target.handle, "peer_session_peers"), 0.0);
-    assert_eq!(metric(&target.handle, "peer_rate_limit_senders"), 0.0);
+    // The honest peer's session and buckets are the only ones.
+    assert_eq!(metric(&target.handle, "peer_session_peers"), 1.0);
+    assert_eq!(metric(&target.handle, "peer_rate_limit_senders"), 1.0);
+    let theirs = &stats.peers[&honest.handle.entity_id().to_string()];
+    assert_eq!((theirs.received, theirs.rejected.len()), (20, 0));
     // X's own ping is answered as ever.
     let own = x.draft(to, "ping").sign(&x.identity).encode();
     assert_eq!(x.send(own).await, None);
