@@ -305,7 +305,12 @@ impl<T> Peer<T> {
         let mut d = self.link.poll_timeout();
         if let Some(live) = &self.live {
             d = min_deadline(d, live.reorder.poll_timeout());
-            d = min_deadline(d, Some(live.session.expires_ms()));
+            // Once past, the expiry is acted on when the reorder buffer is
+            // empty: its own deadline is the one to wait for, or the timer
+            // would be due again at once until then.
+            if !live.session.is_expired(now_ms) {
+                d = min_deadline(d, Some(live.session.expires_ms()));
+            }
         }
         let stuck = self
             .waiting
@@ -890,6 +895,45 @@ mod tests {
         let (opened, _) = b.handle_timeout(NOW);
         let texts: Vec<_> = opened.iter().map(text).collect();
         assert_eq!(texts, vec!["2", "3"], "released in order, not dropped");
+        assert_eq!(b.reorder_bytes(), 0);
+    }
+
+    #[test]
+    fn an_expired_session_still_holding_messages_sets_no_deadline_in_the_past() {
+        let config = SecurityConfig {
+            session_lifetime_secs: 10,
+            ..SecurityConfig::default()
+        };
+        let (ia, ib, mut a, mut b, released) = sessions(config);
+        let (a_id, b_id) = (ia.entity_id(), ib.entity_id());
+        let first = b
+            .open(NOW, sealed_env(&ia, b_id, &released[0].0, 60))
+            .expect("opens");
+        assert_eq!(b.release(NOW, a_id, first.slot, None).len(), 0);
+        // Shortly before the session ends, a message arrives ahead of a gap.
+        let mt: MsgType = "message".parse().expect("valid");
+        let mut parts = Vec::new();
+        for _ in 0..2 {
+            let Send::Sealed(p, ()) = a.send(NOW + 8_000, b_id, mt.clone(), b"{}".to_vec(), ())
+            else {
+                panic!("sealed");
+            };
+            parts.push(p);
+        }
+        let late = b
+            .open(NOW + 9_500, sealed_env(&ia, b_id, &parts[1], 61))
+            .expect("opens before the end");
+        let held = b.release(NOW + 9_500, a_id, late.slot, Some(message_event(a_id, "3")));
+        assert!(held.is_empty(), "waits for the gap until NOW + 11,500");
+        // The session ends at NOW + 10,000 with that message still held: the
+        // timer runs then, and must not ask to run again at once (the node
+        // would spin until the gap is skipped).
+        let (opened, _) = b.handle_timeout(NOW + 10_000);
+        assert!(opened.is_empty());
+        let next = b.poll_timeout().expect("the gap's deadline");
+        assert!(next > NOW + 10_000, "next deadline {next} is not after now");
+        let (opened, _) = b.handle_timeout(NOW + 11_500);
+        assert_eq!(opened.iter().map(text).collect::<Vec<_>>(), vec!["3"]);
         assert_eq!(b.reorder_bytes(), 0);
     }
 
