@@ -8,7 +8,7 @@
 //! ([`Secure::send`]); the handshake service feeds handshake messages in
 //! ([`Secure::handshake`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use peer_core::reorder::{self, Reorder};
 use peer_core::seq_window::Window;
@@ -223,6 +223,8 @@ struct Peer<T> {
     connected: bool,
     /// Times it disconnected.
     disconnections: u64,
+    /// The deadline it is filed under in [`Secure`]'s timers.
+    filed: Option<u64>,
 }
 
 /// Session state for every peer. `T` is what travels with a queued message
@@ -245,9 +247,14 @@ pub struct Secure<T> {
     orphaned: Vec<Event>,
     /// Bytes held by every session's reorder buffer.
     reorder_bytes: u64,
-    /// No deadline is earlier than this; recomputed exactly by
-    /// [`Secure::handle_timeout`], lowered by everything that sets one.
-    next_deadline: Option<u64>,
+    /// Every peer with a deadline, by deadline: a timer visits only the peers
+    /// due, however many others there are.
+    timers: BTreeSet<(u64, EntityId)>,
+    /// When `forgotten` and `orphaned` started waiting, if they do.
+    asap: Option<u64>,
+    /// Peers a timer visited (tests count them).
+    #[cfg(test)]
+    visited: usize,
 }
 
 impl<T> std::fmt::Debug for Secure<T> {
@@ -285,6 +292,14 @@ impl<T> Peer<T> {
         !self.connected && self.disconnections == disconnections
     }
 
+    /// Whether nothing is left of it but its handshake link at rest: once
+    /// disconnected too, it is forgotten.
+    fn is_idle(&self) -> bool {
+        self.live.is_none()
+            && self.waiting.is_empty()
+            && self.link.state().is_none_or(|s| !s.is_running())
+    }
+
     /// Ends the live session, keeping what its reorder buffer held; returns the
     /// bytes that buffer held.
     fn retire(&mut self) -> u64 {
@@ -305,14 +320,17 @@ impl<T> Peer<T> {
         let mut d = self.link.poll_timeout();
         if let Some(live) = &self.live {
             d = min_deadline(d, live.reorder.poll_timeout());
-            d = min_deadline(d, Some(live.session.expires_ms()));
+            // Once past, the expiry is acted on when the reorder buffer is
+            // empty: its own deadline is the one to wait for, or the timer
+            // would be due again at once until then.
+            if !live.session.is_expired(now_ms) {
+                d = min_deadline(d, Some(live.session.expires_ms()));
+            }
         }
-        // Stuck once more than the timeout has passed (see `handle_timeout`).
-        let stuck = self.waiting.front().map(|w| {
-            w.since_ms
-                .saturating_add(handshake_timeout_ms)
-                .saturating_add(1)
-        });
+        let stuck = self
+            .waiting
+            .front()
+            .map(|w| w.since_ms.saturating_add(handshake_timeout_ms));
         min_deadline(d, stuck)
     }
 }
@@ -329,7 +347,10 @@ impl<T> Secure<T> {
             forgotten: Vec::new(),
             orphaned: Vec::new(),
             reorder_bytes: 0,
-            next_deadline: None,
+            timers: BTreeSet::new(),
+            asap: None,
+            #[cfg(test)]
+            visited: 0,
         }
     }
 
@@ -365,19 +386,49 @@ impl<T> Secure<T> {
         (self.session.session_lifetime_ms / 10).min(10_000)
     }
 
-    fn wake_at(&mut self, at: Option<u64>) {
-        self.next_deadline = min_deadline(self.next_deadline, at);
+    /// Files `id` under its deadline as of `now_ms` (a disconnected peer with
+    /// nothing left is due at once, to be forgotten). Called by everything that
+    /// changes a peer's state, once it is done.
+    fn refile(&mut self, id: EntityId, now_ms: u64) {
+        let handshake_timeout = self.session.handshake_timeout_ms;
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let next = if !p.connected && p.is_idle() {
+            Some(now_ms)
+        } else {
+            p.deadline(now_ms, handshake_timeout)
+        };
+        if p.filed != next {
+            if let Some(t) = p.filed {
+                self.timers.remove(&(t, id));
+            }
+            if let Some(t) = next {
+                self.timers.insert((t, id));
+            }
+            p.filed = next;
+        }
     }
 
-    /// The earliest time [`Secure::handle_timeout`] has something to do (it may
-    /// find nothing: the bound is lowered eagerly and recomputed there).
+    /// Takes `id` out of the table and its timers.
+    fn remove(&mut self, id: &EntityId) -> Option<Peer<T>> {
+        let p = self.peers.remove(id)?;
+        if let Some(t) = p.filed {
+            self.timers.remove(&(t, *id));
+        }
+        Some(p)
+    }
+
+    /// The earliest time [`Secure::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.next_deadline
+        min_deadline(self.asap, self.timers.first().map(|(t, _)| *t))
     }
 
-    /// `peer`'s first connection opened, or its last one closed. The state of
-    /// a disconnected peer is the first to be forgotten when the table is full.
-    pub fn set_connected(&mut self, peer: EntityId, connected: bool) {
+    /// `peer`'s first connection opened, or its last one closed, at `now_ms`.
+    /// The state of a disconnected peer is the first to be forgotten when the
+    /// table is full, and is forgotten at the next timer once nothing is left
+    /// of it.
+    pub fn set_connected(&mut self, now_ms: u64, peer: EntityId, connected: bool) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -386,6 +437,7 @@ impl<T> Secure<T> {
             self.gone.push_back((peer, p.disconnections));
         }
         p.connected = connected;
+        self.refile(peer, now_ms);
         // Entries of peers that came back or are forgotten are dropped lazily;
         // peers that come and go often cannot make the list outgrow the table.
         if self.gone.len() > 2 * self.peers.len() + 16 {
@@ -420,6 +472,7 @@ impl<T> Secure<T> {
             retired: Vec::new(),
             connected: true,
             disconnections: 0,
+            filed: None,
         }))
     }
 
@@ -430,7 +483,7 @@ impl<T> Secure<T> {
             if !self.peers.get(&id).is_some_and(|p| p.is_gone(seq)) {
                 continue;
             }
-            let Some(mut p) = self.peers.remove(&id) else {
+            let Some(mut p) = self.remove(&id) else {
                 continue;
             };
             self.reorder_bytes -= p.retire();
@@ -442,7 +495,7 @@ impl<T> Secure<T> {
             );
             self.forgotten
                 .extend(p.waiting.drain(..).map(|w| (w.tag, e.clone())));
-            self.wake_at(Some(now_ms));
+            self.asap = min_deadline(self.asap, Some(now_ms));
             return Ok(());
         }
         Err(())
@@ -460,7 +513,6 @@ impl<T> Secure<T> {
         let margin = self.margin_ms();
         let max_waiting = self.config.max_waiting_per_peer.max(1);
         let max_bytes = self.config.max_waiting_bytes_per_peer;
-        let handshake_timeout = self.session.handshake_timeout_ms;
         let peer = match self.peer(now_ms, to) {
             Ok(p) => p,
             Err(e) => return Send::Refused(tag, e),
@@ -479,9 +531,8 @@ impl<T> Secure<T> {
         if peer.waiting.len() >= max_waiting || peer.waiting_bytes.saturating_add(bytes) > max_bytes
         {
             let held = (peer.waiting.len(), peer.waiting_bytes);
-            let deadline = peer.deadline(now_ms, handshake_timeout);
             self.reorder_bytes -= retired;
-            self.wake_at(deadline);
+            self.refile(to, now_ms);
             return Send::Refused(
                 tag,
                 refuse(
@@ -506,9 +557,8 @@ impl<T> Secure<T> {
         } else {
             peer.link.connect(now_ms, random()).ok()
         };
-        let deadline = peer.deadline(now_ms, handshake_timeout);
         self.reorder_bytes -= retired;
-        self.wake_at(deadline);
+        self.refile(to, now_ms);
         Send::Queued(init)
     }
 
@@ -530,11 +580,16 @@ impl<T> Secure<T> {
             capacity: window_bits,
             max_bytes: self.config.reorder_max_bytes,
         };
-        let handshake_timeout = self.session.handshake_timeout_ms;
         let peer = self.peer(now_ms, from)?;
-        let next = peer
-            .link
-            .handle(now_ms, identity, sender_key, msg, random)?;
+        let next = match peer.link.handle(now_ms, identity, sender_key, msg, random) {
+            Ok(next) => next,
+            Err(e) => {
+                // The attempt may have failed: its waiting messages fail at the
+                // next timer.
+                self.refile(from, now_ms);
+                return Err(e);
+            }
+        };
         let mut released = Vec::new();
         let mut retired = 0;
         if let Some(session) = peer.link.poll_session() {
@@ -546,9 +601,8 @@ impl<T> Secure<T> {
             });
             released = Self::flush(now_ms, peer);
         }
-        let deadline = peer.deadline(now_ms, handshake_timeout);
         self.reorder_bytes -= retired;
-        self.wake_at(deadline);
+        self.refile(from, now_ms);
         Ok((next, released))
     }
 
@@ -577,13 +631,14 @@ impl<T> Secure<T> {
     /// anything else fails the messages waiting for that peer.
     pub fn handshake_refused(
         &mut self,
+        now_ms: u64,
         peer: EntityId,
         rejection: &Rejection,
     ) -> Vec<(T, Rejection)> {
         if rejection.code == ErrorCode::HandshakeInProgress {
             return Vec::new();
         }
-        self.fail_waiting(peer, rejection)
+        self.fail_waiting(now_ms, peer, rejection)
     }
 
     /// Drops the session `id` with `peer` (the peer no longer has it); the next
@@ -594,13 +649,19 @@ impl<T> Secure<T> {
         {
             let bytes = p.retire();
             self.reorder_bytes -= bytes;
-            self.wake_at(Some(now_ms));
+            self.refile(peer, now_ms);
         }
     }
 
     /// Fails every message waiting for `peer` (no session can be had).
-    pub fn fail_waiting(&mut self, peer: EntityId, rejection: &Rejection) -> Vec<(T, Rejection)> {
-        self.peers
+    pub fn fail_waiting(
+        &mut self,
+        now_ms: u64,
+        peer: EntityId,
+        rejection: &Rejection,
+    ) -> Vec<(T, Rejection)> {
+        let failed = self
+            .peers
             .get_mut(&peer)
             .map(|p| {
                 p.waiting_bytes = 0;
@@ -609,7 +670,9 @@ impl<T> Secure<T> {
                     .map(|w| (w.tag, rejection.clone()))
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.refile(peer, now_ms);
+        failed
     }
 
     /// Opens a sealed envelope: session lookup, replay window, decryption. The
@@ -682,23 +745,39 @@ impl<T> Secure<T> {
             out.extend(live.reorder.flush());
         }
         let after = live.reorder.held_bytes();
-        let deadline = live.reorder.poll_timeout();
         self.reorder_bytes = self.reorder_bytes - before + after;
-        self.wake_at(deadline);
+        self.refile(from, now_ms);
         out.into_iter().filter_map(|(_, e)| e).collect()
     }
 
-    /// Applies timers: releases messages whose gaps waited too long, ends expired
-    /// sessions, fails messages whose handshake failed or never finished, and
-    /// forgets the state of disconnected peers with nothing left.
+    /// Applies timers to the peers due at `now_ms`: releases messages whose
+    /// gaps waited too long, ends expired sessions, fails messages whose
+    /// handshake failed or never finished, and forgets the state of
+    /// disconnected peers with nothing left.
     pub fn handle_timeout(&mut self, now_ms: u64) -> Timeouts<T> {
         let handshake_timeout = self.session.handshake_timeout_ms;
         let mut failed = std::mem::take(&mut self.forgotten);
         let mut opened = std::mem::take(&mut self.orphaned);
-        let mut next = None;
-        let mut released_bytes = 0;
-        let mut empty = Vec::new();
-        for (id, peer) in &mut self.peers {
+        self.asap = None;
+        let mut due = Vec::new();
+        while let Some(&(t, id)) = self.timers.first() {
+            if t > now_ms {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.filed = None;
+            }
+            due.push(id);
+        }
+        for id in due {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            #[cfg(test)]
+            {
+                self.visited += 1;
+            }
             opened.append(&mut peer.retired);
             if let Some(live) = &mut peer.live {
                 let before = live.reorder.held_bytes();
@@ -708,7 +787,7 @@ impl<T> Secure<T> {
                         .into_iter()
                         .filter_map(|(_, e)| e),
                 );
-                released_bytes += before - live.reorder.held_bytes();
+                self.reorder_bytes -= before - live.reorder.held_bytes();
                 if live.session.is_expired(now_ms) && live.reorder.is_empty() {
                     peer.live = None;
                 }
@@ -717,7 +796,7 @@ impl<T> Secure<T> {
             let stuck = peer
                 .waiting
                 .front()
-                .is_some_and(|w| now_ms.saturating_sub(w.since_ms) > handshake_timeout);
+                .is_some_and(|w| now_ms.saturating_sub(w.since_ms) >= handshake_timeout);
             let failed_attempt = peer.link.handshake().and_then(|h| h.error()).cloned();
             if let Some(e) =
                 failed_attempt.filter(|_| !peer.waiting.is_empty() && peer.live.is_none())
@@ -732,19 +811,12 @@ impl<T> Secure<T> {
                 peer.waiting_bytes = 0;
                 failed.extend(peer.waiting.drain(..).map(|w| (w.tag, e.clone())));
             }
-            let idle = peer.live.is_none()
-                && peer.waiting.is_empty()
-                && peer.link.state().is_none_or(|s| !s.is_running());
-            if !peer.connected && idle {
-                empty.push(*id);
+            if !peer.connected && peer.is_idle() {
+                self.remove(&id);
+            } else {
+                self.refile(id, now_ms);
             }
-            next = min_deadline(next, peer.deadline(now_ms, handshake_timeout));
         }
-        for id in empty {
-            self.peers.remove(&id);
-        }
-        self.reorder_bytes -= released_bytes;
-        self.next_deadline = next;
         (opened, failed)
     }
 
@@ -898,6 +970,45 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_session_still_holding_messages_sets_no_deadline_in_the_past() {
+        let config = SecurityConfig {
+            session_lifetime_secs: 10,
+            ..SecurityConfig::default()
+        };
+        let (ia, ib, mut a, mut b, released) = sessions(config);
+        let (a_id, b_id) = (ia.entity_id(), ib.entity_id());
+        let first = b
+            .open(NOW, sealed_env(&ia, b_id, &released[0].0, 60))
+            .expect("opens");
+        assert_eq!(b.release(NOW, a_id, first.slot, None).len(), 0);
+        // Shortly before the session ends, a message arrives ahead of a gap.
+        let mt: MsgType = "message".parse().expect("valid");
+        let mut parts = Vec::new();
+        for _ in 0..2 {
+            let Send::Sealed(p, ()) = a.send(NOW + 8_000, b_id, mt.clone(), b"{}".to_vec(), ())
+            else {
+                panic!("sealed");
+            };
+            parts.push(p);
+        }
+        let late = b
+            .open(NOW + 9_500, sealed_env(&ia, b_id, &parts[1], 61))
+            .expect("opens before the end");
+        let held = b.release(NOW + 9_500, a_id, late.slot, Some(message_event(a_id, "3")));
+        assert!(held.is_empty(), "waits for the gap until NOW + 11,500");
+        // The session ends at NOW + 10,000 with that message still held: the
+        // timer runs then, and must not ask to run again at once (the node
+        // would spin until the gap is skipped).
+        let (opened, _) = b.handle_timeout(NOW + 10_000);
+        assert!(opened.is_empty());
+        let next = b.poll_timeout().expect("the gap's deadline");
+        assert!(next > NOW + 10_000, "next deadline {next} is not after now");
+        let (opened, _) = b.handle_timeout(NOW + 11_500);
+        assert_eq!(opened.iter().map(text).collect::<Vec<_>>(), vec!["3"]);
+        assert_eq!(b.reorder_bytes(), 0);
+    }
+
+    #[test]
     fn the_reorder_buffers_of_all_sessions_are_bounded_in_bytes() {
         let config = SecurityConfig {
             max_reorder_bytes: 30,
@@ -968,7 +1079,7 @@ mod tests {
             secure.send(NOW, peer, mt, vec![b'1'; 4], 3),
             Send::Queued(None)
         ));
-        let failed = secure.fail_waiting(peer, &refuse(ErrorCode::InvalidState, "x"));
+        let failed = secure.fail_waiting(NOW, peer, &refuse(ErrorCode::InvalidState, "x"));
         assert_eq!(
             failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
             vec![1, 3]
@@ -982,6 +1093,37 @@ mod tests {
             .connect(NOW, Random::from_bytes(&[seed; Random::LEN]))
             .expect("init");
         signed(from, to, msg.msg_type(), msg.encode(), seed)
+    }
+
+    #[test]
+    fn a_timer_visits_only_the_peers_due() {
+        let me = Identity::from_secret(&[1; 32]);
+        let mut secure: Secure<()> = Secure::new(SecurityConfig::default(), me.entity_id());
+        // One peer's challenge deadline is at NOW + 30 s; a hundred others'
+        // are 10 s later.
+        let first = Identity::from_secret(&[2; 32]);
+        step(&mut secure, &me, &init(&first, me.entity_id(), 2)).expect("answered");
+        for seed in 100..200u8 {
+            let other = Identity::from_secret(&[seed; 32]);
+            let env = init(&other, me.entity_id(), seed);
+            let msg = Message::from_envelope(&env).expect("init");
+            secure
+                .handshake(NOW + 10_000, &me, env.sender_id, &env.sender_key, &msg)
+                .expect("answered");
+        }
+        assert_eq!(secure.poll_timeout(), Some(NOW + 30_000));
+        secure.handle_timeout(NOW + 30_000);
+        assert_eq!(secure.visited, 1, "only the peer due is visited");
+        assert_eq!(secure.poll_timeout(), Some(NOW + 40_000));
+        // The first one's attempt failed; once it disconnects it is due at
+        // once, and forgotten.
+        secure.set_connected(NOW + 30_001, first.entity_id(), false);
+        assert_eq!(secure.poll_timeout(), Some(NOW + 30_001));
+        secure.handle_timeout(NOW + 30_001);
+        assert_eq!(secure.visited, 2);
+        assert!(!secure.knows(&first.entity_id()));
+        assert_eq!(secure.len(), 100);
+        assert_eq!(secure.poll_timeout(), Some(NOW + 40_000));
     }
 
     #[test]
@@ -1006,7 +1148,7 @@ mod tests {
         );
         // Once one of them disconnects, a newcomer takes its place.
         let first = Identity::from_secret(&[10; 32]).entity_id();
-        secure.set_connected(first, false);
+        secure.set_connected(NOW, first, false);
         step(&mut secure, &me, &init(&third, me.entity_id(), 13)).expect("room made");
         assert!(!secure.knows(&first));
         assert_eq!(secure.len(), 2);
@@ -1023,7 +1165,12 @@ mod tests {
         assert_eq!(secure.poll_timeout(), Some(NOW + 30_000));
         let (_, failed) = secure.handle_timeout(NOW + 30_000);
         assert!(failed.is_empty());
-        secure.set_connected(peer.entity_id(), false);
+        secure.set_connected(NOW + 30_001, peer.entity_id(), false);
+        assert_eq!(
+            secure.poll_timeout(),
+            Some(NOW + 30_001),
+            "due to be forgotten"
+        );
         secure.handle_timeout(NOW + 30_001);
         assert!(!secure.knows(&peer.entity_id()), "nothing left of it");
         assert_eq!(secure.poll_timeout(), None);

@@ -8,9 +8,11 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use peer_core::session::{self, Link};
 use peer_core::{Draft, Identity};
 use peer_node::NodeError;
+use peer_node::net::codec::{Frame, Request};
 use peer_node::node::{Event, now_ms};
 use peer_node::store::Store;
 
@@ -289,4 +291,118 @@ async fn a_connection_the_remote_closes_at_once_is_no_connection() {
         peers.iter().all(|p| !p.connected),
         "nothing is left connected"
     );
+}
+
+/// A peer sends a `handshake_init` and closes its connection at once, many
+/// times over with fresh identities. Its request may be verified (on a task of
+/// its own) only after the node has seen the connection close; such a request
+/// must leave nothing behind. (It used to make session state marked as
+/// connected, which nothing ever forgot: a few of them filled the session
+/// table for good, and every newcomer's handshake was refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_from_a_connection_that_closed_leave_no_session_state() {
+    const PLACES: usize = 4;
+    let target = start_node_with(TCP, |c| {
+        c.network.max_connections = PLACES as u32;
+        c.security.max_peers = PLACES;
+        c.security.challenge_timeout_secs = 1;
+        c.security.handshake_timeout_secs = 1;
+    })
+    .await;
+    let to = target.handle.entity_id();
+    for i in 0..200u64 {
+        let mut x = RawPeer::connect(&target.addr).await;
+        let mut link = Link::new(session::Config::default(), x.entity_id(), to);
+        let init = link.connect(now_ms(), handshake_random()).expect("init");
+        let env = Draft {
+            payload: init.encode(),
+            ..x.draft(to, init.msg_type())
+        }
+        .sign(&x.identity);
+        let node = x.target;
+        x.swarm
+            .behaviour_mut()
+            .envelopes
+            .send_request(&node, Request::Envelope(Frame::outbound(env.encode())));
+        // Drive the swarm just long enough for the request to leave, then
+        // close: the delays vary so that some closes overtake the verification.
+        let drive = async {
+            loop {
+                x.swarm.select_next_some().await;
+            }
+        };
+        _ = tokio::time::timeout(Duration::from_micros((i % 20) * 100), drive).await;
+        let gone = x.entity_id();
+        drop(x);
+        wait_disconnected(&target.handle, gone).await;
+    }
+    // Every responder handshake left half done times out after 1 s; then the
+    // state of those disconnected peers is forgotten.
+    let mut left = metric(&target.handle, "peer_session_peers");
+    for _ in 0..100 {
+        if left == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The gauge is refreshed as the node's loop turns; a stats call turns it.
+        target.handle.stats().await.expect("stats");
+        left = metric(&target.handle, "peer_session_peers");
+    }
+    assert_eq!(left, 0.0, "session state left by peers that are gone");
+
+    // A newcomer finds room for its session.
+    let honest = start_node_with(TCP, |_| {}).await;
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("connects");
+    honest
+        .handle
+        .send(to, "message".parse().expect("type"), br#"{"n":1}"#.to_vec())
+        .await
+        .expect("the newcomer's message is delivered in a session");
+}
+
+/// One identity fills the node-wide nonce memory with its own valid pings,
+/// stamped 50 s ahead (within the tolerance): most are refused `RATE_LIMITED`,
+/// but each nonce was recorded before the rate check. Once the memory is full,
+/// evicting those entries raises the node's single replay floor to their
+/// timestamps, ahead of every honest clock, and an honest peer's next
+/// envelope (here its handshake) is refused `REPLAY_DETECTED`. The default
+/// capacity (1,000,000) needs a faster flood (about 20,000 valid envelopes a
+/// second, fewer the further ahead they are stamped); the capacity is lowered
+/// here to make it quick.
+#[tokio::test]
+#[ignore = "finding: the nonce memory's floor is shared by every sender; see the review report"]
+async fn one_identity_filling_the_nonce_memory_locks_out_an_honest_peer() {
+    let target = start_node_with(TCP, |c| c.protocol.replay_capacity = 2_000).await;
+    let to = target.handle.entity_id();
+    let honest = start_node_with(TCP, |_| {}).await;
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("connects");
+    let mut x = RawPeer::connect(&target.addr).await;
+    wait_connected(&target.handle, x.entity_id()).await;
+    let frames = (0..2_100)
+        .map(|_| {
+            let mut d = x.draft(to, "ping");
+            d.timestamp_ms = now_ms() + 50_000;
+            d.sign(&x.identity).encode()
+        })
+        .collect();
+    let limited = x
+        .flood(frames, 64)
+        .await
+        .into_iter()
+        .filter(|r| error_code(r.clone()).as_deref() == Some("RATE_LIMITED"))
+        .count();
+    assert!(limited > 1_900, "the attacker was rate limited ({limited})");
+    honest
+        .handle
+        .send(to, "message".parse().expect("type"), br#"{"n":1}"#.to_vec())
+        .await
+        .expect("the honest peer is not locked out by another's flood");
 }

@@ -155,7 +155,8 @@ impl Actor {
             return;
         }
         self.shared.by_entity.insert(entity, peer_id);
-        self.shared.sessions.set_connected(entity, true);
+        let mono = self.now_ms();
+        self.shared.sessions.set_connected(mono, entity, true);
         self.shared.limits.connected(entity);
         let connected = self.connections.peers.len();
         self.shared.stats.set_connected(connected);
@@ -210,7 +211,8 @@ impl Actor {
             return;
         };
         self.shared.by_entity.remove(&c.entity);
-        self.shared.sessions.set_connected(c.entity, false);
+        let now = self.now_ms();
+        self.shared.sessions.set_connected(now, c.entity, false);
         self.shared.limits.disconnected(c.entity);
         self.shared
             .stats

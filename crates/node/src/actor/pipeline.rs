@@ -110,6 +110,15 @@ impl Actor {
             frame,
             channel,
         } = v;
+        if !self.shared.by_entity.contains_key(&entity) {
+            // The peer's last connection closed while this was being verified:
+            // nobody is left to read the answer, and a peer that is gone gets
+            // no state (session state made now would count as connected, and
+            // nothing would ever forget it). Its sender saw the request fail,
+            // so dropping it also keeps a retry from being a duplicate.
+            tracing::debug!(peer = %entity, "request from a closed connection dropped");
+            return;
+        }
         let (message_id, answer) = match result {
             Ok(env) => {
                 let id = env.message_id;

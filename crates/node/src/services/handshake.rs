@@ -31,7 +31,8 @@ fn decode(msg_type: &MsgType, payload: &[u8]) -> Result<Message, Rejection> {
 impl Handshake {
     /// Our handshake with `to` failed: the messages waiting for it fail too.
     fn failed(cx: &mut Context<'_>, to: EntityId, r: &Rejection) {
-        let failed = cx.sessions().fail_waiting(to, r);
+        let now = cx.now_ms();
+        let failed = cx.sessions().fail_waiting(now, to, r);
         cx.fail(failed);
     }
 }
@@ -90,9 +91,10 @@ impl Service for Handshake {
             }
             Err(NodeError::Rejected { code, reason, .. }) => {
                 let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::InvalidState);
-                let failed = cx
-                    .sessions()
-                    .handshake_refused(to, &Rejection::new(code, reason));
+                let now = cx.now_ms();
+                let failed =
+                    cx.sessions()
+                        .handshake_refused(now, to, &Rejection::new(code, reason));
                 return cx.fail(failed);
             }
             Err(e) => {
