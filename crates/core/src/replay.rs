@@ -3,13 +3,24 @@
 //! An envelope is fresh when its timestamp is within `tolerance_ms` of the receiver's
 //! clock and its `(sender, nonce)` pair has not been recorded within `window_ms`.
 //!
-//! The memory holds at most `capacity` nonces. When it is full, the oldest entry is
-//! evicted and the guard raises a *floor*: from then on, any envelope stamped at or
-//! before the evicted entry's timestamp is rejected, since its nonce can no longer be
-//! checked. This fails closed — a full memory may refuse old-stamped messages, never
-//! accept a replay — and heals by itself once the floor falls out of the tolerance.
+//! The memory holds at most `capacity` nonces, each sender's in its own queue.
+//! When it is full, the oldest nonce of the sender that holds the most is
+//! evicted, and if it was still within the window, *that sender's* floor rises
+//! to its timestamp: from then on, any envelope from that sender stamped at or
+//! before its floor is refused, since its nonce can no longer be checked. This
+//! fails closed (a full memory may refuse a sender's old-stamped messages, never
+//! accept a replay), heals by itself once the floor falls out of the tolerance,
+//! and the sender flooding the memory is the one whose messages it refuses: one
+//! sender stamping its envelopes ahead cannot push the floor above everyone
+//! else's clocks. Only if more senders keep a floor (holding no nonce) than the
+//! memory has room for nonces (and at least 1,024) does the oldest such floor
+//! become one shared by all senders; with each sender bound to a connection,
+//! that takes more identities than any one host gets connections.
+//!
+//! A nonce is forgotten once its window has passed: when its sender records
+//! another, or when its place is needed.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use sha2::{Digest, Sha256};
 
@@ -24,7 +35,7 @@ pub struct Config {
     pub tolerance_ms: u64,
     /// How long a nonce is remembered after it arrives (default 5 min).
     pub window_ms: u64,
-    /// Most nonces remembered at once (default 1,000,000, about 50 MB).
+    /// Most nonces remembered at once (default 1,000,000, about 80 MB when full).
     pub capacity: usize,
 }
 
@@ -38,11 +49,25 @@ impl Default for Config {
     }
 }
 
+/// Senders kept for their floors alone, at least, before the oldest floor
+/// becomes shared (with a small memory, a few senders must not make it so).
+const MIN_FLOORS: usize = 1024;
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    key: u128,
     arrived_ms: u64,
     timestamp_ms: u64,
-    key: u128,
+}
+
+/// One sender's nonces, oldest first, and its floor.
+#[derive(Debug, Default)]
+struct Sender {
+    held: VecDeque<Entry>,
+    /// Envelopes from this sender stamped at or before it are refused.
+    floor_ms: Option<u64>,
+    /// When the floor last rose (the receiver's clock).
+    floor_set_ms: u64,
 }
 
 /// The nonce memory of one node. See the module docs for the rules.
@@ -50,7 +75,18 @@ struct Entry {
 pub struct ReplayGuard {
     config: Config,
     seen: HashSet<u128>,
-    order: VecDeque<Entry>,
+    senders: HashMap<EntityId, Sender>,
+    /// Senders holding nonces, by how many: the last holds the most.
+    by_count: BTreeSet<(usize, EntityId)>,
+    /// Senders holding nonces, by when their oldest arrived: the first holds
+    /// the oldest.
+    by_oldest: BTreeSet<(u64, EntityId)>,
+    /// Senders that hold no nonce but keep a floor, with when it was set,
+    /// oldest first (lazily: one that holds nonces again, or whose floor moved,
+    /// is skipped).
+    floor_only: VecDeque<(u64, EntityId)>,
+    /// The floor shared by every sender, raised only when floors outnumber the
+    /// memory's room (see the module docs).
     floor_ms: Option<u64>,
     /// Envelopes stamped before this were sent before the memory began.
     started_ms: u64,
@@ -94,6 +130,15 @@ pub fn check_tolerance(tolerance_ms: u64, now_ms: u64, timestamp_ms: u64) -> Res
     Ok(())
 }
 
+fn full(floor: u64) -> Rejection {
+    Rejection::new(
+        ErrorCode::ReplayDetected,
+        format!(
+            "nonce memory is full: messages stamped at or before {floor} ms can no longer be checked; resend with a fresh timestamp"
+        ),
+    )
+}
+
 impl ReplayGuard {
     /// An empty memory that knows nothing of what came before it: use it only
     /// where no message from before can arrive (tests, tools). A node uses
@@ -113,7 +158,10 @@ impl ReplayGuard {
         Self {
             config,
             seen: HashSet::new(),
-            order: VecDeque::new(),
+            senders: HashMap::new(),
+            by_count: BTreeSet::new(),
+            by_oldest: BTreeSet::new(),
+            floor_only: VecDeque::new(),
             floor_ms: None,
             started_ms,
         }
@@ -129,8 +177,14 @@ impl ReplayGuard {
         self.seen.is_empty()
     }
 
-    /// Checks a timestamp against the tolerance and the floor.
-    pub fn check_time(&self, now_ms: u64, timestamp_ms: u64) -> Result<(), Rejection> {
+    /// Checks a timestamp from `sender` against the tolerance, the start, the
+    /// shared floor and the sender's own floor.
+    pub fn check_time(
+        &self,
+        now_ms: u64,
+        sender: &EntityId,
+        timestamp_ms: u64,
+    ) -> Result<(), Rejection> {
         check_tolerance(self.config.tolerance_ms, now_ms, timestamp_ms)?;
         if timestamp_ms < self.started_ms {
             return Err(Rejection::new(
@@ -141,15 +195,11 @@ impl ReplayGuard {
                 ),
             ));
         }
-        if let Some(floor) = self.floor_ms
+        let own = self.senders.get(sender).and_then(|s| s.floor_ms);
+        if let Some(floor) = own.into_iter().chain(self.floor_ms).max()
             && timestamp_ms <= floor
         {
-            return Err(Rejection::new(
-                ErrorCode::ReplayDetected,
-                format!(
-                    "nonce memory is full: messages stamped at or before {floor} ms can no longer be checked; resend with a fresh timestamp"
-                ),
-            ));
+            return Err(full(floor));
         }
         Ok(())
     }
@@ -163,8 +213,9 @@ impl ReplayGuard {
         nonce: &Nonce,
         timestamp_ms: u64,
     ) -> Result<(), Rejection> {
-        self.expire(now_ms);
-        self.check_time(now_ms, timestamp_ms)?;
+        self.forget_stale_floors(now_ms);
+        self.expire(now_ms, sender);
+        self.check_time(now_ms, sender, timestamp_ms)?;
         let key = key(sender, nonce);
         if self.seen.contains(&key) {
             return Err(Rejection::new(
@@ -172,32 +223,172 @@ impl ReplayGuard {
                 "nonce already used by this sender",
             ));
         }
-        while self.seen.len() >= self.config.capacity.max(1) {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            self.seen.remove(&old.key);
-            self.floor_ms = Some(self.floor_ms.unwrap_or(0).max(old.timestamp_ms));
+        // Forget a little of what others hold past its window, so that the
+        // memory shrinks when traffic does.
+        for _ in 0..2 {
+            match self.by_oldest.first() {
+                Some(&(arrived, id)) if self.is_expired(now_ms, arrived) => {
+                    self.pop_front(now_ms, id)
+                }
+                _ => break,
+            }
         }
         self.seen.insert(key);
-        self.order.push_back(Entry {
+        let s = self.senders.entry(*sender).or_default();
+        let before = s.held.len();
+        s.held.push_back(Entry {
+            key,
             arrived_ms: now_ms,
             timestamp_ms,
-            key,
         });
+        if before == 0 {
+            self.by_oldest.insert((now_ms, *sender));
+        }
+        self.by_count.remove(&(before, *sender));
+        self.by_count.insert((before + 1, *sender));
+        // Over the bound: evict (possibly this very nonce, if its sender holds
+        // the most: its floor then refuses any replay of it).
+        while self.seen.len() > self.config.capacity.max(1) {
+            if !self.evict_one(now_ms) {
+                break;
+            }
+        }
         Ok(())
     }
 
-    /// Forgets nonces that arrived more than `window_ms` ago. Their replays are
-    /// stale: a timestamp accepted then is outside the tolerance now, because the
-    /// window is longer than twice the tolerance.
-    fn expire(&mut self, now_ms: u64) {
-        while let Some(front) = self.order.front() {
-            if front.arrived_ms.saturating_add(self.config.window_ms) > now_ms {
+    /// Whether a nonce that arrived at `arrived_ms` is past its window: its
+    /// replays are stale (a timestamp accepted then is outside the tolerance
+    /// now, because the window is longer than twice the tolerance).
+    fn is_expired(&self, now_ms: u64, arrived_ms: u64) -> bool {
+        arrived_ms.saturating_add(self.config.window_ms) <= now_ms
+    }
+
+    /// Forgets `sender`'s nonces that are past their window.
+    fn expire(&mut self, now_ms: u64, sender: &EntityId) {
+        while let Some(front) = self.senders.get(sender).and_then(|s| s.held.front()) {
+            if !self.is_expired(now_ms, front.arrived_ms) {
                 break;
             }
-            self.seen.remove(&front.key);
-            self.order.pop_front();
+            self.pop_front(now_ms, *sender);
+        }
+    }
+
+    /// Makes room for one nonce: the oldest one past its window, if any (no
+    /// floor rises); else the oldest nonce of the sender holding the most,
+    /// whose floor rises to its timestamp. `false` if nothing is held.
+    fn evict_one(&mut self, now_ms: u64) -> bool {
+        let victim = match self.by_oldest.first() {
+            Some(&(arrived, id)) if self.is_expired(now_ms, arrived) => id,
+            _ => match self.by_count.last() {
+                Some(&(_, id)) => id,
+                None => return false,
+            },
+        };
+        self.pop_front(now_ms, victim);
+        true
+    }
+
+    /// Removes `id`'s oldest nonce; if it was still within its window, `id`'s
+    /// floor rises to its timestamp.
+    fn pop_front(&mut self, now_ms: u64, id: EntityId) {
+        let window_open = |arrived: u64| arrived.saturating_add(self.config.window_ms) > now_ms;
+        let Some(s) = self.senders.get_mut(&id) else {
+            return;
+        };
+        let count = s.held.len();
+        let Some(old) = s.held.pop_front() else {
+            return;
+        };
+        if window_open(old.arrived_ms) {
+            s.floor_ms = Some(s.floor_ms.unwrap_or(0).max(old.timestamp_ms));
+            s.floor_set_ms = now_ms;
+        }
+        let next = s.held.front().map(|e| e.arrived_ms);
+        self.seen.remove(&old.key);
+        self.by_oldest.remove(&(old.arrived_ms, id));
+        self.by_count.remove(&(count, id));
+        match next {
+            Some(arrived) => {
+                self.by_oldest.insert((arrived, id));
+                self.by_count.insert((count - 1, id));
+            }
+            None => self.left_empty(now_ms, id),
+        }
+    }
+
+    /// `sender` holds no nonce any more: it is forgotten, or kept for its floor.
+    fn left_empty(&mut self, now_ms: u64, sender: EntityId) {
+        let keeps_floor = self
+            .senders
+            .get(&sender)
+            .and_then(|s| s.floor_ms)
+            .is_some_and(|f| !self.is_stale(now_ms, f));
+        if !keeps_floor {
+            self.senders.remove(&sender);
+            return;
+        }
+        let set = self.senders.get(&sender).map_or(now_ms, |s| s.floor_set_ms);
+        self.floor_only.push_back((set, sender));
+        // More senders kept for their floors than the memory has room for
+        // nonces (at least MIN_FLOORS): the oldest floor becomes shared.
+        while self.floor_only.len() > self.config.capacity.max(MIN_FLOORS) {
+            let Some((set, id)) = self.floor_only.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.senders.get(&id)
+                && s.held.is_empty()
+                && s.floor_set_ms == set
+            {
+                let floor = s.floor_ms.unwrap_or(0);
+                self.floor_ms = Some(self.floor_ms.unwrap_or(0).max(floor));
+                self.senders.remove(&id);
+            }
+        }
+    }
+
+    /// Whether a floor no longer refuses anything the tolerance lets through.
+    fn is_stale(&self, now_ms: u64, floor_ms: u64) -> bool {
+        floor_ms.saturating_add(self.config.tolerance_ms) < now_ms
+    }
+
+    /// Drops the senders kept only for floors that are stale by now.
+    fn forget_stale_floors(&mut self, now_ms: u64) {
+        while let Some(&(set, id)) = self.floor_only.front() {
+            // A floor is at most the tolerance ahead of when it was set.
+            if set.saturating_add(2 * self.config.tolerance_ms) >= now_ms {
+                break;
+            }
+            self.floor_only.pop_front();
+            if self
+                .senders
+                .get(&id)
+                .is_some_and(|s| s.held.is_empty() && s.floor_set_ms == set)
+            {
+                self.senders.remove(&id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl ReplayGuard {
+    /// Panics unless the indexes agree with the senders' queues.
+    fn assert_consistent(&self) {
+        let held: usize = self.senders.values().map(|s| s.held.len()).sum();
+        assert_eq!(held, self.seen.len());
+        let holding = self.senders.values().filter(|s| !s.held.is_empty()).count();
+        assert_eq!(self.by_count.len(), holding);
+        assert_eq!(self.by_oldest.len(), holding);
+        for (id, s) in &self.senders {
+            if let Some(front) = s.held.front() {
+                assert!(self.by_count.contains(&(s.held.len(), *id)));
+                assert!(self.by_oldest.contains(&(front.arrived_ms, *id)));
+            } else {
+                assert!(
+                    s.floor_ms.is_some(),
+                    "an empty sender is kept for its floor only"
+                );
+            }
         }
     }
 }
@@ -223,10 +414,12 @@ mod tests {
     #[test]
     fn timestamps_61_s_off_either_way_are_rejected_60_s_accepted() {
         let g = guard(10);
-        assert!(g.check_time(T0, T0 - 60_000).is_ok());
-        assert!(g.check_time(T0, T0 + 60_000).is_ok());
+        assert!(g.check_time(T0, &sender(1), T0 - 60_000).is_ok());
+        assert!(g.check_time(T0, &sender(1), T0 + 60_000).is_ok());
         for ts in [T0 - 61_000, T0 + 61_000] {
-            let e = g.check_time(T0, ts).expect_err("outside tolerance");
+            let e = g
+                .check_time(T0, &sender(1), ts)
+                .expect_err("outside tolerance");
             assert_eq!(e.code, ErrorCode::ReplayDetected);
         }
     }
@@ -247,12 +440,15 @@ mod tests {
     fn nonces_are_remembered_for_the_window_then_forgotten() {
         let mut g = guard(10);
         g.record(T0, &sender(1), &[5; 16], T0).expect("first");
-        g.record(T0 + 299_999, &sender(2), &[6; 16], T0 + 299_999)
-            .expect("other");
-        assert_eq!(g.len(), 2);
-        g.record(T0 + 300_000, &sender(3), &[7; 16], T0 + 300_000)
-            .expect("other");
-        assert_eq!(g.len(), 2, "the first nonce expired");
+        // Within the window the same nonce is a replay, whatever its stamp.
+        let late = T0 + 299_999;
+        assert!(g.record(late, &sender(1), &[5; 16], late).is_err());
+        assert_eq!(g.len(), 1);
+        // After it, the nonce is forgotten (a replay of the first would be stale).
+        let after = T0 + 300_000;
+        g.record(after, &sender(1), &[5; 16], after)
+            .expect("forgotten");
+        assert_eq!(g.len(), 1, "the first nonce expired");
     }
 
     #[test]
@@ -287,15 +483,71 @@ mod tests {
             .record(T0 + 11, &sender(1), &[0; 16], T0)
             .expect_err("replay");
         assert_eq!(e.code, ErrorCode::ReplayDetected);
-        // So is any new message stamped at or before the floor.
-        assert!(g.record(T0 + 11, &sender(2), &[9; 16], T0).is_err());
+        // So is any new message of that sender stamped at or before it.
+        assert!(g.record(T0 + 11, &sender(1), &[9; 16], T0).is_err());
         // Fresh messages keep flowing.
-        g.record(T0 + 11, &sender(2), &[9; 16], T0 + 11)
+        g.record(T0 + 11, &sender(1), &[9; 16], T0 + 11)
             .expect("fresh");
         assert_eq!(g.len(), 3);
     }
 
+    #[test]
+    fn the_sender_that_fills_the_memory_is_the_one_whose_floor_rises() {
+        let mut g = guard(100);
+        let honest = sender(1);
+        g.record(T0, &honest, &[0; 16], T0).expect("honest");
+        // A flood stamped 50 s ahead fills the memory and keeps evicting.
+        for i in 0..1000u16 {
+            let nonce = [i.to_be_bytes(), [7; 2]].concat();
+            let mut n = [0u8; 16];
+            n[..4].copy_from_slice(&nonce);
+            g.record(T0 + 1, &sender(2), &n, T0 + 50_000).ok();
+        }
+        assert!(g.len() <= 100);
+        // The flooder's floor is ahead of every honest clock; the honest
+        // sender's is untouched: its messages stamped now still pass.
+        g.record(T0 + 2, &honest, &[1; 16], T0 + 2)
+            .expect("the honest sender is not locked out");
+        let e = g
+            .record(T0 + 2, &sender(2), &[9; 16], T0 + 2)
+            .expect_err("the flooder is");
+        assert!(e.reason.contains("nonce memory is full"), "{}", e.reason);
+        // Nonces past their window make room without raising any floor.
+        let later = T0 + 400_000;
+        for i in 0..98u8 {
+            g.record(later, &sender(3), &[i; 16], later).expect("fresh");
+        }
+        g.record(later, &honest, &[2; 16], later - 1)
+            .expect("no floor from expired nonces");
+    }
+
     proptest! {
+        /// However other senders fill the memory (any stamps within the
+        /// tolerance), an honest sender stamping its messages with the receiver's
+        /// clock (a later millisecond each time) and fresh nonces is never
+        /// refused: a floor only rises for the sender whose nonce is evicted, to
+        /// that nonce's stamp, and the honest sender's are all older than its next.
+        #[test]
+        fn other_senders_cannot_lock_out_an_honest_one(
+            capacity in 1usize..16,
+            steps in proptest::collection::vec((1u8..4, 0u64..120_000, 1u64..5_000, any::<bool>()), 1..400),
+        ) {
+            let mut g = guard(capacity);
+            let mut now = T0;
+            let honest = sender(0);
+            for (n, (s, skew, step, honest_turn)) in steps.into_iter().enumerate() {
+                now += step;
+                let mut nonce = [0u8; 16];
+                nonce[..8].copy_from_slice(&(n as u64).to_be_bytes());
+                if honest_turn {
+                    prop_assert!(g.record(now, &honest, &nonce, now).is_ok());
+                } else {
+                    g.record(now, &sender(s), &nonce, now + 60_000 - skew).ok();
+                }
+                g.assert_consistent();
+            }
+        }
+
         /// Whatever the capacity and arrival pattern, no signed message (sender,
         /// nonce, timestamp) is ever accepted twice.
         #[test]
@@ -323,6 +575,7 @@ mod tests {
                     prop_assert!(accepted.insert(msg), "accepted twice: {:?}", msg);
                 }
                 prop_assert!(g.len() <= capacity);
+                g.assert_consistent();
             }
         }
     }
