@@ -5,9 +5,9 @@
 //! At most `max_peers` senders have buckets, each its own. The node tells the
 //! limits which peers are connected ([`Limits::connected`],
 //! [`Limits::disconnected`]). A new sender at the bound takes the place of the
-//! least recently used sender that is not connected: if any of those has been
-//! idle long enough for its buckets to be full again (forgetting it changes
-//! nothing), that one is. A connected sender is never forgotten, and as
+//! least recently used sender that is not connected: the most idle one, so if
+//! any has been idle long enough for its buckets to be full again (forgetting
+//! it changes nothing), that one has. A connected sender is never forgotten, and as
 //! `max_peers` is at least `network.max_connections` (checked at start), a
 //! connected newcomer always finds a place; a sender that is not connected
 //! finds none only while every place is a connected peer's.
