@@ -63,6 +63,23 @@ pub struct NetworkConfig {
     /// Most incoming connections still being set up from one IPv4 address or
     /// one IPv6 /64 (default 8; at least 1).
     pub max_pending_per_ip: u32,
+    /// New incoming connections a minute from one IPv4 address or IPv6 /64,
+    /// sustained (default 60; at least 1): one host cannot make the node run
+    /// handshakes as fast as it can send them. Beyond it, and beyond the burst,
+    /// a new connection is refused before its handshake.
+    pub new_connections_per_ip_per_min: u32,
+    /// New incoming connections from one address or /64 accepted at once after
+    /// a quiet while (default 32; at least 1).
+    pub new_connections_per_ip_burst: u32,
+    /// Requests of a connected peer refused as its misbehaviour (a bad
+    /// signature, a sender that is not the peer, a sender id not bound to its
+    /// key, bytes that are not an envelope: nothing an honest implementation
+    /// sends) before the node closes its connections (default 16; 0 never
+    /// closes them).
+    pub misbehaviour_limit: u32,
+    /// How long, in seconds, the address or /64 of a peer whose connections
+    /// were closed for misbehaviour is refused new connections (default 60).
+    pub misbehaviour_cooldown_secs: u64,
     /// Most request streams open at once on one connection, inbound and outbound
     /// together: libp2p's request-response counts both against this one limit and
     /// drops an inbound request beyond it (default 256, at most 480). This node
@@ -196,6 +213,10 @@ impl Default for NetworkConfig {
             max_pending_incoming: 128,
             max_connections_per_ip: 16,
             max_pending_per_ip: 8,
+            new_connections_per_ip_per_min: 60,
+            new_connections_per_ip_burst: 32,
+            misbehaviour_limit: 16,
+            misbehaviour_cooldown_secs: 60,
             max_concurrent_streams: 256,
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
             max_inbound_bytes_per_connection: 2 * 1024 * 1024,
@@ -245,6 +266,14 @@ impl NetworkConfig {
                 u64::from(self.max_connections_per_ip),
             ),
             ("max_pending_per_ip", u64::from(self.max_pending_per_ip)),
+            (
+                "new_connections_per_ip_per_min",
+                u64::from(self.new_connections_per_ip_per_min),
+            ),
+            (
+                "new_connections_per_ip_burst",
+                u64::from(self.new_connections_per_ip_burst),
+            ),
             ("min_inbound_bytes_per_sec", self.min_inbound_bytes_per_sec),
         ] {
             if value == 0 {

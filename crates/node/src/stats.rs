@@ -66,6 +66,7 @@ pub struct Metrics {
     connected: Gauge,
     session_peers: Gauge,
     rate_senders: Gauge,
+    misbehaving: Counter,
     signed: Counter,
 }
 
@@ -81,6 +82,7 @@ impl Metrics {
         let connected = Gauge::default();
         let session_peers = Gauge::default();
         let rate_senders = Gauge::default();
+        let misbehaving = Counter::default();
         let signed = Counter::default();
         registry.register(
             "messages_sent",
@@ -113,6 +115,11 @@ impl Metrics {
             session_peers.clone(),
         );
         registry.register(
+            "misbehaving_peers_closed",
+            "Peers whose connections were closed for misbehaviour (network.misbehaviour_limit)",
+            misbehaving.clone(),
+        );
+        registry.register(
             "rate_limit_senders",
             "Senders with rate-limit buckets of their own (rate_limits.max_peers bounds it)",
             rate_senders.clone(),
@@ -141,6 +148,7 @@ impl Metrics {
             connected,
             session_peers,
             rate_senders,
+            misbehaving,
             signed,
         }
     }
@@ -235,6 +243,11 @@ impl Stats {
         self.metrics
             .connected
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A peer's connections were closed for misbehaviour.
+    pub fn misbehaving_peer_closed(&self) {
+        self.metrics.misbehaving.inc();
     }
 
     /// The sizes of the session and rate-limit tables.

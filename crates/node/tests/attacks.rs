@@ -40,7 +40,9 @@ async fn honest_messages(from: &peer_node::NodeHandle, to: peer_core::EntityId, 
 
 #[tokio::test]
 async fn identities_made_up_over_one_connection_are_refused_and_get_no_state() {
-    let target = start_node_with(TCP, |_| {}).await;
+    // The connection is not closed for its misbehaviour (see
+    // `a_misbehaving_connection_is_closed_and_its_host_cooled_down`).
+    let target = start_node_with(TCP, |c| c.network.misbehaviour_limit = 0).await;
     let honest = start_node_with(TCP, |_| {}).await;
     let to = target.handle.entity_id();
     honest
@@ -115,7 +117,9 @@ async fn identities_made_up_over_one_connection_are_refused_and_get_no_state() {
 
 #[tokio::test]
 async fn garbage_costs_no_signature_and_no_write_while_an_honest_peer_gets_through() {
-    let target = start_node_with(TCP, |_| {}).await;
+    // The connection is not closed for its misbehaviour, so that all 10,000
+    // frames reach the node.
+    let target = start_node_with(TCP, |c| c.network.misbehaviour_limit = 0).await;
     let honest = start_node_with(TCP, |_| {}).await;
     let to = target.handle.entity_id();
     honest
@@ -304,6 +308,7 @@ async fn requests_from_a_connection_that_closed_leave_no_session_state() {
     const PLACES: usize = 4;
     let target = start_node_with(TCP, |c| {
         c.network.max_connections = PLACES as u32;
+        c.network.new_connections_per_ip_burst = 1_000;
         c.security.max_peers = PLACES;
         c.security.challenge_timeout_secs = 1;
         c.security.handshake_timeout_secs = 1;
@@ -401,4 +406,51 @@ async fn one_identity_filling_the_nonce_memory_does_not_lock_out_an_honest_peer(
         .send(to, "message".parse().expect("type"), br#"{"n":1}"#.to_vec())
         .await
         .expect("the honest peer is not locked out by another's flood");
+}
+
+#[tokio::test]
+async fn a_misbehaving_connection_is_closed_and_its_host_cooled_down() {
+    const QUIC: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let target = start_node_with(QUIC, |c| {
+        c.network.misbehaviour_limit = 4;
+        c.network.misbehaviour_cooldown_secs = 600;
+    })
+    .await;
+    let honest = start_node_with(QUIC, |_| {}).await;
+    let to = target.handle.entity_id();
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("connects");
+    // A QUIC peer from another host (127.0.0.2) sends garbage.
+    let quic = common::quic_addr(&target).await;
+    let mut raw = RawPeer::connect_from("127.0.0.2", &quic).await;
+    for _ in 0..3 {
+        let mut env = raw.draft(to, "message").sign(&raw.identity);
+        env.signature[7] ^= 0x40;
+        assert_eq!(
+            raw.send(env.encode()).await.as_deref(),
+            Some("INVALID_SIGNATURE")
+        );
+    }
+    // The fourth is one too many: refused (if the answer makes it out before
+    // the close), and the connection closed.
+    let mut env = raw.draft(to, "message").sign(&raw.identity);
+    env.signature[7] ^= 0x40;
+    if let Ok(response) = raw.try_request(env.encode()).await {
+        assert_eq!(error_code(response).as_deref(), Some("INVALID_SIGNATURE"));
+    }
+    wait_disconnected(&target.handle, raw.entity_id()).await;
+    assert_eq!(
+        metric(&target.handle, "peer_misbehaving_peers_closed_total"),
+        1.0
+    );
+    // Its host is refused new connections, under any identity...
+    assert!(RawPeer::try_connect_from("127.0.0.2", &quic).await.is_err());
+    // ...while the honest peer, on another host, goes on.
+    honest_messages(&honest.handle, to, 5).await;
+    let mut other = RawPeer::connect_from("127.0.0.3", &quic).await;
+    let ping = other.draft(to, "ping").sign(&other.identity).encode();
+    assert_eq!(other.send(ping).await, None);
 }

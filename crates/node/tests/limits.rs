@@ -2,10 +2,8 @@
 //! real swarms on loopback: a connection's share of the inbound budget, and the
 //! per-IP connection caps.
 //!
-//! A QUIC swarm that listens on `/ip4/127.0.0.2/udp/0/quic-v1` dials from that
-//! listener's socket (libp2p-quic reuses it), so it connects from 127.0.0.2: the
-//! "attacker" host. (A TCP swarm would not do: libp2p-tcp binds its dials to
-//! `0.0.0.0:<listen port>`, and the kernel picks 127.0.0.1 as the source.)
+//! An "attacker" host is 127.0.0.2: `RawPeer::connect_from` (in `common`) dials
+//! over QUIC from it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,15 +13,14 @@ use futures::prelude::*;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use libp2p::{StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
 use peer_core::{Envelope, Identity};
-use peer_node::Config;
-use peer_node::net::codec::{Frame, PROTOCOL, Request, Response};
-use peer_node::net::{self, Behaviour, BehaviourEvent};
+use peer_node::net;
+use peer_node::net::codec::{PROTOCOL, Response};
 use tokio::sync::oneshot;
 
 mod common;
-use common::{LIMIT, RawPeer, TestNode, start_node_with};
+use common::{LIMIT, RawPeer, TestNode, quic_addr, start_node_with, wait_disconnected};
 
 /// What the test client sends on one stream.
 #[derive(Debug)]
@@ -259,91 +256,11 @@ async fn one_connection_using_its_share_does_not_hold_up_another() {
     assert!(is_pong(&bytes), "{bytes:?}");
 }
 
-/// The node's QUIC address.
-async fn quic_addr(node: &TestNode) -> Multiaddr {
-    for _ in 0..500 {
-        let addrs = node.handle.listen_addrs().await.expect("addrs");
-        if let Some(a) = addrs
-            .iter()
-            .find(|a| a.iter().any(|p| p == Protocol::QuicV1))
-        {
-            return a.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the node never listened on QUIC");
-}
-
-/// A peer with a fresh PeerId that connects to `node` over QUIC from `ip`.
-struct Host {
-    swarm: Swarm<Behaviour>,
-    identity: Identity,
-}
-
-impl Host {
-    /// Connects from `ip` and pings the node: `Ok` if it answers, `Err` with
-    /// what happened if the connection was refused or closed.
-    async fn connect_from(ip: &str, node: &TestNode) -> Result<Self, String> {
-        let identity = Identity::from_secret(&rand::random());
-        let key = net::keypair(identity.secret_bytes());
-        let mut swarm = net::build_swarm(key, &Config::default()).expect("swarm");
-        let listen: Multiaddr = format!("/ip4/{ip}/udp/0/quic-v1").parse().expect("addr");
-        swarm.listen_on(listen).expect("listen");
-        loop {
-            if let SwarmEvent::NewListenAddr { .. } = swarm.select_next_some().await {
-                break;
-            }
-        }
-        swarm.dial(quic_addr(node).await).expect("dial");
-        let target = loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
-                SwarmEvent::OutgoingConnectionError { error, .. } => return Err(error.to_string()),
-                _ => {}
-            }
-        };
-        let ping = Frame::outbound(ping(&identity, node));
-        let id = swarm
-            .behaviour_mut()
-            .envelopes
-            .send_request(&target, Request::Envelope(ping));
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response: Response::Reply(_),
-                            },
-                        ..
-                    },
-                )) if request_id == id => return Ok(Self { swarm, identity }),
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::OutboundFailure {
-                        request_id, error, ..
-                    },
-                )) if request_id == id => return Err(error.to_string()),
-                SwarmEvent::ConnectionClosed { cause, .. } => {
-                    return Err(format!("closed: {cause:?}"));
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-/// Waits until `node` no longer lists `identity` as connected.
-async fn wait_gone(node: &TestNode, identity: &Identity) {
-    let id = identity.entity_id();
-    for _ in 0..500 {
-        let peers = node.handle.peers().await.expect("peers");
-        if !peers.iter().any(|p| p.entity_id == id && p.connected) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{id} still shows as connected");
+/// A peer with a fresh PeerId that connects to `node` over QUIC from `ip`
+/// and pings it: `Ok` if it answers, `Err` with what happened if the
+/// connection was refused or closed.
+async fn connect_from(ip: &str, node: &TestNode) -> Result<RawPeer, String> {
+    RawPeer::try_connect_from(ip, &quic_addr(node).await).await
 }
 
 #[tokio::test]
@@ -352,25 +269,21 @@ async fn connections_from_one_ip_beyond_the_cap_are_denied_while_other_hosts_con
         c.network.max_connections_per_ip = 2;
     })
     .await;
-    let first = Host::connect_from("127.0.0.2", &node).await.expect("first");
-    let _second = Host::connect_from("127.0.0.2", &node)
-        .await
-        .expect("second");
+    let first = connect_from("127.0.0.2", &node).await.expect("first");
+    let _second = connect_from("127.0.0.2", &node).await.expect("second");
     // Fresh PeerIds do not help: the third from the same address is denied.
-    let third = Host::connect_from("127.0.0.2", &node).await;
+    let third = connect_from("127.0.0.2", &node).await;
     assert!(third.is_err(), "third from 127.0.0.2 denied");
     // Other hosts still get in.
-    let _other = Host::connect_from("127.0.0.3", &node)
+    let _other = connect_from("127.0.0.3", &node)
         .await
         .expect("another address");
-    let _local = Host::connect_from("127.0.0.1", &node)
-        .await
-        .expect("and another");
+    let _local = connect_from("127.0.0.1", &node).await.expect("and another");
     // A closed connection frees its place.
-    let Host { swarm, identity } = first;
-    drop(swarm);
-    wait_gone(&node, &identity).await;
-    let _again = Host::connect_from("127.0.0.2", &node)
+    let id = first.entity_id();
+    drop(first);
+    wait_disconnected(&node.handle, id).await;
+    let _again = connect_from("127.0.0.2", &node)
         .await
         .expect("room again after a close");
 }

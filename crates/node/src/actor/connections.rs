@@ -15,6 +15,7 @@ use peer_core::EntityId;
 
 use super::{Actor, Reply};
 use crate::net;
+use crate::net::ip_limits::Group;
 use crate::node::{Event, Live, NodeError, PeerView};
 use crate::service::PeerEvent;
 use crate::store::PeerRecord;
@@ -26,6 +27,10 @@ struct Connected {
     entity: EntityId,
     connections: u32,
     addrs: Vec<Multiaddr>,
+    /// The addresses (or /64s) its connections come from.
+    groups: Vec<Group>,
+    /// Its requests refused as misbehaviour.
+    misbehaved: u32,
     /// When its latest connection opened, ms since the Unix epoch.
     last_seen_ms: u64,
 }
@@ -137,9 +142,16 @@ impl Actor {
                 entity,
                 connections: 0,
                 addrs: Vec::new(),
+                groups: Vec::new(),
+                misbehaved: 0,
                 last_seen_ms: now,
             });
         c.connections += 1;
+        if let Some(group) = Group::of_addr(&addr)
+            && !c.groups.contains(&group)
+        {
+            c.groups.push(group);
+        }
         c.last_seen_ms = now;
         if endpoint.is_dialer() && !c.addrs.contains(&addr) && c.addrs.len() < MAX_ADDRS_PER_PEER {
             c.addrs.push(addr);
@@ -165,6 +177,34 @@ impl Actor {
             .events
             .send(Event::PeerConnected { entity_id: entity });
         self.peer_event(PeerEvent::Connected(entity));
+    }
+
+    /// `entity` sent a request refused as misbehaviour; past
+    /// `network.misbehaviour_limit` of them its connections are closed and its
+    /// addresses refused new connections for `network.misbehaviour_cooldown_secs`.
+    pub(super) fn misbehaved(&mut self, entity: EntityId) {
+        let limit = self.shared.config.network.misbehaviour_limit;
+        let Some(peer_id) = self.shared.by_entity.get(&entity).copied() else {
+            return;
+        };
+        let Some(c) = self.connections.peers.get_mut(&peer_id) else {
+            return;
+        };
+        c.misbehaved += 1;
+        if limit == 0 || c.misbehaved < limit {
+            return;
+        }
+        let cooldown =
+            std::time::Duration::from_secs(self.shared.config.network.misbehaviour_cooldown_secs);
+        tracing::warn!(peer = %entity, refused = c.misbehaved, "closing the connections of a misbehaving peer");
+        for group in c.groups.clone() {
+            self.swarm
+                .behaviour_mut()
+                .ip_limits
+                .cool_down(group, cooldown);
+        }
+        self.shared.stats.misbehaving_peer_closed();
+        _ = self.swarm.disconnect_peer_id(peer_id);
     }
 
     /// The remote identified itself on `connection_id`: it runs the protocol

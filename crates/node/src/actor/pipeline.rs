@@ -61,6 +61,18 @@ impl Pipeline {
     }
 }
 
+/// Whether a request refused at verification with `code` shows its peer
+/// misbehaving: nothing an honest implementation sends fails so.
+fn is_misbehaviour(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::InvalidSignature
+            | ErrorCode::UnknownSender
+            | ErrorCode::WrongSender
+            | ErrorCode::MalformedMessage
+    )
+}
+
 /// The refusal for `id` with `r`.
 fn refused(r: impl Into<Refused>) -> Answer {
     Answer::Refused(r.into())
@@ -124,7 +136,12 @@ impl Actor {
                 let id = env.message_id;
                 (Some(id), self.handle(entity, env))
             }
-            Err(refusal) => (refusal.message_id, refused(refusal.rejection)),
+            Err(refusal) => {
+                if is_misbehaviour(refusal.rejection.code) {
+                    self.misbehaved(entity);
+                }
+                (refusal.message_id, refused(refusal.rejection))
+            }
         };
         let response = match answer {
             Answer::Accepted => Response::Accepted,

@@ -1,9 +1,14 @@
 //! Caps on inbound connections per source address: established ones
-//! (`network.max_connections_per_ip`) and ones still being set up
-//! (`network.max_pending_per_ip`), counted per IPv4 address and per IPv6 /64
-//! (one host usually holds a whole /64). Without them, one host with fresh
-//! PeerIds could take every connection slot of the node. Connections this node
-//! dials are not counted, nor those without an IP address.
+//! (`network.max_connections_per_ip`), ones still being set up
+//! (`network.max_pending_per_ip`), and new ones a minute
+//! (`network.new_connections_per_ip_per_min`, a token bucket), counted per IPv4
+//! address and per IPv6 /64 (one host usually holds a whole /64); and a
+//! cool-down: an address whose peer misbehaved is refused new connections for a
+//! while. Without them, one host with fresh PeerIds could take every connection
+//! slot of the node, or make it run handshakes as fast as it can. A connection
+//! that the caps refuse is refused while pending, before its handshake costs
+//! anything. Connections this node dials are not counted, nor those without an
+//! IP address.
 //!
 //! The behaviour sits after `connection_limits` in [`super::Behaviour`]: a
 //! connection that those limits deny never reaches it, so it remembers at most
@@ -15,6 +20,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use libp2p::core::transport::PortUse;
 use libp2p::core::{ConnectedPoint, Endpoint};
@@ -32,7 +38,16 @@ pub struct Limits {
     pub established: u32,
     /// Most inbound connections still being set up.
     pub pending: u32,
+    /// New inbound connections a minute, sustained (at least 1).
+    pub new_per_minute: u32,
+    /// New inbound connections at once after a quiet while (at least 1).
+    pub new_burst: u32,
 }
+
+/// Addresses tracked at most with no connection open (their new-connection
+/// bucket still refilling, or cooling down); beyond it the idle ones are
+/// forgotten (a forgotten address starts again with a full bucket).
+const MAX_IDLE_GROUPS: usize = 65_536;
 
 /// The addresses counted together: one IPv4 address, or one IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,19 +90,43 @@ impl fmt::Display for Group {
     }
 }
 
-/// Why a connection was denied: its group is at a cap.
+/// Why a connection was denied: its group is at a cap, or cooling down.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("at most {limit} {stage} inbound connections from {group} are allowed")]
-pub struct Exceeded {
-    group: Group,
-    limit: u32,
-    stage: &'static str,
+pub enum Exceeded {
+    /// At a count cap.
+    #[error("at most {limit} {stage} inbound connections from {group} are allowed")]
+    Count {
+        /// The address or /64.
+        group: Group,
+        /// The cap.
+        limit: u32,
+        /// `pending` or `established`.
+        stage: &'static str,
+    },
+    /// Its new-connection bucket is empty.
+    #[error("at most {per_minute} new inbound connections a minute from {group} are allowed")]
+    Rate {
+        /// The address or /64.
+        group: Group,
+        /// The sustained rate.
+        per_minute: u32,
+    },
+    /// A peer from it misbehaved a short while ago.
+    #[error("{group} is refused new connections for a while: a peer from it misbehaved")]
+    CoolingDown {
+        /// The address or /64.
+        group: Group,
+    },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counts {
     pending: u32,
     established: u32,
+    /// New-connection tokens, as of `refilled`.
+    tokens: f64,
+    refilled: Instant,
+    cooling_until: Option<Instant>,
 }
 
 /// Counts inbound connections per [`Group`] and denies those over the caps.
@@ -116,13 +155,105 @@ impl Behaviour {
             .map_or((0, 0), |c| (c.pending, c.established))
     }
 
-    /// Applies `change` to `group`'s counts, forgetting groups back at zero.
+    fn fresh(&self, now: Instant) -> Counts {
+        Counts {
+            pending: 0,
+            established: 0,
+            tokens: f64::from(self.limits.new_burst.max(1)),
+            refilled: now,
+            cooling_until: None,
+        }
+    }
+
+    /// Refills `c`'s bucket up to `now`.
+    fn refill(limits: &Limits, c: &mut Counts, now: Instant) {
+        let per_sec = f64::from(limits.new_per_minute.max(1)) / 60.0;
+        let elapsed = now.saturating_duration_since(c.refilled).as_secs_f64();
+        c.tokens = (c.tokens + elapsed * per_sec).min(f64::from(limits.new_burst.max(1)));
+        c.refilled = now;
+    }
+
+    /// Whether `group` can be forgotten at `now`: nothing open, its bucket
+    /// full again, not cooling down.
+    fn idle(limits: &Limits, c: &mut Counts, now: Instant) -> bool {
+        Self::refill(limits, c, now);
+        c.pending == 0
+            && c.established == 0
+            && c.tokens >= f64::from(limits.new_burst.max(1))
+            && c.cooling_until.is_none_or(|t| t <= now)
+    }
+
+    /// Applies `change` to `group`'s counts, forgetting groups with nothing
+    /// left to remember.
     fn update(&mut self, group: Group, change: impl FnOnce(&mut Counts)) {
-        let counts = self.counts.entry(group).or_default();
+        let now = Instant::now();
+        let fresh = self.fresh(now);
+        let counts = self.counts.entry(group).or_insert(fresh);
         change(counts);
-        if counts.pending == 0 && counts.established == 0 {
+        if Self::idle(&self.limits, counts, now) {
             self.counts.remove(&group);
         }
+    }
+
+    /// Refuses new connections from `group` for `period` (a peer from it
+    /// misbehaved).
+    pub fn cool_down(&mut self, group: Group, period: Duration) {
+        let now = Instant::now();
+        let fresh = self.fresh(now);
+        self.counts.entry(group).or_insert(fresh).cooling_until = Some(now + period);
+        self.bound_idle(now);
+    }
+
+    /// Forgets idle groups once there are more than [`MAX_IDLE_GROUPS`].
+    fn bound_idle(&mut self, now: Instant) {
+        let open = self.pending.len() + self.established.len();
+        if self.counts.len() > open + MAX_IDLE_GROUPS {
+            let limits = self.limits;
+            self.counts
+                .retain(|_, c| c.pending > 0 || c.established > 0 || !Self::idle(&limits, c, now));
+        }
+    }
+
+    /// Admits a new pending connection from `group` at `now`, or says why not.
+    fn admit(&mut self, group: Group, now: Instant) -> Result<(), Exceeded> {
+        let limits = self.limits;
+        let fresh = self.fresh(now);
+        let c = self.counts.entry(group).or_insert(fresh);
+        Self::refill(&limits, c, now);
+        let refused = if c.cooling_until.is_some_and(|t| t > now) {
+            Some(Exceeded::CoolingDown { group })
+        } else if c.established >= limits.established {
+            // Refused now rather than after a handshake it could not use.
+            Some(Exceeded::Count {
+                group,
+                limit: limits.established,
+                stage: "established",
+            })
+        } else if c.pending >= limits.pending {
+            Some(Exceeded::Count {
+                group,
+                limit: limits.pending,
+                stage: "pending",
+            })
+        } else if c.tokens < 1.0 {
+            Some(Exceeded::Rate {
+                group,
+                per_minute: limits.new_per_minute,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            if Self::idle(&limits, c, now) {
+                self.counts.remove(&group);
+            }
+            self.bound_idle(now);
+            return Err(e);
+        }
+        c.tokens -= 1.0;
+        c.pending += 1;
+        self.bound_idle(now);
+        Ok(())
     }
 
     /// The connection `id` is no longer pending: set up, denied or failed.
@@ -134,7 +265,7 @@ impl Behaviour {
 }
 
 fn deny(group: Group, limit: u32, stage: &'static str) -> ConnectionDenied {
-    ConnectionDenied::new(Exceeded {
+    ConnectionDenied::new(Exceeded::Count {
         group,
         limit,
         stage,
@@ -154,11 +285,9 @@ impl NetworkBehaviour for Behaviour {
         let Some(group) = Group::of_addr(remote) else {
             return Ok(());
         };
-        if self.counts(group).0 >= self.limits.pending {
-            return Err(deny(group, self.limits.pending, "pending"));
-        }
+        self.admit(group, Instant::now())
+            .map_err(ConnectionDenied::new)?;
         self.pending.insert(id, group);
-        self.update(group, |c| c.pending += 1);
         Ok(())
     }
 
@@ -233,6 +362,13 @@ mod tests {
     use libp2p::swarm::behaviour::ConnectionEstablished;
 
     use super::*;
+
+    const LIMITS: Limits = Limits {
+        established: 16,
+        pending: 8,
+        new_per_minute: 6_000,
+        new_burst: 1_000,
+    };
 
     fn group(ip: &str) -> Group {
         Group::of(ip.parse().expect("ip"))
@@ -332,6 +468,7 @@ mod tests {
         let mut b = Behaviour::new(Limits {
             established: 2,
             pending: 8,
+            ..LIMITS
         });
         connect(&mut b, 1, "10.0.0.2").expect("first");
         connect(&mut b, 2, "10.0.0.2").expect("second");
@@ -362,7 +499,64 @@ mod tests {
         for id in [2, 4, 7] {
             close(&mut b, id, &listener("10.0.0.2"));
         }
-        assert!(b.counts.is_empty() && b.established.is_empty() && b.pending.is_empty());
+        assert!(b.established.is_empty() && b.pending.is_empty());
+        // What is left is only buckets refilling, forgotten once full again.
+        assert!(
+            b.counts
+                .values()
+                .all(|c| c.pending == 0 && c.established == 0)
+        );
+    }
+
+    #[test]
+    fn new_connections_are_rate_limited_per_address_and_refused_while_cooling_down() {
+        let mut b = Behaviour::new(Limits {
+            new_per_minute: 60,
+            new_burst: 2,
+            ..LIMITS
+        });
+        let t0 = Instant::now();
+        let (a, other) = (group("10.0.0.2"), group("10.0.0.3"));
+        let admit = |b: &mut Behaviour, g: Group, at: Duration| {
+            let r = b.admit(g, t0 + at).map_err(|e| e.to_string());
+            // Pending counts are not what this test is about.
+            if let Some(c) = b.counts.get_mut(&g) {
+                c.pending = 0;
+            }
+            r
+        };
+        admit(&mut b, a, Duration::ZERO).expect("burst 1");
+        admit(&mut b, a, Duration::ZERO).expect("burst 2");
+        let err = admit(&mut b, a, Duration::ZERO).expect_err("bucket empty");
+        assert_eq!(
+            err,
+            "at most 60 new inbound connections a minute from 10.0.0.2 are allowed"
+        );
+        admit(&mut b, other, Duration::ZERO).expect("another address has its own");
+        // One a second comes back.
+        admit(&mut b, a, Duration::from_millis(1000)).expect("refilled");
+        // A cooling-down address is refused whatever its bucket holds; then it
+        // is welcome again.
+        b.cool_down(other, Duration::from_secs(60));
+        let now = Instant::now().saturating_duration_since(t0);
+        let err = admit(&mut b, other, now).expect_err("cooling down");
+        assert!(err.contains("misbehaved"), "{err}");
+        admit(&mut b, other, now + Duration::from_secs(61)).expect("cooled down");
+    }
+
+    #[test]
+    fn an_address_at_its_established_cap_is_refused_before_its_handshake() {
+        let mut b = Behaviour::new(Limits {
+            established: 1,
+            ..LIMITS
+        });
+        connect(&mut b, 1, "10.0.0.2").expect("first");
+        let remote = addr("10.0.0.2");
+        let err = b
+            .handle_pending_inbound_connection(ConnectionId::new_unchecked(2), &local(), &remote)
+            .map_err(|e| reason(&e))
+            .expect_err("refused while pending");
+        assert!(err.contains("established"), "{err}");
     }
 
     #[test]
@@ -370,6 +564,7 @@ mod tests {
         let mut b = Behaviour::new(Limits {
             established: 16,
             pending: 2,
+            ..LIMITS
         });
         let pend = |b: &mut Behaviour, id: usize, ip: &str| {
             let remote: Multiaddr = format!("/ip6/{ip}/tcp/1").parse().expect("addr");

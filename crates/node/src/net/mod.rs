@@ -74,6 +74,8 @@ pub fn build_swarm(
     let ip_limits = ip_limits::Limits {
         established: net.max_connections_per_ip,
         pending: net.max_pending_per_ip,
+        new_per_minute: net.new_connections_per_ip_per_min,
+        new_burst: net.new_connections_per_ip_burst,
     };
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_per_peer(Some(net.max_connections_per_peer))

@@ -71,6 +71,18 @@ pub async fn start_node_in(
     TestNode { handle, addr, dir }
 }
 
+/// The configuration of a raw peer's swarm: it reads replies up to four
+/// times [`LIMIT`].
+fn raw_config() -> Config {
+    Config {
+        protocol: ProtocolConfig {
+            max_envelope_size: 4 * LIMIT,
+            ..ProtocolConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
 /// A peer that speaks the wire protocol directly, so it can send any bytes.
 pub struct RawPeer {
     pub swarm: Swarm<Behaviour>,
@@ -85,21 +97,16 @@ impl RawPeer {
 
     /// Connects as `identity`.
     pub async fn connect_as(identity: Identity, addr: &Multiaddr) -> Self {
-        let config = Config {
-            protocol: ProtocolConfig {
-                max_envelope_size: 4 * LIMIT,
-                ..ProtocolConfig::default()
-            },
-            ..Config::default()
-        };
         let mut swarm =
-            net::build_swarm(net::keypair(identity.secret_bytes()), &config).expect("swarm");
+            net::build_swarm(net::keypair(identity.secret_bytes()), &raw_config()).expect("swarm");
         swarm.dial(addr.clone()).expect("dial");
         let target = loop {
-            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
-                swarm.select_next_some().await
-            {
-                break peer_id;
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    panic!("could not connect to {addr}: {error}")
+                }
+                _ => {}
             }
         };
         Self {
@@ -132,7 +139,103 @@ impl RawPeer {
         let mut responses = self.flood(vec![bytes], 1).await;
         responses.pop().expect("one response")
     }
+
+    /// Sends raw bytes; the node's response, or why there is none (the request
+    /// failed, or the connection closed).
+    pub async fn try_request(&mut self, bytes: Vec<u8>) -> Result<Response, String> {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .envelopes
+            .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
+        loop {
+            match self.swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    },
+                )) if request_id == id => return Ok(response),
+                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
+                    request_response::Event::OutboundFailure {
+                        request_id, error, ..
+                    },
+                )) if request_id == id => return Err(error.to_string()),
+                SwarmEvent::ConnectionClosed { cause, .. } => {
+                    return Err(format!("closed: {cause:?}"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Connects over QUIC from `ip`, a loopback address other than 127.0.0.1
+    /// (another host, as the node sees it), to `addr`, the node's QUIC address.
+    pub async fn connect_from(ip: &str, addr: &Multiaddr) -> Self {
+        Self::try_connect_from(ip, addr)
+            .await
+            .expect("connects and is answered")
+    }
+
+    /// As [`RawPeer::connect_from`], checked with a ping: `Err` with what
+    /// happened if the node refused or closed the connection.
+    ///
+    /// A QUIC swarm that listens on `/ip4/<ip>/udp/0/quic-v1` dials from that
+    /// listener's socket, hence from `ip`; a TCP swarm would not (libp2p-tcp
+    /// binds its dials to `0.0.0.0`, and the kernel picks 127.0.0.1).
+    pub async fn try_connect_from(ip: &str, addr: &Multiaddr) -> Result<Self, String> {
+        let identity = Identity::from_secret(&rand::random());
+        let mut swarm =
+            net::build_swarm(net::keypair(identity.secret_bytes()), &raw_config()).expect("swarm");
+        let listen: Multiaddr = format!("/ip4/{ip}/udp/0/quic-v1").parse().expect("addr");
+        swarm.listen_on(listen).expect("listen");
+        loop {
+            if let SwarmEvent::NewListenAddr { .. } = swarm.select_next_some().await {
+                break;
+            }
+        }
+        swarm.dial(addr.clone()).expect("dial");
+        let target = loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
+                SwarmEvent::OutgoingConnectionError { error, .. } => return Err(error.to_string()),
+                _ => {}
+            }
+        };
+        let mut raw = Self {
+            swarm,
+            identity,
+            target,
+        };
+        let to = net::entity_of(&target).expect("an Ed25519 node");
+        let ping = raw.draft(to, "ping").sign(&raw.identity).encode();
+        match raw.try_request(ping).await? {
+            Response::Reply(_) => Ok(raw),
+            other => Err(format!("the ping was answered {other:?}")),
+        }
+    }
 }
+
+/// The node's QUIC address (it must listen on one).
+pub async fn quic_addr(node: &TestNode) -> Multiaddr {
+    for _ in 0..500 {
+        let addrs = node.handle.listen_addrs().await.expect("addrs");
+        if let Some(a) = addrs
+            .iter()
+            .find(|a| a.iter().any(|p| p == libp2p::multiaddr::Protocol::QuicV1))
+        {
+            return a.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the node never listened on QUIC");
+}
+
+impl RawPeer {}
 
 impl RawPeer {
     /// Sends every frame with up to `in_flight` requests open at once; returns
