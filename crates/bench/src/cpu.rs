@@ -1,0 +1,79 @@
+//! CPU time of this process, and of its threads whose name starts with a
+//! prefix, read from `/proc` (Linux).
+
+use std::time::Duration;
+
+/// Clock ticks per second of `/proc/*/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: u64 = 100;
+
+/// CPU time (user and system) so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Times {
+    /// The whole process, threads that ended included.
+    pub process: Duration,
+    /// Its live threads named with the prefix.
+    pub named: Duration,
+}
+
+impl Times {
+    /// This process's times now, `named` for threads whose name starts with
+    /// `prefix`; `None` where `/proc` is not readable.
+    pub fn now(prefix: &str) -> Option<Self> {
+        let process = ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+        let mut named = 0;
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let path = task.path();
+            let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+                continue;
+            };
+            if comm.starts_with(prefix) {
+                let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+                named += ticks(&stat).unwrap_or(0);
+            }
+        }
+        let time = |t: u64| Duration::from_millis(t * 1000 / USER_HZ);
+        Some(Self {
+            process: time(process),
+            named: time(named),
+        })
+    }
+
+    /// The time spent between `earlier` and `self`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            process: self.process.saturating_sub(earlier.process),
+            named: self.named.saturating_sub(earlier.named),
+        }
+    }
+}
+
+/// `utime + stime` of a `stat` line: fields 14 and 15, counted after the
+/// command name in parentheses (which may hold spaces).
+fn ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_read_after_a_name_with_spaces_and_parentheses() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0";
+        assert_eq!(ticks(stat), Some(12));
+        assert_eq!(ticks("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_has_used_some_cpu() {
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {}
+        let t = Times::now("no thread is named so").expect("Linux");
+        assert!(t.process > Duration::ZERO);
+        assert_eq!(t.named, Duration::ZERO);
+    }
+}
