@@ -11,7 +11,8 @@
 //!
 //! The attacker runs on a tokio runtime of its own (`--attacker-threads`,
 //! default 1), the nodes on another (`--threads`, default 2); the line gives
-//! the CPU time each used during the run.
+//! the CPU time each used during the run, and that of other processes on the
+//! machine (a shared machine makes latencies worse).
 //!
 //! T runs the default configuration with rate limits on, except that the
 //! `task` class allows twice H's rate (so H's own messages are not limited)
@@ -193,9 +194,10 @@ async fn scenario_run(
             let used = after.since(before);
             let nodes = used.process.saturating_sub(used.named);
             format!(
-                " cpu_nodes_s={:.2} cpu_attacker_s={:.2}",
+                " cpu_nodes_s={:.2} cpu_attacker_s={:.2} cpu_others_s={:.2}",
                 nodes.as_secs_f64(),
-                used.named.as_secs_f64()
+                used.named.as_secs_f64(),
+                used.others().as_secs_f64()
             )
         }
         _ => String::new(),
