@@ -9,14 +9,14 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use peer_core::{Envelope, Identity, MessageId};
-use peer_node::libp2p::request_response::{self, OutboundRequestId};
+use peer_node::libp2p::request_response;
 use peer_node::libp2p::swarm::SwarmEvent;
 use peer_node::libp2p::{PeerId, Swarm};
 use peer_node::net::codec::{Frame, Request, Response};
 use peer_node::net::{self, Behaviour, BehaviourEvent};
 use peer_node::node::now_ms;
 
-use super::{Attack, Options, Report, Target, fresh_identity, signed};
+use super::{Attack, Options, Report, Target, dial, fresh_identity, signed};
 use crate::nodes::metric;
 
 /// How long answers to requests in flight are awaited after the deadline.
@@ -166,20 +166,9 @@ impl Flood {
         let mut swarm = net::build_swarm(key, &peer_node::Config::default())
             .map_err(|e| anyhow::anyhow!("attacker swarm: {e}"))?;
         let commits = metric(&target.node, COMMITS);
-        swarm.dial(target.tcp.clone())?;
-        let peer = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match swarm.select_next_some().await {
-                    SwarmEvent::ConnectionEstablished { peer_id, .. } => return Ok(peer_id),
-                    SwarmEvent::OutgoingConnectionError { error, .. } => {
-                        anyhow::bail!("attacker's dial failed: {error}")
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .context("attacker's dial timed out")??;
+        let peer = dial(&mut swarm, target.tcp.clone())
+            .await
+            .context("the attacker's dial")?;
         // T writes down the new connection's peer on a thread of its own:
         // wait for that, so the run counts only what the flood causes.
         for _ in 0..500 {
@@ -197,13 +186,13 @@ impl Flood {
         })
     }
 
-    fn send(&mut self, counts: &mut Counts) -> OutboundRequestId {
+    fn send(&mut self, counts: &mut Counts) {
         counts.sent += 1;
         let frame = Frame::outbound(self.frames.next());
         self.swarm
             .behaviour_mut()
             .envelopes
-            .send_request(&self.peer, Request::Envelope(frame))
+            .send_request(&self.peer, Request::Envelope(frame));
     }
 
     /// Floods until `until`, then waits up to [`DRAIN`] for the answers still

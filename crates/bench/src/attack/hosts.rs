@@ -19,7 +19,7 @@ use peer_node::net::codec::{Frame, Request, Response};
 use peer_node::net::{self, Behaviour, BehaviourEvent};
 use peer_node::{Config, NodeError, NodeHandle};
 
-use super::{Attack, Options, Report, Target, fresh_identity, signed};
+use super::{Attack, Options, Report, Target, dial, fresh_identity, signed};
 use crate::nodes::{self, Transport, metric};
 use crate::pace;
 
@@ -75,18 +75,9 @@ impl Host {
                 break;
             }
         }
-        swarm
-            .dial(target.quic.clone())
-            .map_err(|e| Refused::new("dial", e))?;
-        let peer = loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::ConnectionEstablished { peer_id, .. } => break peer_id,
-                SwarmEvent::OutgoingConnectionError { error, .. } => {
-                    return Err(Refused::new("dial", error));
-                }
-                _ => {}
-            }
-        };
+        let peer = dial(&mut swarm, target.quic.clone())
+            .await
+            .map_err(|e| Refused::new("dial", format!("{e:#}")))?;
         let ping = signed(
             &identity,
             target.node.entity_id(),
@@ -232,37 +223,42 @@ impl Attack for Connections {
             let mut refusals = Refusals::default();
             let (mut tried, mut accepted, mut peak) = (0, 0, 0);
             let mut flood_took = None;
-            while Instant::now() < until || !dialing.is_empty() {
-                while tried < self.attempts
-                    && dialing.len() < self.dialers
-                    && Instant::now() < until
-                {
+            let end = tokio::time::sleep_until(until.into());
+            tokio::pin!(end);
+            loop {
+                while tried < self.attempts && dialing.len() < self.dialers {
                     let target = self.target.clone();
                     dialing.push(tokio::spawn(async move { Host::connect(&target).await }));
                     tried += 1;
                 }
-                if dialing.is_empty() {
-                    flood_took.get_or_insert(started.elapsed());
-                    tokio::time::sleep_until(until.into()).await;
-                    continue;
+                if dialing.is_empty() && flood_took.is_none() {
+                    flood_took = Some(started.elapsed());
                 }
-                match dialing.next().await {
-                    Some(Ok(Ok(host))) => {
+                let done = tokio::select! {
+                    () = &mut end => break,
+                    Some(done) = dialing.next() => done,
+                };
+                match done {
+                    Ok(Ok(host)) => {
                         accepted += 1;
                         held.push(tokio::spawn(host.hold(until)));
                         peak = peak.max(metric(&self.target.node, "peer_connected_peers"));
                     }
-                    Some(Ok(Err(refused))) => refusals.add(refused),
-                    Some(Err(e)) => refusals.add(Refused::new("setup", e)),
-                    None => {}
+                    Ok(Err(refused)) => refusals.add(refused),
+                    Err(e) => refusals.add(Refused::new("setup", e)),
                 }
+            }
+            // Attempts still under way at the deadline are not counted.
+            let unfinished = dialing.len();
+            for attempt in &dialing {
+                attempt.abort();
             }
             let mut kept = 0;
             for h in held {
                 kept += u64::from(h.await.unwrap_or(false));
             }
             let mut r = Report::default();
-            r.add("tried", tried)
+            r.add("tried", tried - unfinished)
                 .add("accepted", accepted)
                 .add("refused", refusals.total());
             refusals.report(&mut r);

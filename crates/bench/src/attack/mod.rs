@@ -14,15 +14,20 @@ mod hosts;
 mod slow;
 
 use std::fmt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use peer_core::{Draft, EntityId, Identity, MessageId};
 use peer_node::NodeHandle;
-use peer_node::libp2p::Multiaddr;
+use peer_node::libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use peer_node::libp2p::{Multiaddr, PeerId, Swarm};
 use peer_node::node::now_ms;
+
+/// Time an attacker's dial gets to be established.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the attacker does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -179,6 +184,23 @@ fn signed(
         payload,
     }
     .sign(identity)
+}
+
+/// Dials `addr` from `swarm` and drives it until the connection is
+/// established: the peer, or why it was not within [`DIAL_TIMEOUT`].
+async fn dial<B: NetworkBehaviour>(swarm: &mut Swarm<B>, addr: Multiaddr) -> Result<PeerId> {
+    swarm.dial(addr)?;
+    tokio::time::timeout(DIAL_TIMEOUT, async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => return Ok(peer_id),
+                SwarmEvent::OutgoingConnectionError { error, .. } => bail!("{error}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .context("the dial timed out")?
 }
 
 /// A fresh identity.

@@ -17,7 +17,7 @@ use peer_node::libp2p::{PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp,
 use peer_node::net;
 use peer_node::net::codec::PROTOCOL;
 
-use super::{Attack, Options, Report, Target, fresh_identity};
+use super::{Attack, Options, Report, Target, dial, fresh_identity};
 
 /// Time between two bytes of a body.
 const TRICKLE: Duration = Duration::from_secs(1);
@@ -107,20 +107,9 @@ impl SlowStreams {
             })?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
-        swarm.dial(target.tcp.clone())?;
-        let peer = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match swarm.select_next_some().await {
-                    SwarmEvent::ConnectionEstablished { peer_id, .. } => return Ok(peer_id),
-                    SwarmEvent::OutgoingConnectionError { error, .. } => {
-                        anyhow::bail!("attacker's dial failed: {error}")
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .context("attacker's dial timed out")??;
+        let peer = dial(&mut swarm, target.tcp.clone())
+            .await
+            .context("the attacker's dial")?;
         Ok(Self {
             swarm,
             peer,
