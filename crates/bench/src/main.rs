@@ -3,20 +3,19 @@
 //! messages in flight, or latency at a fixed send rate. Payloads larger than
 //! `transfer.chunk_size` go as chunked transfers.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use hdrhistogram::Histogram;
+use peer_bench::nodes::{self, Transport};
+use peer_bench::pace::{self, Tally};
+use peer_node::Config;
+use peer_node::NodeHandle;
 use peer_node::config::NetworkConfig;
-use peer_node::node::{self, NodeHandle};
 use peer_node::ratelimit::RateLimitConfig;
-use peer_node::store::Store;
 use peer_node::transfer::TransferConfig;
-use peer_node::{Config, data_dir};
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure two Peer Protocol nodes on one machine")]
@@ -62,22 +61,11 @@ enum Mode {
     Latency,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Transport {
-    Tcp,
-    Quic,
-}
-
-async fn start(dir: &std::path::Path, args: &Args) -> Result<NodeHandle> {
-    let listen = match args.transport {
-        Transport::Tcp => "/ip4/127.0.0.1/tcp/0",
-        Transport::Quic => "/ip4/127.0.0.1/udp/0/quic-v1",
-    };
+fn start(dir: &std::path::Path, args: &Args) -> Result<NodeHandle> {
     let defaults = TransferConfig::default();
     let config = Config {
-        data_dir: dir.to_path_buf(),
         network: NetworkConfig {
-            listen: vec![listen.parse()?],
+            listen: vec![args.transport.listen("127.0.0.1")?],
             max_outbound_in_flight: args.in_flight.max(4096),
             ..NetworkConfig::default()
         },
@@ -98,27 +86,7 @@ async fn start(dir: &std::path::Path, args: &Args) -> Result<NodeHandle> {
         .transfer
         .validate(config.protocol.max_envelope_size)
         .map_err(anyhow::Error::msg)?;
-    let secrets = data_dir::init(dir, peer_node::fresh_secrets)?;
-    let store = Store::open(&dir.join(data_dir::DB_FILE))?;
-    Ok(node::start(config, secrets.identity, store)?)
-}
-
-async fn listen_addr(h: &NodeHandle) -> Result<peer_node::libp2p::Multiaddr> {
-    for _ in 0..500 {
-        if let Some(a) = h.listen_addrs().await?.first() {
-            return Ok(a.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    anyhow::bail!("the receiving node did not start listening")
-}
-
-/// Counts a failed send; prints the first one's reason.
-fn fail(failed: &mut u64, e: peer_node::NodeError) {
-    if *failed == 0 {
-        eprintln!("first failure: {e}");
-    }
-    *failed += 1;
+    nodes::start(dir, config)
 }
 
 fn main() -> Result<()> {
@@ -132,29 +100,16 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let sender = start(&tmp.path().join("a"), &args).await?;
-    let receiver = start(&tmp.path().join("b"), &args).await?;
+    let sender = start(&tmp.path().join("a"), &args)?;
+    let receiver = start(&tmp.path().join("b"), &args)?;
     sender
-        .connect(listen_addr(&receiver).await?)
+        .connect(nodes::listen_addr(&receiver, args.transport).await?)
         .await
         .context("connect")?;
-    let mut events = receiver.subscribe();
-    // Drain the receiver's event stream as an agent would.
-    tokio::spawn(async move { while events.recv().await.is_ok() || !events.is_empty() {} });
-    let payload = Arc::new(
-        format!(
-            "{{\"pad\":\"{}\"}}",
-            "x".repeat(args.payload_bytes.saturating_sub(10))
-        )
-        .into_bytes(),
-    );
+    nodes::drain_events(&receiver);
+    let payload = pace::payload(args.payload_bytes);
     let to = receiver.entity_id();
-    let send = move |s: NodeHandle, p: Arc<Vec<u8>>| async move {
-        let started = Instant::now();
-        s.send(to, "message".parse().expect("valid type"), p.to_vec())
-            .await
-            .map(|_| started.elapsed())
-    };
+    let send = || pace::send(sender.clone(), to, payload.clone());
     println!(
         "mode={:?} transport={:?} payload={}B threads={} cores={}",
         args.mode,
@@ -163,60 +118,40 @@ async fn run(args: Args) -> Result<()> {
         args.threads,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let mut hist = Histogram::<u64>::new(3)?;
     let started = Instant::now();
-    let mut failed = 0u64;
-    match args.mode {
+    let tally = match args.mode {
         Mode::Throughput => {
+            let mut tally = Tally::new()?;
             let mut inflight = FuturesUnordered::new();
             let mut issued = 0;
             while issued < args.messages || !inflight.is_empty() {
                 while issued < args.messages && inflight.len() < args.in_flight {
-                    inflight.push(tokio::spawn(send(sender.clone(), payload.clone())));
+                    inflight.push(tokio::spawn(send()));
                     issued += 1;
                 }
-                match inflight.next().await {
-                    Some(Ok(Ok(lat))) => hist.record(lat.as_micros() as u64)?,
-                    Some(Ok(Err(e))) => fail(&mut failed, e),
-                    _ => failed += 1,
+                if let Some(sent) = inflight.next().await {
+                    tally.record(sent)?;
                 }
             }
+            tally
         }
-        Mode::Latency => {
-            let total = args.rate * args.seconds;
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut inflight = FuturesUnordered::new();
-            let mut issued = 0;
-            while issued < total || !inflight.is_empty() {
-                tokio::select! {
-                    _ = tick.tick(), if issued < total => {
-                        inflight.push(tokio::spawn(send(sender.clone(), payload.clone())));
-                        issued += 1;
-                    }
-                    Some(r) = inflight.next() => match r {
-                        Ok(Ok(lat)) => hist.record(lat.as_micros() as u64)?,
-                        Ok(Err(e)) => fail(&mut failed, e),
-                        Err(_) => failed += 1,
-                    },
-                }
-            }
-        }
-    }
+        Mode::Latency => pace::at_rate(args.rate, args.seconds, send).await?,
+    };
     let secs = started.elapsed().as_secs_f64();
-    let ok = hist.len();
+    let ok = tally.delivered();
     println!(
-        "delivered={ok} failed={failed} seconds={secs:.2} rate={:.0} msg/s = {:.1} MB/s of payload",
+        "delivered={ok} failed={} seconds={secs:.2} rate={:.0} msg/s = {:.1} MB/s of payload",
+        tally.failed,
         ok as f64 / secs,
         (ok as f64 * payload.len() as f64) / secs / 1e6
     );
     println!(
         "latency_us p50={} p90={} p99={} p999={} max={}",
-        hist.value_at_quantile(0.5),
-        hist.value_at_quantile(0.9),
-        hist.value_at_quantile(0.99),
-        hist.value_at_quantile(0.999),
-        hist.max()
+        tally.at(0.5),
+        tally.at(0.9),
+        tally.at(0.99),
+        tally.at(0.999),
+        tally.hist.max()
     );
     // Peak resident memory of this process (Linux): both nodes, and the
     // payload this load generator holds and copies for each send.
