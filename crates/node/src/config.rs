@@ -80,6 +80,11 @@ pub struct NetworkConfig {
     /// How long, in seconds, the address or /64 of a peer whose connections
     /// were closed for misbehaviour is refused new connections (default 60).
     pub misbehaviour_cooldown_secs: u64,
+    /// A peer's requests verified at once (signature checks on tasks of their
+    /// own); its others wait their turn, so one peer with hundreds of
+    /// requests open cannot queue its signature checks ahead of every other
+    /// peer's (default 8; at least 1).
+    pub max_verifying_per_peer: usize,
     /// Most request streams open at once on one connection, inbound and outbound
     /// together: libp2p's request-response counts both against this one limit and
     /// drops an inbound request beyond it (default 256, at most 480). This node
@@ -217,6 +222,7 @@ impl Default for NetworkConfig {
             new_connections_per_ip_burst: 32,
             misbehaviour_limit: 16,
             misbehaviour_cooldown_secs: 60,
+            max_verifying_per_peer: 8,
             max_concurrent_streams: 256,
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
             max_inbound_bytes_per_connection: 2 * 1024 * 1024,
@@ -273,6 +279,10 @@ impl NetworkConfig {
             (
                 "new_connections_per_ip_burst",
                 u64::from(self.new_connections_per_ip_burst),
+            ),
+            (
+                "max_verifying_per_peer",
+                u64::try_from(self.max_verifying_per_peer).unwrap_or(u64::MAX),
             ),
             ("min_inbound_bytes_per_sec", self.min_inbound_bytes_per_sec),
         ] {

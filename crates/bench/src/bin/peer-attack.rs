@@ -69,6 +69,10 @@ struct Args {
     /// Connection attempts in progress at once (`connections`, `rate-table`).
     #[arg(long, default_value_t = 16)]
     dialers: usize,
+    /// T's `network.misbehaviour_limit` (node default if not given; 0 never
+    /// closes a misbehaving connection, to measure what its requests cost).
+    #[arg(long)]
+    misbehaviour_limit: Option<u32>,
 }
 
 /// The scenarios to run, in order.
@@ -141,6 +145,9 @@ fn target_config(scenario: Scenario, args: &Args) -> Result<Config> {
         burst: u32::try_from(args.rate * 2).context("--rate")?,
     };
     attack::tune(scenario, &mut config);
+    if let Some(limit) = args.misbehaviour_limit {
+        config.network.misbehaviour_limit = limit;
+    }
     Ok(config)
 }
 

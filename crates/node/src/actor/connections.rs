@@ -251,6 +251,7 @@ impl Actor {
             return;
         };
         self.shared.by_entity.remove(&c.entity);
+        self.pipeline.peer_gone(&peer_id);
         let now = self.now_ms();
         self.shared.sessions.set_connected(now, c.entity, false);
         self.shared.limits.disconnected(c.entity);

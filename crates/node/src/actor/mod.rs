@@ -165,7 +165,12 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
     let mono = Monotonic::new(clock.now());
     let acceptor = Acceptor::started_at(identity.entity_id(), config.inbound(), clock.wall_ms());
     let actor = Actor {
-        pipeline: Pipeline::new(acceptor, verified_tx, clock.clone()),
+        pipeline: Pipeline::new(
+            acceptor,
+            verified_tx,
+            clock.clone(),
+            config.network.max_verifying_per_peer,
+        ),
         outbound: Outbound::new(&config, identity.clone(), signed_tx, metrics.clone()),
         connections: Connections::new(config.network.max_pending_dials),
         shared: Shared {

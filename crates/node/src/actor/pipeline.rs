@@ -1,7 +1,8 @@
 //! The inbound pipeline: a request from its stream to its service and back.
 //!
 //! 1. verify (on a task of its own: size, layout, the sender is the
-//!    connection's peer, timestamp, key binding, signature);
+//!    connection's peer, timestamp, key binding, signature), at most
+//!    `network.max_verifying_per_peer` of one peer's requests at once;
 //! 2. admit (nonce memory, recipient);
 //! 3. route (the service that owns the type; `UNSUPPORTED_MSG_TYPE` if none);
 //! 4. rate (one token of the route's class, unless its service charges);
@@ -16,6 +17,7 @@
 //! The request's share of the inbound byte budget (its [`Frame`]) is held until
 //! its answer is handed to the swarm.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use libp2p::PeerId;
@@ -34,10 +36,18 @@ use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Routed, Sealing}
 
 /// An inbound request after the stateless checks, back from its task.
 pub(crate) struct Verified {
+    peer: PeerId,
     entity: EntityId,
     result: Result<Envelope, Refusal>,
     frame: Option<Frame>,
     channel: ResponseChannel<Response>,
+}
+
+/// One peer's requests in verification, and those waiting their turn.
+#[derive(Default)]
+struct Verifying {
+    running: usize,
+    waiting: VecDeque<(Request, ResponseChannel<Response>)>,
 }
 
 /// The pipeline's own state.
@@ -45,6 +55,13 @@ pub(crate) struct Pipeline {
     acceptor: Acceptor,
     verified_tx: mpsc::Sender<Verified>,
     clock: Arc<dyn Clock>,
+    /// At most `network.max_verifying_per_peer` of a peer's requests are
+    /// verified at once; the rest wait in arrival order. So a peer with
+    /// hundreds of requests open puts at most that many signature checks
+    /// ahead of another peer's, however fast it sends. The waiting ones are
+    /// bounded by the request streams a connection may open.
+    verifying: HashMap<PeerId, Verifying>,
+    max_verifying: usize,
 }
 
 impl Pipeline {
@@ -52,12 +69,21 @@ impl Pipeline {
         acceptor: Acceptor,
         verified_tx: mpsc::Sender<Verified>,
         clock: Arc<dyn Clock>,
+        max_verifying: usize,
     ) -> Self {
         Self {
             acceptor,
             verified_tx,
             clock,
+            verifying: HashMap::new(),
+            max_verifying: max_verifying.max(1),
         }
+    }
+
+    /// The last connection to `peer` closed: its waiting requests are dropped
+    /// (their streams close).
+    pub fn peer_gone(&mut self, peer: &PeerId) {
+        self.verifying.remove(peer);
     }
 }
 
@@ -87,6 +113,18 @@ impl Actor {
         request: Request,
         channel: ResponseChannel<Response>,
     ) {
+        let p = &mut self.pipeline;
+        let v = p.verifying.entry(peer).or_default();
+        if v.running >= p.max_verifying {
+            v.waiting.push_back((request, channel));
+            return;
+        }
+        v.running += 1;
+        self.verify(peer, request, channel);
+    }
+
+    /// Verifies one request on a task of its own.
+    fn verify(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
         // Peers without an Ed25519 key are disconnected when they connect.
         let Some(entity) = net::entity_of(&peer) else {
             return;
@@ -105,6 +143,7 @@ impl Actor {
             // Fails only when the node is stopping.
             _ = tx
                 .send(Verified {
+                    peer,
                     entity,
                     result,
                     frame,
@@ -117,11 +156,24 @@ impl Actor {
     /// Steps 2–7.
     pub(super) fn on_verified(&mut self, v: Verified) {
         let Verified {
+            peer,
             entity,
             result,
             frame,
             channel,
         } = v;
+        // The peer's next waiting request, if any, takes this one's place.
+        if let Some(v) = self.pipeline.verifying.get_mut(&peer) {
+            v.running = v.running.saturating_sub(1);
+            match v.waiting.pop_front() {
+                Some((request, channel)) => {
+                    v.running += 1;
+                    self.verify(peer, request, channel);
+                }
+                None if v.running == 0 => _ = self.pipeline.verifying.remove(&peer),
+                None => {}
+            }
+        }
         if !self.shared.by_entity.contains_key(&entity) {
             // The peer's last connection closed while this was being verified:
             // nobody is left to read the answer, and a peer that is gone gets
