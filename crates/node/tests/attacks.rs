@@ -24,6 +24,17 @@ use common::{
 
 const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 
+/// A fresh honest node, connected to `target`.
+async fn honest_peer_of(target: &common::TestNode) -> common::TestNode {
+    let honest = start_node_with(TCP, |_| {}).await;
+    honest
+        .handle
+        .connect(target.addr.clone())
+        .await
+        .expect("the honest peer connects");
+    honest
+}
+
 /// Sends `count` messages from `from` to `to`, one after the other; all must
 /// be accepted.
 async fn honest_messages(from: &peer_node::NodeHandle, to: peer_core::EntityId, count: u32) {
@@ -43,13 +54,8 @@ async fn identities_made_up_over_one_connection_are_refused_and_get_no_state() {
     // The connection is not closed for its misbehaviour (see
     // `a_misbehaving_connection_is_closed_and_its_host_cooled_down`).
     let target = start_node_with(TCP, |c| c.network.misbehaviour_limit = 0).await;
-    let honest = start_node_with(TCP, |_| {}).await;
     let to = target.handle.entity_id();
-    honest
-        .handle
-        .connect(target.addr.clone())
-        .await
-        .expect("connects");
+    let honest = honest_peer_of(&target).await;
     let mut x = RawPeer::connect(&target.addr).await;
     wait_connected(&target.handle, x.entity_id()).await;
 
@@ -120,13 +126,8 @@ async fn garbage_costs_no_signature_and_no_write_while_an_honest_peer_gets_throu
     // The connection is not closed for its misbehaviour, so that all 10,000
     // frames reach the node.
     let target = start_node_with(TCP, |c| c.network.misbehaviour_limit = 0).await;
-    let honest = start_node_with(TCP, |_| {}).await;
     let to = target.handle.entity_id();
-    honest
-        .handle
-        .connect(target.addr.clone())
-        .await
-        .expect("connects");
+    let honest = honest_peer_of(&target).await;
     let mut events = target.handle.subscribe();
     let say = |n: u32| {
         honest.handle.send(
@@ -356,17 +357,9 @@ async fn requests_from_a_connection_that_closed_leave_no_session_state() {
     assert_eq!(left, 0.0, "session state left by peers that are gone");
 
     // A newcomer finds room for its session.
-    let honest = start_node_with(TCP, |_| {}).await;
-    honest
-        .handle
-        .connect(target.addr.clone())
-        .await
-        .expect("connects");
-    honest
-        .handle
-        .send(to, "message".parse().expect("type"), br#"{"n":1}"#.to_vec())
-        .await
-        .expect("the newcomer's message is delivered in a session");
+    let honest = honest_peer_of(&target).await;
+    // The newcomer's message is delivered in a session.
+    honest_messages(&honest.handle, to, 1).await;
 }
 
 /// One identity fills the node-wide nonce memory with its own valid pings,
@@ -379,12 +372,7 @@ async fn requests_from_a_connection_that_closed_leave_no_session_state() {
 async fn one_identity_filling_the_nonce_memory_does_not_lock_out_an_honest_peer() {
     let target = start_node_with(TCP, |c| c.protocol.replay_capacity = 2_000).await;
     let to = target.handle.entity_id();
-    let honest = start_node_with(TCP, |_| {}).await;
-    honest
-        .handle
-        .connect(target.addr.clone())
-        .await
-        .expect("connects");
+    let honest = honest_peer_of(&target).await;
     let mut x = RawPeer::connect(&target.addr).await;
     wait_connected(&target.handle, x.entity_id()).await;
     let frames = (0..2_100)
@@ -401,11 +389,8 @@ async fn one_identity_filling_the_nonce_memory_does_not_lock_out_an_honest_peer(
         .filter(|r| error_code(r.clone()).as_deref() == Some("RATE_LIMITED"))
         .count();
     assert!(limited > 1_900, "the attacker was rate limited ({limited})");
-    honest
-        .handle
-        .send(to, "message".parse().expect("type"), br#"{"n":1}"#.to_vec())
-        .await
-        .expect("the honest peer is not locked out by another's flood");
+    // The honest peer is not locked out by another's flood.
+    honest_messages(&honest.handle, to, 1).await;
 }
 
 #[tokio::test]
@@ -416,13 +401,8 @@ async fn a_misbehaving_connection_is_closed_and_its_host_cooled_down() {
         c.network.misbehaviour_cooldown_secs = 600;
     })
     .await;
-    let honest = start_node_with(QUIC, |_| {}).await;
     let to = target.handle.entity_id();
-    honest
-        .handle
-        .connect(target.addr.clone())
-        .await
-        .expect("connects");
+    let honest = honest_peer_of(&target).await;
     // A QUIC peer from another host (127.0.0.2) sends garbage.
     let quic = common::quic_addr(&target).await;
     let mut raw = RawPeer::connect_from("127.0.0.2", &quic).await;

@@ -136,8 +136,9 @@ impl RawPeer {
 
     /// Sends raw bytes and returns the node's response.
     pub async fn request(&mut self, bytes: Vec<u8>) -> Response {
-        let mut responses = self.flood(vec![bytes], 1).await;
-        responses.pop().expect("one response")
+        self.try_request(bytes)
+            .await
+            .unwrap_or_else(|e| panic!("request failed: {e}"))
     }
 
     /// Sends raw bytes; the node's response, or why there is none (the request
