@@ -1,9 +1,9 @@
-//! Rate-limit policy: which class a message type counts against, and each
-//! class's token bucket (rate per minute, burst). Enforcement is the node's.
+//! Rate-limit policy: the message classes and each class's token bucket (rate
+//! per minute, burst). Which class a message type counts against is declared
+//! by the node service that owns the type (its route); enforcement is the
+//! node's.
 
 use std::fmt;
-
-use crate::msg_type::MsgType;
 
 /// A message class with its own budget per peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,22 +29,6 @@ impl Class {
         Self::Discovery,
         Self::Chunk,
     ];
-
-    /// The class `msg_type` counts against.
-    pub fn of(msg_type: &MsgType) -> Self {
-        match msg_type.as_str() {
-            "handshake_init"
-            | "handshake_init_ack"
-            | "challenge_response"
-            | "session_established"
-            | "session_confirm"
-            | "ready" => Self::Handshake,
-            "heartbeat" | "ping" => Self::Heartbeat,
-            "discovery" => Self::Discovery,
-            "chunk" | "chunk_manifest" | "chunk_resend" => Self::Chunk,
-            _ => Self::Task,
-        }
-    }
 
     /// The class's name, as used in configuration and metrics.
     pub fn as_str(self) -> &'static str {
@@ -88,22 +72,6 @@ pub struct Quota {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn class(s: &str) -> Class {
-        Class::of(&s.parse().expect("valid msg_type"))
-    }
-
-    #[test]
-    fn message_types_map_to_their_classes() {
-        assert_eq!(class("handshake_init"), Class::Handshake);
-        assert_eq!(class("ready"), Class::Handshake);
-        assert_eq!(class("ping"), Class::Heartbeat);
-        assert_eq!(class("task_delegate"), Class::Task);
-        assert_eq!(class("message"), Class::Task);
-        assert_eq!(class("no_such_type"), Class::Task);
-        assert_eq!(class("discovery"), Class::Discovery);
-        assert_eq!(class("chunk"), Class::Chunk);
-    }
 
     #[test]
     fn defaults_follow_the_protocol_parameters() {

@@ -619,3 +619,52 @@ impl<S: Service> ServiceHandle<S> {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::{handshake, messaging, ping, transfer};
+
+    fn builtins() -> Routes {
+        let services: Vec<Box<dyn Erased>> = vec![
+            Box::new(ping::Ping),
+            Box::new(handshake::Handshake),
+            Box::new(messaging::Messaging::default()),
+            Box::new(transfer::Transfers::new(Default::default())),
+        ];
+        Routes::build(&services).expect("no type owned twice")
+    }
+
+    fn t(s: &str) -> MsgType {
+        s.parse().expect("valid")
+    }
+
+    #[test]
+    fn the_built_in_routes_follow_the_protocol_table() {
+        let r = builtins();
+        // Classes, as PROTOCOL.md section 5a lists them.
+        for (msg_type, class) in [
+            ("handshake_init", Class::Handshake),
+            ("ready", Class::Handshake),
+            ("ping", Class::Heartbeat),
+            ("message", Class::Task),
+            ("task_delegate", Class::Task),
+            ("chunk_manifest", Class::Chunk),
+            ("chunk", Class::Chunk),
+            ("chunk_resend", Class::Chunk),
+            ("no_such_type", Class::Task),
+        ] {
+            assert_eq!(r.class_of(&t(msg_type)), class, "{msg_type}");
+        }
+        // Sealing: application and chunked-transfer types only.
+        assert!(r.is_sealed(&t("message")) && r.is_sealed(&t("chunk")));
+        assert!(!r.is_sealed(&t("ping")) && !r.is_sealed(&t("handshake_init")));
+        assert!(!r.is_sealed(&t("no_such_type")));
+        // A chunk is charged by its service; everything else on arrival.
+        let charge = |s: &str| r.get(&t(s)).map(|x| x.route.charge);
+        assert_eq!(charge("chunk"), Some(Charge::ByService));
+        assert_eq!(charge("chunk_manifest"), Some(Charge::OnArrival));
+        assert_eq!(charge("pong"), None, "a reply, not a request");
+        assert_eq!(r.owner("handshake_init"), r.owner("ready"));
+    }
+}

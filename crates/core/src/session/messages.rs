@@ -106,11 +106,6 @@ impl Message {
         "ready",
     ];
 
-    /// Whether `msg_type` names a handshake message.
-    pub fn is_handshake(msg_type: &str) -> bool {
-        Self::MSG_TYPES.contains(&msg_type)
-    }
-
     /// The envelope `msg_type` that carries this message.
     pub fn msg_type(&self) -> &'static str {
         let i = match self {
@@ -291,10 +286,10 @@ mod tests {
         ];
         for (m, len) in cases {
             assert_eq!(m.encode().len(), len, "{}", m.msg_type());
-            assert!(Message::is_handshake(m.msg_type()));
+            assert!(Message::MSG_TYPES.contains(&m.msg_type()));
             assert!(m.msg_type().parse::<crate::MsgType>().is_ok());
         }
-        assert!(!Message::is_handshake("message"));
+        assert!(!Message::MSG_TYPES.contains(&"message"));
         assert_eq!(Message::decode("message", b"{}"), Ok(None));
     }
 
