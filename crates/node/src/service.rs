@@ -320,11 +320,13 @@ impl<S: Service> Erased for S {
     }
 }
 
-/// What a route table entry says about a message type.
-#[derive(Debug, Clone)]
+/// What a route table entry says about a message type (its key).
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Routed {
     pub service: ServiceId,
-    pub route: Route,
+    pub class: Class,
+    pub sealing: Sealing,
+    pub charge: Charge,
 }
 
 /// The one table from message type to service, rate class and sealing rule.
@@ -349,7 +351,9 @@ impl Routes {
                 }
                 let routed = Routed {
                     service: ServiceId(i),
-                    route: route.clone(),
+                    class: route.class,
+                    sealing: route.sealing,
+                    charge: route.charge,
                 };
                 by_type.insert(route.msg_type, routed);
             }
@@ -365,13 +369,13 @@ impl Routes {
     /// Whether `msg_type` travels sealed.
     pub fn is_sealed(&self, msg_type: &MsgType) -> bool {
         self.get(msg_type)
-            .is_some_and(|r| r.route.sealing == Sealing::Sealed)
+            .is_some_and(|r| r.sealing == Sealing::Sealed)
     }
 
     /// The class `msg_type` counts against: its route's, or `task` for a type
     /// no service owns.
     pub fn class_of(&self, msg_type: &MsgType) -> Class {
-        self.get(msg_type).map_or(Class::Task, |r| r.route.class)
+        self.get(msg_type).map_or(Class::Task, |r| r.class)
     }
 
     /// The service that owns `msg_type`.
@@ -661,7 +665,7 @@ mod tests {
         assert!(!r.is_sealed(&t("ping")) && !r.is_sealed(&t("handshake_init")));
         assert!(!r.is_sealed(&t("no_such_type")));
         // A chunk is charged by its service; everything else on arrival.
-        let charge = |s: &str| r.get(&t(s)).map(|x| x.route.charge);
+        let charge = |s: &str| r.get(&t(s)).map(|x| x.charge);
         assert_eq!(charge("chunk"), Some(Charge::ByService));
         assert_eq!(charge("chunk_manifest"), Some(Charge::OnArrival));
         assert_eq!(charge("pong"), None, "a reply, not a request");

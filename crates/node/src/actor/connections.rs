@@ -223,9 +223,10 @@ impl Actor {
                 c.addrs.push(a);
             }
         }
-        if let Some(d) = self.connections.dials.remove(&connection_id) {
-            let view = self.peer_view(peer_id, &self.connections.peers[&peer_id]);
-            _ = d.reply.send(Ok(view));
+        if let Some(d) = self.connections.dials.remove(&connection_id)
+            && let Some(c) = self.connections.peers.get(&peer_id)
+        {
+            _ = d.reply.send(Ok(self.peer_view(peer_id, c)));
         }
     }
 

@@ -310,12 +310,16 @@ impl Actor {
         loop {
             if let Some(send) = self.effects.sends.pop_front() {
                 self.send(send);
-            } else if let Some((to, released)) = self.effects.released.pop() {
-                for (parts, q) in released {
-                    self.sign_sealed(to, parts, q);
+            } else if !self.effects.released.is_empty() {
+                for (to, released) in std::mem::take(&mut self.effects.released) {
+                    for (parts, q) in released {
+                        self.sign_sealed(to, parts, q);
+                    }
                 }
-            } else if let Some((q, e)) = self.effects.failed.pop() {
-                self.outbound_failed(q, e);
+            } else if !self.effects.failed.is_empty() {
+                for (q, e) in std::mem::take(&mut self.effects.failed) {
+                    self.outbound_failed(q, e);
+                }
             } else if let Some((owner, id, outcome)) = self.replies.pop_front() {
                 self.call(owner, |s, cx| s.on_reply(cx, id, outcome));
             } else {

@@ -32,7 +32,7 @@ use super::outbound::{Signed, draft};
 use crate::clock::Clock;
 use crate::net;
 use crate::net::codec::{self, Frame, Request, Response};
-use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Routed, Sealing};
+use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Sealing};
 
 /// An inbound request after the stateless checks, back from its task.
 pub(crate) struct Verified {
@@ -113,6 +113,10 @@ impl Actor {
         request: Request,
         channel: ResponseChannel<Response>,
     ) {
+        // Peers without an Ed25519 key are disconnected when they connect.
+        if net::entity_of(&peer).is_none() {
+            return;
+        }
         let p = &mut self.pipeline;
         let v = p.verifying.entry(peer).or_default();
         if v.running >= p.max_verifying {
@@ -123,9 +127,8 @@ impl Actor {
         self.verify(peer, request, channel);
     }
 
-    /// Verifies one request on a task of its own.
+    /// Verifies one request of `peer` (an Ed25519 peer) on a task of its own.
     fn verify(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
-        // Peers without an Ed25519 key are disconnected when they connect.
         let Some(entity) = net::entity_of(&peer) else {
             return;
         };
@@ -243,7 +246,7 @@ impl Actor {
             Ok(env) => env,
             Err(refusal) => return refused(refusal.rejection),
         };
-        let Some(Routed { service, route }) = self.routes.get(&env.msg_type).cloned() else {
+        let Some(route) = self.routes.get(&env.msg_type).copied() else {
             // An unknown type costs a token of the default class, like any request.
             if let Err(r) = self.shared.charge(from, Class::Task) {
                 return refused(r);
@@ -312,7 +315,7 @@ impl Actor {
             ),
         };
         self.effects.in_order = slot.map(|_| InOrder::default());
-        let answer = self.call(service, |s, cx| s.on_envelope(cx, inbound));
+        let answer = self.call(route.service, |s, cx| s.on_envelope(cx, inbound));
         let held = self.effects.in_order.take().and_then(|slot| slot.event);
         if let Some(slot) = slot {
             // A refused message still fills its place in the order.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::request_response::{self, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use peer_core::session::{self, Link, Message, Random, Session};
@@ -144,11 +144,27 @@ impl RawPeer {
     /// Sends raw bytes; the node's response, or why there is none (the request
     /// failed, or the connection closed).
     pub async fn try_request(&mut self, bytes: Vec<u8>) -> Result<Response, String> {
-        let id = self
-            .swarm
+        let id = self.send_raw(bytes);
+        loop {
+            match self.next_answer().await {
+                (Some(answered), result) if answered == id => return result,
+                (None, Err(closed)) => return Err(closed),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends raw bytes as a request; its answer comes from `next_answer`.
+    fn send_raw(&mut self, bytes: Vec<u8>) -> OutboundRequestId {
+        self.swarm
             .behaviour_mut()
             .envelopes
-            .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
+            .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)))
+    }
+
+    /// Drives the swarm to the next answer: a request's response or failure,
+    /// or (with no request) the connection closing.
+    async fn next_answer(&mut self) -> (Option<OutboundRequestId>, Result<Response, String>) {
         loop {
             match self.swarm.select_next_some().await {
                 SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
@@ -160,14 +176,14 @@ impl RawPeer {
                             },
                         ..
                     },
-                )) if request_id == id => return Ok(response),
+                )) => return (Some(request_id), Ok(response)),
                 SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
                     request_response::Event::OutboundFailure {
                         request_id, error, ..
                     },
-                )) if request_id == id => return Err(error.to_string()),
+                )) => return (Some(request_id), Err(error.to_string())),
                 SwarmEvent::ConnectionClosed { cause, .. } => {
-                    return Err(format!("closed: {cause:?}"));
+                    return (None, Err(format!("closed: {cause:?}")));
                 }
                 _ => {}
             }
@@ -252,33 +268,17 @@ impl RawPeer {
                 let Some((i, bytes)) = frames.next() else {
                     break;
                 };
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .envelopes
-                    .send_request(&self.target, Request::Envelope(Frame::outbound(bytes)));
-                open.insert(id, i);
+                open.insert(self.send_raw(bytes), i);
             }
-            match self.swarm.select_next_some().await {
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    },
-                )) => {
-                    if let Some(i) = open.remove(&request_id) {
+            match self.next_answer().await {
+                (Some(id), Ok(response)) => {
+                    if let Some(i) = open.remove(&id) {
                         out[i] = Some(response);
                         done += 1;
                     }
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
-                    request_response::Event::OutboundFailure { error, .. },
-                )) => panic!("request failed: {error}"),
-                _ => {}
+                (_, Err(e)) => panic!("request failed: {e}"),
+                (None, Ok(_)) => {}
             }
         }
         out.into_iter().flatten().collect()
