@@ -587,7 +587,7 @@ impl Builder {
             clock,
             events,
             services,
-            routes: Arc::new(routes),
+            routes,
             metrics,
         };
         actor::spawn(parts, rx);

@@ -125,7 +125,7 @@ pub(crate) struct Parts {
     pub clock: Arc<dyn Clock>,
     pub events: broadcast::Sender<Event>,
     pub services: Vec<Box<dyn Erased>>,
-    pub routes: Arc<Routes>,
+    pub routes: Routes,
     pub metrics: Metrics,
 }
 
@@ -133,7 +133,7 @@ struct Actor {
     swarm: Swarm<Behaviour>,
     shared: Shared,
     services: Vec<Box<dyn Erased>>,
-    routes: Arc<Routes>,
+    routes: Routes,
     effects: Effects,
     /// Outcomes to hand to their services: (service, request, outcome).
     replies: std::collections::VecDeque<(ServiceId, crate::service::RequestId, Outcome)>,
