@@ -347,3 +347,27 @@ async fn handshakes_from_one_ip_beyond_the_pending_cap_are_dropped() {
         Response::Reply(_)
     ));
 }
+
+#[tokio::test]
+async fn new_connections_from_one_ip_beyond_its_rate_are_refused_while_other_hosts_connect() {
+    let node = start_node_with("/ip4/127.0.0.1/udp/0/quic-v1", |c| {
+        c.network.new_connections_per_ip_burst = 2;
+        c.network.new_connections_per_ip_per_min = 1;
+    })
+    .await;
+    // Two come and go; the third new connection from the same address is
+    // refused although none of the first two is still open.
+    for _ in 0..2 {
+        let first = connect_from("127.0.0.2", &node)
+            .await
+            .expect("within the burst");
+        let id = first.entity_id();
+        drop(first);
+        wait_disconnected(&node.handle, id).await;
+    }
+    let third = connect_from("127.0.0.2", &node).await;
+    assert!(third.is_err(), "over 127.0.0.2's rate");
+    let _other = connect_from("127.0.0.3", &node)
+        .await
+        .expect("another address has its own");
+}
