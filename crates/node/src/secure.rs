@@ -370,12 +370,14 @@ impl<T> Secure<T> {
     }
 
     /// Whether `peer` has session state.
-    pub fn knows(&self, peer: &EntityId) -> bool {
+    #[cfg(test)]
+    fn knows(&self, peer: &EntityId) -> bool {
         self.peers.contains_key(peer)
     }
 
     /// Bytes held by all reorder buffers.
-    pub fn reorder_bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn reorder_bytes(&self) -> u64 {
         self.reorder_bytes
     }
 
