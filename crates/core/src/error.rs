@@ -4,7 +4,7 @@ use std::fmt;
 
 /// A protocol error code, as carried in the `error_code` field of an `error` message.
 ///
-/// The first group comes from the v1.x documents; the last five are v1.2 additions
+/// The first group comes from the v1.x documents; the last seven are v1.2 additions
 /// for cases the earlier documents left without a code (see `docs/PROTOCOL.md`).
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -53,11 +53,17 @@ pub enum ErrorCode {
     WrongRecipient,
     /// v1.2: the envelope's sender is not the peer of the connection it came on.
     WrongSender,
+    /// v1.2: the recipient's inbox holds as much from this sender (or in all)
+    /// as it may until its agent reads; retry after the wait given.
+    InboxFull,
+    /// v1.2: the recipient cannot take the message now (its storage failed);
+    /// nothing was accepted, retry later.
+    Unavailable,
 }
 
 impl ErrorCode {
     /// Every code, in wire-table order.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::InvalidVersion,
         Self::InvalidSignature,
         Self::ReplayDetected,
@@ -80,6 +86,8 @@ impl ErrorCode {
         Self::UnsupportedMsgType,
         Self::WrongRecipient,
         Self::WrongSender,
+        Self::InboxFull,
+        Self::Unavailable,
     ];
 
     /// The code as it appears on the wire, e.g. `"REPLAY_DETECTED"`.
@@ -107,6 +115,8 @@ impl ErrorCode {
             Self::UnsupportedMsgType => "UNSUPPORTED_MSG_TYPE",
             Self::WrongRecipient => "WRONG_RECIPIENT",
             Self::WrongSender => "WRONG_SENDER",
+            Self::InboxFull => "INBOX_FULL",
+            Self::Unavailable => "UNAVAILABLE",
         }
     }
 

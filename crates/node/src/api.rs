@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -27,13 +27,13 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiConfig;
-use crate::node::{NodeError, NodeHandle};
+use crate::inbox::{MAX_PAGE, Stored};
+use crate::node::{Event, NodeError, NodeHandle};
 
 /// Bytes a `POST /v1/messages` body may take beyond its payload.
 const BODY_SLACK: usize = 64 * 1024;
@@ -112,6 +112,8 @@ pub fn router(
         .route("/v1/peers", get(list_peers).post(connect))
         .route("/v1/messages", axum::routing::post(send))
         .route("/v1/stats", get(stats))
+        .route("/v1/inbox", get(inbox))
+        .route("/v1/inbox/ack", axum::routing::post(ack))
         .route("/metrics", get(metrics))
         .route_layer(limited.clone())
         .route_layer(authorized.clone());
@@ -436,32 +438,168 @@ fn read_send_body(bytes: &Bytes) -> Result<(EntityId, MsgType, Bytes), ApiError>
     Ok((to, msg_type, sub_bytes(bytes, body.payload.get())))
 }
 
+/// Where an event stream starts: after `Last-Event-ID`, or `?after=`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<u64>,
+}
+
 /// An event stream, if fewer than `api.max_event_streams` are open (else 503);
-/// it counts until the client goes away or the node stops.
+/// it counts until the client goes away or the node stops. It starts with the
+/// durable events stored after `Last-Event-ID` (or `?after=`; with neither,
+/// every event still in the inbox), then goes on with live ones. A durable
+/// event carries its inbox id as the SSE `id`.
 async fn events(
     State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("Last-Event-ID must be an event id (a decimal number)")
+                })?,
+        ),
+        None => None,
+    };
+    let after = last_event_id.or(query.after).unwrap_or(0);
     let subscriber = s.streams.permits.clone().try_acquire_owned().map_err(|_| {
         ApiError::unavailable(format!(
             "too many event streams open (api.max_event_streams is {}); close one or retry later",
             s.streams.max
         ))
     })?;
-    let stream = BroadcastStream::new(s.node.subscribe()).map(move |item| {
-        // The stream owns the permit: it is given back when the stream is dropped.
+    // Subscribed before the inbox is read: an event stored meanwhile is in
+    // both, and the id tells the copies apart.
+    let feed = Feed {
+        node: s.node.clone(),
+        live: s.node.subscribe(),
+        cursor: after,
+        backlog: Default::default(),
+        catching_up: true,
+    };
+    let stream = futures::stream::unfold(feed, |mut feed| async move {
+        let event = feed.next().await?;
+        Some((Ok(event), feed))
+    })
+    // The stream owns the permit: it is given back when the stream is dropped.
+    .map(move |event| {
         let _subscriber = &subscriber;
-        // Written straight into the stream's buffer: a reassembled message may
-        // be tens of MiB.
-        let event = match item {
-            Ok(event) => SseEvent::default().json_data(&event),
-            Err(BroadcastStreamRecvError::Lagged(missed)) => {
-                SseEvent::default().json_data(json!({"type": "lagged", "missed": missed}))
-            }
-        };
-        Ok(event.unwrap_or_else(|e| SseEvent::default().comment(format!("unwritable event: {e}"))))
+        event
     });
     let stream = stream.take_until(s.stopping.cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Events published while a reader catches up wait in the broadcast channel
+/// (`api.event_buffer`); a reader that falls further behind than that is told
+/// (`{"type":"lagged"}`) and reads the durable ones from the inbox again.
+struct Feed {
+    node: NodeHandle,
+    live: tokio::sync::broadcast::Receiver<Event>,
+    /// The id of the last durable event sent.
+    cursor: u64,
+    backlog: std::collections::VecDeque<Stored>,
+    catching_up: bool,
+}
+
+impl Feed {
+    /// Events read from the inbox at once while catching up.
+    const PAGE: usize = 256;
+
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(stored) = self.backlog.pop_front() {
+                self.cursor = stored.id;
+                return Some(
+                    SseEvent::default()
+                        .id(stored.id.to_string())
+                        .data(stored.event.get()),
+                );
+            }
+            if self.catching_up {
+                match self.node.inbox(self.cursor, Self::PAGE).await {
+                    Ok(page) if page.is_empty() => self.catching_up = false,
+                    Ok(page) => self.backlog.extend(page),
+                    Err(e) => {
+                        self.catching_up = false;
+                        let error =
+                            json!({"type": "error", "message": format!("reading the inbox: {e}")});
+                        return Some(SseEvent::default().data(error.to_string()));
+                    }
+                }
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(event) => {
+                    let mut sse = SseEvent::default();
+                    if let Some(id) = event.event_id() {
+                        if id <= self.cursor {
+                            continue;
+                        }
+                        self.cursor = id;
+                        sse = sse.id(id.to_string());
+                    }
+                    // Written straight into the stream's buffer: a reassembled
+                    // message may be tens of MiB.
+                    return Some(sse.json_data(&event).unwrap_or_else(|e| {
+                        SseEvent::default().comment(format!("unwritable event: {e}"))
+                    }));
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    self.catching_up = true;
+                    let lagged = json!({"type": "lagged", "missed": missed});
+                    return Some(SseEvent::default().data(lagged.to_string()));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboxQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/inbox?after=&limit=`: a page of the events waiting.
+async fn inbox(
+    State(s): State<AppState>,
+    Query(q): Query<InboxQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        )));
+    }
+    let page = s.node.inbox(q.after, limit).await?;
+    let next_after = page.last().map_or(q.after, |e| e.id);
+    Ok(Json(json!({"events": page, "next_after": next_after})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    up_to: u64,
+}
+
+/// `POST /v1/inbox/ack {"up_to": N}`: releases the events up to N.
+async fn ack(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: AckBody = parse_json(&read_body(&s, &headers, body).await?.0)?;
+    let acked = s.node.ack(body.up_to).await?;
+    Ok(Json(json!(acked)))
 }
 
 async fn stats(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

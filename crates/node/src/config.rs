@@ -13,6 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
+use crate::inbox::InboxConfig;
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
 use crate::transfer::TransferConfig;
@@ -35,6 +36,8 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Chunked transfer of large messages.
     pub transfer: TransferConfig,
+    /// The durable inbox of events for the agent.
+    pub inbox: InboxConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -198,6 +201,7 @@ impl Default for Config {
             rate_limits: RateLimitConfig::default(),
             security: SecurityConfig::default(),
             transfer: TransferConfig::default(),
+            inbox: InboxConfig::default(),
         }
     }
 }
@@ -392,6 +396,9 @@ impl Config {
         self.security.validate().map_err(ConfigError::Invalid)?;
         self.transfer
             .validate(self.protocol.max_envelope_size)
+            .map_err(ConfigError::Invalid)?;
+        self.inbox
+            .validate(self.transfer.max_message_size)
             .map_err(ConfigError::Invalid)?;
         let p = &self.protocol;
         for (key, secs) in [

@@ -13,6 +13,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod data_dir;
+pub mod inbox;
 pub mod json;
 pub mod net;
 pub mod node;

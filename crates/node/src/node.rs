@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::actor::{self, Command};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::inbox::{Acked, Inbox, Stored};
 use crate::json::{self, RawJson};
 use crate::net;
 use crate::secure::SessionView;
@@ -40,8 +41,12 @@ const COMMAND_QUEUE: usize = 1024;
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
-    /// An application message arrived and was verified.
+    /// An application message arrived and was verified. Durable: kept in the
+    /// inbox until the agent acknowledges it.
     Message {
+        /// Its id in the inbox, set once it is stored.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event_id: Option<u64>,
         /// The message's id (for a message that came as a chunked transfer, the
         /// transfer's id).
         message_id: String,
@@ -94,6 +99,37 @@ pub enum Event {
         /// Its entity id.
         entity_id: EntityId,
     },
+}
+
+impl Event {
+    /// Whether the event is kept in the inbox until the agent acknowledges it
+    /// (else it is only published to the readers connected at the time).
+    pub fn is_durable(&self) -> bool {
+        matches!(self, Self::Message { .. })
+    }
+
+    /// Its id in the inbox, once stored.
+    pub fn event_id(&self) -> Option<u64> {
+        match self {
+            Self::Message { event_id, .. } => *event_id,
+            _ => None,
+        }
+    }
+
+    /// Sets its id in the inbox.
+    pub(crate) fn set_event_id(&mut self, id: u64) {
+        if let Self::Message { event_id, .. } = self {
+            *event_id = Some(id);
+        }
+    }
+
+    /// Bytes of the payload it carries.
+    pub(crate) fn payload_len(&self) -> u64 {
+        match self {
+            Self::Message { payload, .. } => payload.as_str().len() as u64,
+            _ => 0,
+        }
+    }
 }
 
 /// Which way a transfer goes.
@@ -225,6 +261,7 @@ pub struct NodeHandle {
     metrics: Metrics,
     services: Arc<HashMap<TypeId, ServiceId>>,
     store: Arc<Store>,
+    inbox: Inbox,
 }
 
 impl NodeHandle {
@@ -381,6 +418,25 @@ impl NodeHandle {
         let ids = records.iter().map(|r| r.entity_id).collect();
         let live = self.ask(|reply| Command::Live(ids, reply)).await?;
         Ok(peer_list(records, live))
+    }
+
+    /// Up to `limit` events waiting in the inbox after id `after`, oldest
+    /// first (at most [`crate::inbox::MAX_PAGE`]).
+    pub async fn inbox(&self, after: u64, limit: usize) -> Result<Vec<Stored>, NodeError> {
+        let inbox = self.inbox.clone();
+        tokio::task::spawn_blocking(move || inbox.page(after, limit))
+            .await
+            .map_err(|e| NodeError::Transport(e.to_string()))?
+            .map_err(|e| NodeError::Transport(e.to_string()))
+    }
+
+    /// Releases every event in the inbox with an id up to `up_to`: the agent
+    /// has handled them.
+    pub async fn ack(&self, up_to: u64) -> Result<Acked, NodeError> {
+        self.inbox
+            .ack(up_to)
+            .await
+            .map_err(|e| NodeError::Transport(e.to_string()))
     }
 
     /// Addresses the node listens on.
@@ -565,7 +621,15 @@ impl Builder {
         .map_err(|e| StartError(format!("cannot start the database writer: {e}")))?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(config.api.event_buffer.max(1));
-        let metrics = Metrics::new(writer.counters());
+        let (committed_tx, committed) = mpsc::channel(COMMAND_QUEUE);
+        let inbox = Inbox::start(
+            store.clone(),
+            config.inbox.clone(),
+            committed_tx,
+            events.clone(),
+        )
+        .map_err(|e| StartError(format!("cannot open the inbox: {e}")))?;
+        let metrics = Metrics::new(writer.counters(), inbox.counters());
         let handle = NodeHandle {
             tx,
             max_envelope_size: config.protocol.max_envelope_size,
@@ -578,6 +642,7 @@ impl Builder {
             metrics: metrics.clone(),
             services: Arc::new(types),
             store,
+            inbox: inbox.clone(),
         };
         let parts = actor::Parts {
             swarm,
@@ -586,6 +651,8 @@ impl Builder {
             writer,
             clock,
             events,
+            inbox,
+            committed,
             services,
             routes,
             metrics,
@@ -638,6 +705,7 @@ mod tests {
             })
         );
         let message = Event::Message {
+            event_id: None,
             message_id: "m".into(),
             from: peer,
             msg_type: "message".into(),

@@ -18,8 +18,8 @@ use peer_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::inbox::Delivery;
 use crate::json::RawJson;
-use crate::node::Event;
 
 /// End-to-end session settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,7 +157,7 @@ pub type Released<T> = Vec<(SealedParts, T)>;
 
 /// What the timers produced: events now deliverable and messages that failed
 /// because no session could be had.
-pub type Timeouts<T> = (Vec<Event>, Vec<(T, Rejection)>);
+pub type Timeouts<T> = (Vec<Delivery>, Vec<(T, Rejection)>);
 
 /// The sealed parts of an envelope.
 #[derive(Debug)]
@@ -173,11 +173,8 @@ pub struct SealedParts {
 }
 
 /// The size an event held for in-order delivery counts as.
-fn event_bytes(event: &Option<Event>) -> u64 {
-    match event {
-        Some(Event::Message { payload, .. }) => payload.as_str().len() as u64,
-        _ => 0,
-    }
+fn event_bytes(item: &Option<Delivery>) -> u64 {
+    item.as_ref().map_or(0, Delivery::held_bytes)
 }
 
 struct Live {
@@ -185,7 +182,7 @@ struct Live {
     window: Window,
     /// `None` for a sequence number that delivers nothing (a chunk, a refused
     /// message): it still fills its place, so later messages do not wait for it.
-    reorder: Reorder<Option<Event>>,
+    reorder: Reorder<Option<Delivery>>,
 }
 
 impl Live {
@@ -219,7 +216,7 @@ struct Peer<T> {
     waiting_bytes: u64,
     /// Messages a replaced session still held behind a gap: already accepted, so
     /// delivered at the next timer rather than dropped.
-    retired: Vec<Event>,
+    retired: Vec<Delivery>,
     connected: bool,
     /// Times it disconnected.
     disconnections: u64,
@@ -244,7 +241,7 @@ pub struct Secure<T> {
     forgotten: Vec<(T, Rejection)>,
     /// Accepted messages a forgotten peer's session still held, delivered at
     /// the next timer.
-    orphaned: Vec<Event>,
+    orphaned: Vec<Delivery>,
     /// Bytes held by every session's reorder buffer.
     reorder_bytes: u64,
     /// Every peer with a deadline, by deadline: a timer visits only the peers
@@ -730,8 +727,8 @@ impl<T> Secure<T> {
         now_ms: u64,
         from: EntityId,
         slot: Slot,
-        item: Option<Event>,
-    ) -> Vec<Event> {
+        item: Option<Delivery>,
+    ) -> Vec<Delivery> {
         let live = self
             .peers
             .get_mut(&from)
@@ -842,6 +839,7 @@ impl<T> Secure<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::Event;
     use peer_core::{Draft, MessageId};
 
     const NOW: u64 = 1_800_000_000_000;
@@ -869,17 +867,18 @@ mod tests {
         secure.handshake(NOW, me, env.sender_id, &env.sender_key, &msg)
     }
 
-    fn message_event(from: EntityId, text: &str) -> Event {
-        Event::Message {
+    fn message_event(from: EntityId, text: &str) -> Delivery {
+        Delivery::ephemeral(Event::Message {
+            event_id: None,
             message_id: text.into(),
             from,
             msg_type: "message".into(),
             payload: parse_json(format!("{{\"t\":\"{text}\"}}").into_bytes(), 64).expect("json"),
-        }
+        })
     }
 
-    fn text(e: &Event) -> String {
-        match e {
+    fn text(d: &Delivery) -> String {
+        match &d.event {
             Event::Message { payload, .. } => {
                 payload.to_value()["t"].as_str().unwrap_or("").to_owned()
             }
@@ -1044,6 +1043,7 @@ mod tests {
             .open(NOW, sealed_env(&ia, b_id, &parts[2], 52))
             .expect("opens");
         let big = Event::Message {
+            event_id: None,
             message_id: "4".into(),
             from: a_id,
             msg_type: "message".into(),
@@ -1054,7 +1054,7 @@ mod tests {
             .expect("json"),
         };
         // Over the bound: the session's buffer is released at once, in order.
-        let out = b.release(NOW, a_id, u4.slot, Some(big));
+        let out = b.release(NOW, a_id, u4.slot, Some(Delivery::ephemeral(big)));
         assert_eq!(out.iter().map(text).collect::<Vec<_>>(), vec!["3", "4"]);
         assert_eq!(b.reorder_bytes(), 0);
     }

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::{Command, Queued, Shared};
 use crate::config::Config;
+use crate::inbox::Delivery;
 use crate::node::{Event, NodeError};
 use crate::secure::{Released, Secure};
 use crate::stats::Stats;
@@ -406,15 +407,16 @@ pub(crate) struct Effects {
     pub released: Vec<(EntityId, Released<Queued>)>,
     /// Requests that failed without being sent.
     pub failed: Vec<(Queued, NodeError)>,
-    /// Set while a service handles a sealed envelope: the event it delivers,
-    /// released in the session's order.
+    /// Set while a service handles an envelope: the event it delivers,
+    /// released with the envelope's answer (a sealed one's in its session's
+    /// order).
     pub in_order: Option<InOrder>,
 }
 
-/// The in-order delivery slot of the sealed envelope being handled.
+/// The delivery slot of the envelope being handled.
 #[derive(Debug, Default)]
 pub(crate) struct InOrder {
-    pub event: Option<Event>,
+    pub delivery: Option<Delivery>,
 }
 
 /// A service's view of the node while one of its methods runs.
@@ -501,29 +503,44 @@ impl Context<'_> {
         _ = self.shared.events.send(event);
     }
 
-    /// Hands an event to the agent: while a sealed envelope is being handled,
-    /// in the order its session sent them (at most one per envelope; a further
-    /// one goes at once); otherwise at once. A message's payload counts
-    /// against `transfer.max_buffered_bytes` until every reader has read it.
-    pub fn deliver(&mut self, event: Event) {
-        let event = match event {
+    /// Hands an event to the agent: while an envelope is being handled, with
+    /// the envelope (a sealed one's in the order its session sent them; at
+    /// most one per envelope, a further one goes at once), otherwise at once.
+    /// A durable event ([`Event::is_durable`]) gets room in the inbox first:
+    /// `INBOX_FULL` if its sender's share or the inbox is full, and then
+    /// nothing is delivered; the envelope it came with is answered once it
+    /// is stored. A message's payload counts against
+    /// `transfer.max_buffered_bytes` until every live reader has read it.
+    pub fn deliver(&mut self, event: Event) -> Result<(), Refused> {
+        let (event, from) = match event {
             Event::Message {
+                event_id,
                 message_id,
                 from,
                 msg_type,
                 payload,
-            } => Event::Message {
-                message_id,
-                from,
-                msg_type,
-                payload: payload.counted_in(&self.shared.unread),
-            },
-            other => other,
+            } => (
+                Event::Message {
+                    event_id,
+                    message_id,
+                    from,
+                    msg_type,
+                    payload: payload.counted_in(&self.shared.unread),
+                },
+                Some(from),
+            ),
+            other => (other, None),
+        };
+        let delivery = if event.is_durable() {
+            self.shared.inbox.reserve(event, from)?
+        } else {
+            Delivery::ephemeral(event)
         };
         match &mut self.effects.in_order {
-            Some(slot) if slot.event.is_none() => slot.event = Some(event),
-            _ => self.shared.deliver(event),
+            Some(slot) if slot.delivery.is_none() => slot.delivery = Some(delivery),
+            _ => self.shared.deliver(delivery),
         }
+        Ok(())
     }
 
     /// Takes one token of `class` from `peer`'s bucket; `RATE_LIMITED` with

@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::inbox::InboxCounters;
+
 /// Counters of one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PeerCounters {
@@ -73,7 +75,7 @@ pub struct Metrics {
 impl Metrics {
     /// A fresh registry of the node's metrics, serving the database
     /// writer's `store` counters too.
-    pub(crate) fn new(store: &StoreCounters) -> Self {
+    pub(crate) fn new(store: &StoreCounters, inbox: &InboxCounters) -> Self {
         let mut registry = Registry::with_prefix("peer");
         let sent = Counter::default();
         let received = Counter::default();
@@ -138,6 +140,31 @@ impl Metrics {
             "store_dropped",
             "Peer sightings not recorded because the database writer's queue was full",
             store.dropped.clone(),
+        );
+        registry.register(
+            "inbox_events",
+            "Events held in the inbox for the agent, or on their way there",
+            inbox.events.clone(),
+        );
+        registry.register(
+            "inbox_bytes",
+            "Bytes held in the inbox for the agent, or on their way there",
+            inbox.bytes.clone(),
+        );
+        registry.register(
+            "inbox_commits",
+            "Inbox write transactions committed (each a group of events and acknowledgements)",
+            inbox.commits.clone(),
+        );
+        registry.register(
+            "inbox_written",
+            "Events written to the inbox",
+            inbox.written.clone(),
+        );
+        registry.register(
+            "inbox_refused",
+            "Messages refused INBOX_FULL",
+            inbox.refused.clone(),
         );
         Self {
             registry: Arc::new(registry),
@@ -276,7 +303,10 @@ mod tests {
 
     #[test]
     fn peers_beyond_the_bound_share_the_other_row() {
-        let mut s = Stats::new(2, Metrics::new(&StoreCounters::default()));
+        let mut s = Stats::new(
+            2,
+            Metrics::new(&StoreCounters::default(), &Default::default()),
+        );
         for b in 0..5u8 {
             s.received(EntityId([b; 32]));
         }
@@ -292,7 +322,10 @@ mod tests {
 
     #[test]
     fn codes_we_do_not_know_share_one_label() {
-        let mut s = Stats::new(1, Metrics::new(&StoreCounters::default()));
+        let mut s = Stats::new(
+            1,
+            Metrics::new(&StoreCounters::default(), &Default::default()),
+        );
         let peer = EntityId([1; 32]);
         s.refused(peer, "RATE_LIMITED");
         for n in 0..100 {

@@ -62,6 +62,24 @@ pub struct PeerRecord {
 #[error("database error: {0}")]
 pub struct StoreError(String);
 
+impl StoreError {
+    /// The writer that would have done the work has stopped (the node is stopping).
+    pub(crate) fn stopped() -> Self {
+        Self("the database writer has stopped".into())
+    }
+
+    /// A stored value is not what this version wrote.
+    pub(crate) fn corrupt(what: &str) -> Self {
+        Self(format!("corrupt data: {what}"))
+    }
+}
+
+impl From<String> for StoreError {
+    fn from(e: String) -> Self {
+        Self(e)
+    }
+}
+
 macro_rules! store_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
@@ -110,6 +128,11 @@ impl Store {
         }
         txn.commit()?;
         Ok(Self { db })
+    }
+
+    /// The database, for the modules that keep tables of their own.
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
     }
 
     /// A metadata value.
@@ -429,7 +452,7 @@ mod tests {
         }
         let counters = writer.counters().clone();
         assert_eq!(counters.dropped.get(), 1);
-        let text = crate::stats::Metrics::new(&counters).encode();
+        let text = crate::stats::Metrics::new(&counters, &Default::default()).encode();
         assert!(text.contains("peer_store_dropped_total 1"), "{text}");
         assert!(text.contains("peer_store_commits_total 0"), "{text}");
         drop(writer);

@@ -14,11 +14,10 @@ use peer_core::{Draft, Identity};
 use peer_node::NodeError;
 use peer_node::net::codec::{Frame, Request};
 use peer_node::node::{Event, now_ms};
-use peer_node::store::Store;
 
 mod common;
 use common::{
-    RawPeer, error_code, handshake_random, metric, start_node_in, start_node_with, wait_connected,
+    RawPeer, error_code, handshake_random, metric, start_node_with, wait_connected,
     wait_disconnected,
 };
 
@@ -253,17 +252,7 @@ async fn a_restarted_node_refuses_replays_of_what_it_accepted_before() {
     drop(raw);
 
     // The node stops; the same data directory starts again at once.
-    let common::TestNode { handle, dir, .. } = first;
-    drop(handle);
-    let db = dir.path().join(peer_node::data_dir::DB_FILE);
-    for _ in 0..500 {
-        // The database is free once the stopped node has let go of it.
-        if Store::open(&db).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let second = start_node_in(dir, TCP, tune, |b| b).await;
+    let second = common::restart(first, TCP, tune).await;
     assert_eq!(second.handle.entity_id(), to, "the same node");
     let mut raw = RawPeer::connect_as(identity, &second.addr).await;
     for captured in [ping, message] {

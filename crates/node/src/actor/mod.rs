@@ -32,6 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::clock::{Clock, Monotonic};
 use crate::config::Config;
+use crate::inbox::{Committed, Delivery, Inbox};
 use crate::net::{Behaviour, BehaviourEvent};
 use crate::node::{Event, Live, NodeError, PeerView};
 use crate::ratelimit::Limits;
@@ -85,6 +86,8 @@ pub(crate) struct Shared {
     pub limits: Limits,
     pub stats: Stats,
     pub events: broadcast::Sender<Event>,
+    /// The durable inbox.
+    pub inbox: Inbox,
     /// Bytes of delivered message payloads not yet read by every event reader.
     pub unread: Arc<AtomicU64>,
     /// Connected peers.
@@ -92,12 +95,18 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Hands an event to the agent; a message counts as received from its sender.
-    pub fn deliver(&mut self, event: Event) {
+    /// Hands an event to the agent: a durable one to the inbox writer (which
+    /// publishes it once stored, then releases its sender's answer), any
+    /// other to the live readers. A message counts as received from its sender.
+    pub fn deliver(&mut self, delivery: Delivery) {
+        let Delivery { event, room, ack } = delivery;
         if let Event::Message { from, .. } = &event {
             self.stats.received(*from);
         }
-        _ = self.events.send(event);
+        match room {
+            Some(room) => self.inbox.append(event, room, ack),
+            None => _ = self.events.send(event),
+        }
     }
 
     /// Takes a token of `class` from `peer`'s bucket; `RATE_LIMITED` with the
@@ -124,6 +133,9 @@ pub(crate) struct Parts {
     pub writer: Writer,
     pub clock: Arc<dyn Clock>,
     pub events: broadcast::Sender<Event>,
+    pub inbox: Inbox,
+    /// Batches the inbox writer has committed (or failed to).
+    pub committed: mpsc::Receiver<Committed>,
     pub services: Vec<Box<dyn Erased>>,
     pub routes: Routes,
     pub metrics: Metrics,
@@ -157,6 +169,8 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
         writer,
         clock,
         events,
+        inbox,
+        committed,
         services,
         routes,
         metrics,
@@ -178,6 +192,7 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
             limits: Limits::new(&config.rate_limits),
             stats: Stats::new(config.protocol.max_stats_peers, metrics),
             events,
+            inbox,
             unread: Arc::new(AtomicU64::new(0)),
             by_entity: HashMap::new(),
             identity,
@@ -194,7 +209,7 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
         writer,
         listen_addrs: Vec::new(),
     };
-    tokio::spawn(actor.run(commands, verified_rx, signed_rx));
+    tokio::spawn(actor.run(commands, verified_rx, signed_rx, committed));
 }
 
 impl Actor {
@@ -203,6 +218,7 @@ impl Actor {
         mut commands: mpsc::Receiver<Command>,
         mut verified: mpsc::Receiver<pipeline::Verified>,
         mut signed: mpsc::Receiver<outbound::Signed>,
+        mut committed: mpsc::Receiver<Committed>,
     ) {
         let sleep = tokio::time::sleep(std::time::Duration::ZERO);
         tokio::pin!(sleep);
@@ -225,6 +241,7 @@ impl Actor {
                 },
                 Some(v) = verified.recv() => self.on_verified(v),
                 Some(s) = signed.recv() => self.on_signed(s),
+                Some(c) = committed.recv() => self.on_committed(c),
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
                 () = &mut sleep, if armed.is_some() => {
                     armed = None;
@@ -280,8 +297,8 @@ impl Actor {
     }
 
     /// An event released from a reorder buffer goes to the agent.
-    fn deliver_now(&mut self, event: Event) {
-        self.shared.deliver(event);
+    fn deliver_now(&mut self, delivery: Delivery) {
+        self.shared.deliver(delivery);
     }
 
     /// Runs `f` on service `id` with a context; what it asks for is queued in

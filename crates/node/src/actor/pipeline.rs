@@ -13,6 +13,9 @@
 //! 7. the answer on the stream: accepted, a reply envelope (signed off the
 //!    actor) or a refusal (response kind 2, unsigned: the connection
 //!    authenticates it, so a stranger's garbage costs the node no signature).
+//!    An envelope that delivered a durable event is answered "accepted" only
+//!    once the inbox has stored the event (until then its answer waits, with
+//!    its stream, among the pipeline's pending answers).
 //!
 //! The request's share of the inbound byte budget (its [`Frame`]) is held until
 //! its answer is handed to the swarm.
@@ -30,9 +33,11 @@ use tokio::sync::mpsc;
 use super::Actor;
 use super::outbound::{Signed, draft};
 use crate::clock::Clock;
+use crate::inbox::{AckId, Committed};
 use crate::net;
 use crate::net::codec::{self, Frame, Request, Response};
-use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Sealing};
+use crate::secure::Slot;
+use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Sealing, ServiceId};
 
 /// An inbound request after the stateless checks, back from its task.
 pub(crate) struct Verified {
@@ -62,6 +67,18 @@ pub(crate) struct Pipeline {
     /// bounded by the request streams a connection may open.
     verifying: HashMap<PeerId, Verifying>,
     max_verifying: usize,
+    /// Answers that wait for their event to be stored. Bounded by the inbound
+    /// streams open (each holds one).
+    pending: HashMap<AckId, Pending>,
+    next_ack: u64,
+}
+
+/// An "accepted" that waits for its event to be stored.
+struct Pending {
+    entity: EntityId,
+    message_id: Option<MessageId>,
+    channel: ResponseChannel<Response>,
+    _frame: Option<Frame>,
 }
 
 impl Pipeline {
@@ -77,6 +94,8 @@ impl Pipeline {
             clock,
             verifying: HashMap::new(),
             max_verifying: max_verifying.max(1),
+            pending: HashMap::new(),
+            next_ack: 0,
         }
     }
 
@@ -189,7 +208,18 @@ impl Actor {
         let (message_id, answer) = match result {
             Ok(env) => {
                 let id = env.message_id;
-                (Some(id), self.handle(entity, env))
+                let (answer, ack) = self.handle(entity, env);
+                if let Some(ack) = ack {
+                    let pending = Pending {
+                        entity,
+                        message_id: Some(id),
+                        channel,
+                        _frame: frame,
+                    };
+                    self.pipeline.pending.insert(ack, pending);
+                    return;
+                }
+                (Some(id), answer)
             }
             Err(refusal) => {
                 if is_misbehaviour(refusal.rejection.code) {
@@ -200,15 +230,7 @@ impl Actor {
         };
         let response = match answer {
             Answer::Accepted => Response::Accepted,
-            Answer::Refused(r) => {
-                tracing::debug!(peer = %entity, rejection = %r.rejection, "rejected");
-                // Refusing the losing side of simultaneous handshakes is how they
-                // converge, not a fault of the peer: not counted.
-                if r.rejection.code != ErrorCode::HandshakeInProgress {
-                    self.shared.stats.rejected(Some(entity), r.rejection.code);
-                }
-                Response::Refused(codec::Refusal::new(&r.rejection, message_id, r.retry_after))
-            }
+            Answer::Refused(r) => self.refusal(entity, message_id, &r),
             Answer::Reply { msg_type, payload } => {
                 let d = draft(
                     self.shared.clock.wall_ms(),
@@ -236,33 +258,89 @@ impl Actor {
         drop(frame);
     }
 
-    /// Steps 2–6 for an envelope that passed verification.
-    fn handle(&mut self, from: EntityId, env: Envelope) -> Answer {
+    /// The wire refusal `r` of a request from `entity`, counted.
+    fn refusal(
+        &mut self,
+        entity: EntityId,
+        message_id: Option<MessageId>,
+        r: &Refused,
+    ) -> Response {
+        tracing::debug!(peer = %entity, rejection = %r.rejection, "rejected");
+        // Refusing the losing side of simultaneous handshakes is how they
+        // converge, not a fault of the peer: not counted.
+        if r.rejection.code != ErrorCode::HandshakeInProgress {
+            self.shared.stats.rejected(Some(entity), r.rejection.code);
+        }
+        Response::Refused(codec::Refusal::new(&r.rejection, message_id, r.retry_after))
+    }
+
+    /// The inbox stored a batch (or failed to): the answers that waited for
+    /// it go out, "accepted" or `UNAVAILABLE`.
+    pub(super) fn on_committed(&mut self, c: Committed) {
+        for ack in c.acks {
+            let Some(p) = self.pipeline.pending.remove(&ack) else {
+                continue;
+            };
+            let response = match &c.result {
+                Ok(()) => Response::Accepted,
+                Err(e) => {
+                    let r = Refused::from(Rejection::new(
+                        ErrorCode::Unavailable,
+                        format!("the recipient could not store the message ({e}); retry later"),
+                    ));
+                    self.refusal(p.entity, p.message_id, &r)
+                }
+            };
+            // The channel is closed if the peer gave up; the event is stored
+            // all the same.
+            _ = self
+                .swarm
+                .behaviour_mut()
+                .envelopes
+                .send_response(p.channel, response);
+        }
+    }
+
+    /// Steps 2–6 for an envelope that passed verification: its answer, and
+    /// the id under which "accepted" waits for a durable event to be stored.
+    fn handle(&mut self, from: EntityId, env: Envelope) -> (Answer, Option<AckId>) {
+        match self.prepare(from, env) {
+            Ok((service, inbound, slot)) => self.serve(from, service, inbound, slot),
+            Err(refusal) => (refusal, None),
+        }
+    }
+
+    /// Steps 2–5: the envelope's service and what it gets, or the refusal.
+    fn prepare(
+        &mut self,
+        from: EntityId,
+        env: Envelope,
+    ) -> Result<(ServiceId, Inbound, Option<Slot>), Answer> {
         let env = match self
             .pipeline
             .acceptor
             .admit(self.shared.clock.wall_ms(), env)
         {
             Ok(env) => env,
-            Err(refusal) => return refused(refusal.rejection),
+            Err(refusal) => return Err(refused(refusal.rejection)),
         };
         let Some(route) = self.routes.get(&env.msg_type).copied() else {
             // An unknown type costs a token of the default class, like any request.
             if let Err(r) = self.shared.charge(from, Class::Task) {
-                return refused(r);
+                return Err(refused(r));
             }
-            return refused(Rejection::new(
+            return Err(refused(Rejection::new(
                 ErrorCode::UnsupportedMsgType,
                 format!(
                     "this node has no handler for msg_type {:?}",
                     env.msg_type.as_str()
                 ),
-            ));
+            )));
         };
         if route.charge == Charge::OnArrival
             && let Err(r) = self.shared.charge(from, route.class)
         {
-            return refused(r);
+            return Err(refused(r));
         }
         // A refusal by the pipeline of a type its service charges costs a token.
         let refuse_unopened = |this: &mut Self, r: Rejection| {
@@ -289,7 +367,7 @@ impl Actor {
                         },
                         Some(u.slot),
                     ),
-                    Err(r) => return refuse_unopened(self, r),
+                    Err(r) => return Err(refuse_unopened(self, r)),
                 }
             }
             (Sealing::Sealed, false) if self.shared.sessions.require_encryption() => {
@@ -300,7 +378,7 @@ impl Actor {
                         env.msg_type
                     ),
                 );
-                return refuse_unopened(self, r);
+                return Err(refuse_unopened(self, r));
             }
             _ => (
                 Inbound {
@@ -314,16 +392,46 @@ impl Actor {
                 None,
             ),
         };
-        self.effects.in_order = slot.map(|_| InOrder::default());
-        let answer = self.call(route.service, |s, cx| s.on_envelope(cx, inbound));
-        let held = self.effects.in_order.take().and_then(|slot| slot.event);
-        if let Some(slot) = slot {
+        Ok((route.service, inbound, slot))
+    }
+
+    /// Step 6: the service's answer. What it delivers goes out with the
+    /// envelope (a sealed one's in its session's order); an envelope that
+    /// delivered a durable event is answered once the event is stored: its
+    /// "accepted" waits under the id returned.
+    fn serve(
+        &mut self,
+        from: EntityId,
+        service: ServiceId,
+        inbound: Inbound,
+        slot: Option<Slot>,
+    ) -> (Answer, Option<AckId>) {
+        self.effects.in_order = Some(InOrder::default());
+        let answer = self.call(service, |s, cx| s.on_envelope(cx, inbound));
+        let mut held = self.effects.in_order.take().and_then(|slot| slot.delivery);
+        let mut ack = None;
+        if let (Answer::Accepted, Some(d)) = (&answer, &mut held)
+            && d.is_durable()
+        {
+            let id = AckId(self.pipeline.next_ack);
+            self.pipeline.next_ack += 1;
+            d.ack = Some(id);
+            ack = Some(id);
+        }
+        match slot {
             // A refused message still fills its place in the order.
-            let now = self.now_ms();
-            for e in self.shared.sessions.release(now, from, slot, held) {
-                self.deliver_now(e);
+            Some(slot) => {
+                let now = self.now_ms();
+                for d in self.shared.sessions.release(now, from, slot, held) {
+                    self.deliver_now(d);
+                }
+            }
+            None => {
+                if let Some(d) = held {
+                    self.deliver_now(d);
+                }
             }
         }
-        answer
+        (answer, ack)
     }
 }

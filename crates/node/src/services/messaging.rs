@@ -86,13 +86,17 @@ impl Service for Messaging {
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {
         match parse_json(msg.payload, cx.config().protocol.max_json_depth) {
             Ok(payload) => {
-                cx.deliver(Event::Message {
+                let event = Event::Message {
+                    event_id: None,
                     message_id: msg.message_id.to_string(),
                     from: msg.from,
                     msg_type: msg.msg_type.to_string(),
                     payload,
-                });
-                Answer::Accepted
+                };
+                match cx.deliver(event) {
+                    Ok(()) => Answer::Accepted,
+                    Err(full) => full.into(),
+                }
             }
             Err(r) => r.into(),
         }

@@ -71,6 +71,22 @@ pub async fn start_node_in(
     TestNode { handle, addr, dir }
 }
 
+/// Stops `node` and starts it again in the same data directory (same
+/// identity and database), listening on `listen`, with `tune` applied.
+pub async fn restart(node: TestNode, listen: &str, tune: impl FnOnce(&mut Config)) -> TestNode {
+    let TestNode { handle, dir, .. } = node;
+    drop(handle);
+    let db = dir.path().join(data_dir::DB_FILE);
+    for _ in 0..500 {
+        // The database is free once the stopped node has let go of it.
+        if Store::open(&db).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start_node_in(dir, listen, tune, |b| b).await
+}
+
 /// The configuration of a raw peer's swarm: it reads replies up to four
 /// times [`LIMIT`].
 fn raw_config() -> Config {

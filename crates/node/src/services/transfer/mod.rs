@@ -432,12 +432,22 @@ impl Transfers {
                             };
                             Self::inbound_progress(cx, from, tid, done);
                         }
-                        cx.deliver(Event::Message {
+                        let message = Event::Message {
+                            event_id: None,
                             message_id: tid.to_string(),
                             from,
                             msg_type: msg_type.to_string(),
                             payload,
-                        });
+                        };
+                        if let Err(full) = cx.deliver(message) {
+                            // The whole message is dropped; its sender's
+                            // transfer fails with INBOX_FULL and may start
+                            // again after the wait.
+                            self.receiving.abort(&from, tid);
+                            let r = &full.rejection;
+                            Self::inbound_failed(cx, from, tid, r.code.as_str(), r.reason.clone());
+                            return Err(full);
+                        }
                         Ok(())
                     }
                     Err(r) => {

@@ -1,0 +1,642 @@
+//! The durable inbox: the events an agent must not miss (messages, task
+//! updates) are written to the node's database before their sender is told
+//! "accepted", and stay there until the agent acknowledges them.
+//!
+//! The actor reserves room for an event when a service delivers it (refusing
+//! the sender with `INBOX_FULL` past the bounds), and hands it, once it is
+//! released in its session's order, to the inbox writer: a thread of its own
+//! that takes every event queued, gives each the next id, writes them in one
+//! transaction and commits (group commit: one disk sync for the whole batch).
+//! Only then are the waiting senders answered (through the actor) and the
+//! events published to live readers. An agent's acknowledgement
+//! (`POST /v1/inbox/ack`) goes through the same thread and frees the room.
+//!
+//! Each row of the `inbox` table is keyed by the event id and holds the
+//! sender (if any), the bytes reserved and the event's JSON, as served.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use peer_core::{EntityId, ErrorCode, Rejection};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::node::Event;
+use crate::service::Refused;
+use crate::store::{Store, StoreError};
+
+const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+
+/// Bytes a row takes beyond its event's payload, as reserved: the rest of the
+/// event's JSON (ids, type) and the row's header.
+const ROW_OVERHEAD: u64 = 256;
+
+/// Most events one `GET /v1/inbox` page holds.
+pub const MAX_PAGE: usize = 1000;
+
+/// Bounds of the inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    /// Most events held in all (default 100,000).
+    pub max_events: usize,
+    /// Most bytes held in all (default 1 GiB).
+    pub max_bytes: u64,
+    /// Most events held from one sender (default 10,000).
+    pub max_events_per_sender: usize,
+    /// Most bytes held from one sender (default 256 MiB; at least
+    /// `transfer.max_message_size`, so one largest message fits).
+    pub max_bytes_per_sender: u64,
+    /// The wait a sender refused `INBOX_FULL` is told to keep, in seconds
+    /// (default 5).
+    pub retry_after_secs: u64,
+    /// Most events written in one transaction (default 4,096).
+    pub max_batch: usize,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 100_000,
+            max_bytes: 1 << 30,
+            max_events_per_sender: 10_000,
+            max_bytes_per_sender: 256 << 20,
+            retry_after_secs: 5,
+            max_batch: 4096,
+        }
+    }
+}
+
+impl InboxConfig {
+    /// Checks the bounds against the largest message the node takes.
+    pub fn validate(&self, max_message_size: u64) -> Result<(), String> {
+        if self.max_events == 0 || self.max_events_per_sender == 0 || self.max_batch == 0 {
+            return Err("inbox.max_events, inbox.max_events_per_sender and inbox.max_batch must be at least 1".into());
+        }
+        let largest = max_message_size + ROW_OVERHEAD;
+        if self.max_bytes_per_sender < largest || self.max_bytes < self.max_bytes_per_sender {
+            return Err(format!(
+                "inbox.max_bytes ({}) >= inbox.max_bytes_per_sender ({}) >= transfer.max_message_size + {ROW_OVERHEAD} ({largest}) is required",
+                self.max_bytes, self.max_bytes_per_sender
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A sender's answer the pipeline holds until its event is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AckId(pub(crate) u64);
+
+/// An event on its way to the agent: reserved in the inbox if durable, with
+/// the sender's answer that waits for it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The event.
+    pub event: Event,
+    /// Its room in the inbox (durable events only).
+    pub(crate) room: Option<Room>,
+    /// The sender's answer, held until the event is committed.
+    pub(crate) ack: Option<AckId>,
+}
+
+impl Delivery {
+    /// An event that is not stored (progress, connections).
+    pub fn ephemeral(event: Event) -> Self {
+        Self {
+            event,
+            room: None,
+            ack: None,
+        }
+    }
+
+    /// Whether it goes to the inbox (it has room reserved there).
+    pub fn is_durable(&self) -> bool {
+        self.room.is_some()
+    }
+
+    /// Bytes of payload it holds in memory while it waits (reorder buffers
+    /// count them).
+    pub fn held_bytes(&self) -> u64 {
+        self.event.payload_len()
+    }
+}
+
+/// Room reserved in the inbox for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Room {
+    from: Option<EntityId>,
+    bytes: u64,
+}
+
+/// What the inbox holds, and what is reserved on its way there.
+#[derive(Debug, Default)]
+struct Usage {
+    events: usize,
+    bytes: u64,
+    by_sender: HashMap<EntityId, (usize, u64)>,
+}
+
+impl Usage {
+    fn add(&mut self, room: Room) {
+        self.events += 1;
+        self.bytes += room.bytes;
+        if let Some(from) = room.from {
+            let row = self.by_sender.entry(from).or_default();
+            row.0 += 1;
+            row.1 += room.bytes;
+        }
+    }
+
+    fn remove(&mut self, room: Room) {
+        self.events = self.events.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(room.bytes);
+        if let Some(from) = room.from
+            && let Some(row) = self.by_sender.get_mut(&from)
+        {
+            row.0 = row.0.saturating_sub(1);
+            row.1 = row.1.saturating_sub(room.bytes);
+            if row.0 == 0 {
+                self.by_sender.remove(&from);
+            }
+        }
+    }
+}
+
+/// The inbox's counters, served on `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct InboxCounters {
+    /// Events held (and reserved).
+    pub(crate) events: Gauge,
+    /// Bytes held (and reserved).
+    pub(crate) bytes: Gauge,
+    /// Transactions committed.
+    pub(crate) commits: Counter,
+    /// Events written.
+    pub(crate) written: Counter,
+    /// Senders refused `INBOX_FULL`.
+    pub(crate) refused: Counter,
+}
+
+/// What the writer thread takes.
+enum Entry {
+    Append {
+        event: Event,
+        room: Room,
+        ack: Option<AckId>,
+    },
+    Ack {
+        up_to: u64,
+        reply: oneshot::Sender<Result<Acked, StoreError>>,
+    },
+}
+
+/// One batch, written: the answers it releases, or why it failed.
+#[derive(Debug)]
+pub(crate) struct Committed {
+    pub acks: Vec<AckId>,
+    pub result: Result<(), String>,
+}
+
+/// The answer to an agent's acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Acked {
+    /// Events released.
+    pub acked: usize,
+    /// Events still held.
+    pub remaining: usize,
+}
+
+/// One stored event, as `GET /v1/inbox` serves it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stored {
+    /// Its id.
+    pub id: u64,
+    /// The event's JSON, as written.
+    pub event: Box<serde_json::value::RawValue>,
+}
+
+/// The actor's and handles' side of the inbox. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    tx: Sender<Entry>,
+    usage: Arc<Mutex<Usage>>,
+    config: Arc<InboxConfig>,
+    counters: InboxCounters,
+    store: Arc<Store>,
+}
+
+impl Inbox {
+    /// Opens the inbox of `store` (counting what it holds) and starts its
+    /// writer thread, which reports each batch to `committed` and publishes
+    /// the events it wrote on `events`. The thread ends once every `Inbox` is
+    /// dropped, after writing what was queued.
+    pub(crate) fn start(
+        store: Arc<Store>,
+        config: InboxConfig,
+        committed: tokio::sync::mpsc::Sender<Committed>,
+        events: broadcast::Sender<Event>,
+    ) -> Result<Self, StoreError> {
+        let (usage, next_id) = load(&store)?;
+        let counters = InboxCounters::default();
+        counters.events.set(usage.events as i64);
+        counters.bytes.set(usage.bytes as i64);
+        let usage = Arc::new(Mutex::new(usage));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = Writer {
+            store: store.clone(),
+            usage: usage.clone(),
+            counters: counters.clone(),
+            committed,
+            events,
+            next_id,
+            max_batch: config.max_batch,
+        };
+        std::thread::Builder::new()
+            .name("peer-inbox".into())
+            .spawn(move || writer.run(&rx))?;
+        Ok(Self {
+            tx,
+            usage,
+            config: Arc::new(config),
+            counters,
+            store,
+        })
+    }
+
+    /// The inbox's counters.
+    pub fn counters(&self) -> &InboxCounters {
+        &self.counters
+    }
+
+    fn usage(&self) -> std::sync::MutexGuard<'_, Usage> {
+        // A panic while the lock was held left counts, not broken invariants.
+        self.usage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reserves room for `event` (from `from`, if a peer sent it), or refuses
+    /// the sender `INBOX_FULL` with the configured wait when the sender's or
+    /// the whole inbox's bounds would be crossed. Events no peer sent (task
+    /// updates of this node) are never refused: the tasks' own bounds bound them.
+    pub(crate) fn reserve(
+        &self,
+        event: Event,
+        from: Option<EntityId>,
+    ) -> Result<Delivery, Refused> {
+        let room = Room {
+            from,
+            bytes: event.payload_len() + ROW_OVERHEAD,
+        };
+        let mut usage = self.usage();
+        if let Some(sender) = from {
+            let c = &self.config;
+            let (n, b) = usage.by_sender.get(&sender).copied().unwrap_or_default();
+            let full = if n + 1 > c.max_events_per_sender || b + room.bytes > c.max_bytes_per_sender
+            {
+                Some("this sender's share")
+            } else if usage.events + 1 > c.max_events || usage.bytes + room.bytes > c.max_bytes {
+                Some("the inbox")
+            } else {
+                None
+            };
+            if let Some(what) = full {
+                drop(usage);
+                self.counters.refused.inc();
+                let wait = Duration::from_secs(c.retry_after_secs);
+                return Err(Refused {
+                    rejection: Rejection::new(
+                        ErrorCode::InboxFull,
+                        format!(
+                            "{what} of the recipient's inbox is full until its agent reads; retry after {} ms",
+                            wait.as_millis()
+                        ),
+                    ),
+                    retry_after: Some(wait),
+                });
+            }
+        }
+        usage.add(room);
+        self.counters.events.set(usage.events as i64);
+        self.counters.bytes.set(usage.bytes as i64);
+        Ok(Delivery {
+            event,
+            room: Some(room),
+            ack: None,
+        })
+    }
+
+    /// Queues a reserved event for the writer.
+    pub(crate) fn append(&self, event: Event, room: Room, ack: Option<AckId>) {
+        // Fails only when the writer thread is gone, which happens only as
+        // the node stops.
+        _ = self.tx.send(Entry::Append { event, room, ack });
+    }
+
+    /// Releases every event with an id up to `up_to`.
+    pub async fn ack(&self, up_to: u64) -> Result<Acked, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Entry::Ack { up_to, reply })
+            .map_err(|_| StoreError::stopped())?;
+        rx.await.map_err(|_| StoreError::stopped())?
+    }
+
+    /// Up to `limit` (at most [`MAX_PAGE`]) stored events after id `after`,
+    /// oldest first. Reads the database: call it off the runtime's workers.
+    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        let txn = self.store.db().begin_read()?;
+        let table = txn.open_table(INBOX)?;
+        let mut out = Vec::new();
+        for row in table
+            .range(after.saturating_add(1)..)?
+            .take(limit.min(MAX_PAGE))
+        {
+            let (id, value) = row?;
+            let (_, json) = decode(value.value())?;
+            let event = serde_json::value::RawValue::from_string(json.to_owned())?;
+            out.push(Stored {
+                id: id.value(),
+                event,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Counts what the inbox holds, by sender, and the next free id.
+fn load(store: &Store) -> Result<(Usage, u64), StoreError> {
+    let txn = store.db().begin_write()?;
+    let mut usage = Usage::default();
+    let next_id;
+    {
+        let table = txn.open_table(INBOX)?;
+        for row in table.iter()? {
+            let (_, value) = row?;
+            usage.add(decode(value.value())?.0);
+        }
+        next_id = table.last()?.map_or(1, |(k, _)| k.value() + 1);
+    }
+    txn.commit()?;
+    Ok((usage, next_id))
+}
+
+/// A row: sender flag (1 byte), sender (32 bytes, zero if none), bytes
+/// reserved (8 bytes, big-endian), then the event's JSON.
+fn encode(room: Room, json: &[u8]) -> Vec<u8> {
+    let mut row = Vec::with_capacity(41 + json.len());
+    row.push(u8::from(room.from.is_some()));
+    row.extend_from_slice(&room.from.map_or([0; 32], |e| e.0));
+    row.extend_from_slice(&room.bytes.to_be_bytes());
+    row.extend_from_slice(json);
+    row
+}
+
+fn decode(row: &[u8]) -> Result<(Room, &str), StoreError> {
+    if row.len() < 41 {
+        return Err(StoreError::corrupt("inbox row shorter than its header"));
+    }
+    let from = (row[0] == 1).then(|| {
+        let mut id = [0; 32];
+        id.copy_from_slice(&row[1..33]);
+        EntityId(id)
+    });
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&row[33..41]);
+    let json = std::str::from_utf8(&row[41..])
+        .map_err(|_| StoreError::corrupt("inbox row is not UTF-8 JSON"))?;
+    Ok((
+        Room {
+            from,
+            bytes: u64::from_be_bytes(bytes),
+        },
+        json,
+    ))
+}
+
+/// The writer thread's state.
+struct Writer {
+    store: Arc<Store>,
+    usage: Arc<Mutex<Usage>>,
+    counters: InboxCounters,
+    committed: tokio::sync::mpsc::Sender<Committed>,
+    events: broadcast::Sender<Event>,
+    next_id: u64,
+    max_batch: usize,
+}
+
+impl Writer {
+    fn run(mut self, rx: &Receiver<Entry>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch
+                && let Ok(entry) = rx.try_recv()
+            {
+                batch.push(entry);
+            }
+            self.write(batch);
+        }
+    }
+
+    /// Writes one batch in one transaction, then answers and publishes.
+    fn write(&mut self, batch: Vec<Entry>) {
+        let first_id = self.next_id;
+        let mut appended = Vec::new();
+        let mut acks = Vec::new();
+        let mut replies = Vec::new();
+        let mut freed = Vec::new();
+        let result = (|| -> Result<(), StoreError> {
+            let txn = self.store.db().begin_write()?;
+            {
+                let mut table = txn.open_table(INBOX)?;
+                for entry in batch {
+                    match entry {
+                        Entry::Append {
+                            mut event,
+                            room,
+                            ack,
+                        } => {
+                            event.set_event_id(self.next_id);
+                            let json = serde_json::to_vec(&event)?;
+                            table.insert(self.next_id, encode(room, &json).as_slice())?;
+                            self.next_id += 1;
+                            acks.extend(ack);
+                            appended.push((event, room));
+                        }
+                        Entry::Ack { up_to, reply } => {
+                            let before = freed.len();
+                            let mut bad = None;
+                            table.retain_in(..=up_to, |_, row| {
+                                match decode(row) {
+                                    Ok((room, _)) => freed.push(room),
+                                    Err(e) => bad = Some(e),
+                                }
+                                false
+                            })?;
+                            if let Some(e) = bad {
+                                return Err(e);
+                            }
+                            replies.push((reply, freed.len() - before));
+                        }
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        match &result {
+            Ok(()) => {
+                for room in freed {
+                    usage.remove(room);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = appended.len(), "cannot write to the inbox");
+                self.next_id = first_id;
+                for (_, room) in &appended {
+                    usage.remove(*room);
+                }
+            }
+        }
+        let remaining = usage.events;
+        self.counters.events.set(usage.events as i64);
+        self.counters.bytes.set(usage.bytes as i64);
+        drop(usage);
+        for (reply, acked) in replies {
+            let answer = match &result {
+                Ok(()) => Ok(Acked { acked, remaining }),
+                Err(e) => Err(StoreError::from(e.to_string())),
+            };
+            _ = reply.send(answer);
+        }
+        if result.is_ok() {
+            self.counters.commits.inc();
+            self.counters.written.inc_by(appended.len() as u64);
+            for (event, _) in appended {
+                _ = self.events.send(event);
+            }
+        }
+        if !acks.is_empty() {
+            let committed = Committed {
+                acks,
+                result: result.map_err(|e| e.to_string()),
+            };
+            // Fails only when the actor has stopped; nobody waits then.
+            _ = self.committed.blocking_send(committed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json::RawJson;
+
+    fn message(from: u8, n: u64) -> Event {
+        Event::Message {
+            event_id: None,
+            message_id: format!("m{n}"),
+            from: EntityId([from; 32]),
+            msg_type: "message".into(),
+            payload: RawJson::parse(format!("{{\"n\":{n}}}").into_bytes(), 8).expect("json"),
+        }
+    }
+
+    fn inbox(
+        dir: &tempfile::TempDir,
+        config: InboxConfig,
+    ) -> (Inbox, tokio::sync::mpsc::Receiver<Committed>) {
+        let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (events, _) = broadcast::channel(16);
+        (Inbox::start(store, config, tx, events).expect("inbox"), rx)
+    }
+
+    #[test]
+    fn rows_keep_their_sender_and_reservation() {
+        for from in [None, Some(EntityId([7; 32]))] {
+            let room = Room { from, bytes: 300 };
+            let row = encode(room, br#"{"type":"message"}"#);
+            assert_eq!(
+                decode(&row).expect("decodes"),
+                (room, r#"{"type":"message"}"#)
+            );
+        }
+        assert!(decode(&[1; 40]).is_err(), "shorter than the header");
+    }
+
+    #[tokio::test]
+    async fn the_whole_inbox_is_bounded_but_this_nodes_own_events_are_not_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = InboxConfig {
+            max_events: 3,
+            ..InboxConfig::default()
+        };
+        let (inbox, mut committed) = inbox(&dir, config);
+        for n in 0..3 {
+            let d = inbox
+                .reserve(message(n as u8, n), Some(EntityId([n as u8; 32])))
+                .expect("room");
+            inbox.append(d.event, d.room.expect("reserved"), Some(AckId(n)));
+        }
+        let refused = inbox
+            .reserve(message(9, 9), Some(EntityId([9; 32])))
+            .expect_err("full");
+        assert_eq!(refused.rejection.code, ErrorCode::InboxFull);
+        assert!(
+            refused.rejection.reason.contains("the inbox"),
+            "{}",
+            refused.rejection.reason
+        );
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(5)));
+        // An event no peer sent (a task update of this node) still gets room.
+        assert!(inbox.reserve(message(0, 10), None).is_ok());
+
+        // Every answer is released once its event is committed.
+        let mut acks = Vec::new();
+        while acks.len() < 3 {
+            let c = committed.recv().await.expect("committed");
+            assert!(c.result.is_ok());
+            acks.extend(c.acks);
+        }
+        assert_eq!(acks, vec![AckId(0), AckId(1), AckId(2)]);
+        let page = tokio::task::spawn_blocking({
+            let inbox = inbox.clone();
+            move || inbox.page(0, 10)
+        })
+        .await
+        .expect("join")
+        .expect("page");
+        assert_eq!(page.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+
+        // Acknowledging frees room for senders again.
+        let acked = inbox.ack(2).await.expect("ack");
+        assert_eq!(acked.acked, 2);
+        assert!(
+            inbox
+                .reserve(message(9, 9), Some(EntityId([9; 32])))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_bounds_must_fit_the_largest_message() {
+        let c = InboxConfig::default();
+        c.validate(64 << 20)
+            .expect("the defaults fit the default largest message");
+        let err = c
+            .validate(1 << 30)
+            .expect_err("a 1 GiB message does not fit");
+        assert!(err.contains("inbox.max_bytes_per_sender"), "{err}");
+        let zero = InboxConfig {
+            max_events: 0,
+            ..InboxConfig::default()
+        };
+        assert!(zero.validate(1).is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! The durable inbox between real nodes on 127.0.0.1: what a node accepted
+//! waits, in order, until its agent acknowledges it, across a restart; a
+//! sender past its share is refused `INBOX_FULL` and loses nothing; the event
+//! stream resumes after `Last-Event-ID`.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use futures::StreamExt;
+use peer_core::MsgType;
+use peer_node::NodeError;
+use peer_node::node::Event;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+mod common;
+use common::{TestNode, metric, pair, restart, start_node_with, wait_connected};
+
+const TCP: &str = "/ip4/127.0.0.1/tcp/0";
+
+fn no_rate_limits(c: &mut peer_node::Config) {
+    c.rate_limits.enabled = false;
+}
+
+fn message() -> MsgType {
+    "message".parse().expect("valid")
+}
+
+/// Sends messages `{"n": from..to}` from `a` to `b`, one after the other.
+async fn send_all(a: &TestNode, b: &TestNode, range: std::ops::Range<u64>) {
+    let to = b.handle.entity_id();
+    for n in range {
+        let payload = json!({ "n": n }).to_string();
+        a.handle
+            .send(to, message(), payload)
+            .await
+            .expect("accepted");
+    }
+}
+
+/// The `n` of every message waiting in `node`'s inbox, oldest first, with its id.
+async fn waiting(node: &TestNode) -> Vec<(u64, u64)> {
+    let page = node.handle.inbox(0, 1000).await.expect("inbox");
+    page.iter()
+        .map(|stored| {
+            let event: Value = serde_json::from_str(stored.event.get()).expect("json");
+            assert_eq!(event["type"], "message");
+            assert_eq!(event["event_id"], stored.id, "the id is in the event too");
+            (stored.id, event["payload"]["n"].as_u64().expect("n"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn accepted_messages_wait_in_order_until_acknowledged_and_survive_a_restart() {
+    let (a, b) = pair(TCP, no_rate_limits).await;
+    // Nobody reads B's events: everything accepted waits in its inbox.
+    send_all(&a, &b, 0..300).await;
+    let held = waiting(&b).await;
+    let ns: Vec<u64> = held.iter().map(|&(_, n)| n).collect();
+    assert_eq!(ns, (0..300).collect::<Vec<_>>(), "in the order sent");
+    assert!(held.windows(2).all(|w| w[0].0 < w[1].0), "ids increase");
+    assert_eq!(metric(&b.handle, "peer_inbox_events"), 300.0);
+
+    // The agent handled the first 100.
+    let acked = b.handle.ack(held[99].0).await.expect("ack");
+    assert_eq!((acked.acked, acked.remaining), (100, 200));
+    // Acknowledging again releases nothing more.
+    let again = b.handle.ack(held[99].0).await.expect("ack");
+    assert_eq!((again.acked, again.remaining), (0, 200));
+
+    let b = restart(b, TCP, no_rate_limits).await;
+    let after = waiting(&b).await;
+    assert_eq!(after, held[100..].to_vec(), "the rest, with the same ids");
+    assert_eq!(metric(&b.handle, "peer_inbox_events"), 200.0);
+
+    // New events get ids after the old ones.
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    wait_connected(&b.handle, a.handle.entity_id()).await;
+    send_all(&a, &b, 300..301).await;
+    let last = waiting(&b).await.pop().expect("one more");
+    assert_eq!(last.1, 300);
+    assert!(last.0 > held[299].0);
+}
+
+#[tokio::test]
+async fn a_sender_past_its_share_is_refused_inbox_full_and_nothing_accepted_is_lost() {
+    let tune = |c: &mut peer_node::Config| {
+        no_rate_limits(c);
+        c.inbox.max_events_per_sender = 5;
+    };
+    let (a, b) = pair(TCP, tune).await;
+    send_all(&a, &b, 0..5).await;
+    let to = b.handle.entity_id();
+    match a.handle.send(to, message(), r#"{"n":5}"#).await {
+        Err(NodeError::Rejected {
+            code,
+            retry_after_ms,
+            ..
+        }) => {
+            assert_eq!(code, "INBOX_FULL");
+            assert_eq!(retry_after_ms, Some(5000), "the configured wait");
+        }
+        other => panic!("expected INBOX_FULL, got {other:?}"),
+    }
+    assert_eq!(metric(&b.handle, "peer_inbox_refused_total"), 1.0);
+
+    // Another sender has a share of its own.
+    let c = start_node_with(TCP, tune).await;
+    c.handle.connect(b.addr.clone()).await.expect("connect");
+    send_all(&c, &b, 100..101).await;
+
+    // What was accepted is all there; once the agent has read it, A sends again.
+    let held = waiting(&b).await;
+    let ns: Vec<u64> = held.iter().map(|&(_, n)| n).collect();
+    assert_eq!(ns, vec![0, 1, 2, 3, 4, 100]);
+    b.handle.ack(held[5].0).await.expect("ack");
+    send_all(&a, &b, 5..6).await;
+    assert_eq!(waiting(&b).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_live_reader_gets_each_event_once_with_its_id() {
+    let (a, b) = pair(TCP, no_rate_limits).await;
+    let mut events = b.handle.subscribe();
+    send_all(&a, &b, 0..20).await;
+    let mut seen = Vec::new();
+    while seen.len() < 20 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        if let Event::Message { .. } = &event {
+            seen.push(event.event_id().expect("a stored event has its id"));
+        }
+    }
+    let stored: Vec<u64> = waiting(&b).await.iter().map(|&(id, _)| id).collect();
+    assert_eq!(seen, stored, "published once stored, with the stored ids");
+}
+
+/// The `(id, n)` of the first `count` message events of an SSE response body.
+async fn read_sse(body: Body, count: usize) -> Vec<(u64, u64)> {
+    let mut stream = body.into_data_stream();
+    let mut text = String::new();
+    let mut out = Vec::new();
+    while out.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("chunk");
+        text.push_str(std::str::from_utf8(&chunk).expect("utf8"));
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            let mut id = None;
+            let mut data = String::new();
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().parse::<u64>().expect("numeric id"));
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let event: Value = serde_json::from_str(&data).expect("json");
+            if event["type"] == "message" {
+                let n = event["payload"]["n"].as_u64().expect("n");
+                out.push((id.expect("a message has an id"), n));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_event_stream_starts_with_what_waits_and_resumes_after_last_event_id() {
+    let (a, b) = pair(TCP, no_rate_limits).await;
+    send_all(&a, &b, 0..10).await;
+    let router = peer_node::api::router(
+        b.handle.clone(),
+        &Default::default(),
+        "t".into(),
+        CancellationToken::new(),
+    );
+    let events = |last: Option<u64>| {
+        let mut req = Request::get("/v1/events").header(header::AUTHORIZATION, "Bearer t");
+        if let Some(id) = last {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        router
+            .clone()
+            .oneshot(req.body(Body::empty()).expect("request"))
+    };
+
+    // A first reader gets everything waiting, then what arrives live.
+    let first = events(None).await.expect("infallible");
+    let reading = tokio::spawn(read_sse(first.into_body(), 15));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send_all(&a, &b, 10..15).await;
+    let read = reading.await.expect("reader");
+    assert_eq!(
+        read.iter().map(|&(_, n)| n).collect::<Vec<_>>(),
+        (0..15).collect::<Vec<_>>()
+    );
+
+    // It dropped after the 7th; it resumes after that one's id, without acking.
+    let resumed = events(Some(read[6].0)).await.expect("infallible");
+    let rest = read_sse(resumed.into_body(), 8).await;
+    assert_eq!(rest, read[7..].to_vec());
+
+    // Acknowledged events are not served again; a reader without an id gets
+    // only what still waits.
+    b.handle.ack(read[11].0).await.expect("ack");
+    let fresh = events(None).await.expect("infallible");
+    let left = read_sse(fresh.into_body(), 3).await;
+    assert_eq!(left, read[12..].to_vec());
+
+    // A malformed Last-Event-ID is the client's error.
+    let bad = router
+        .clone()
+        .oneshot(
+            Request::get("/v1/events")
+                .header(header::AUTHORIZATION, "Bearer t")
+                .header("Last-Event-ID", "abc")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(bad.status(), axum::http::StatusCode::BAD_REQUEST);
+}
