@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
+use crate::services::heartbeat::HeartbeatConfig;
 use crate::transfer::TransferConfig;
 
 /// The whole node configuration.
@@ -35,6 +36,8 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Chunked transfer of large messages.
     pub transfer: TransferConfig,
+    /// Heartbeat monitoring of connected peers.
+    pub heartbeat: HeartbeatConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -198,6 +201,7 @@ impl Default for Config {
             rate_limits: RateLimitConfig::default(),
             security: SecurityConfig::default(),
             transfer: TransferConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
         }
     }
 }
@@ -393,6 +397,7 @@ impl Config {
         self.transfer
             .validate(self.protocol.max_envelope_size)
             .map_err(ConfigError::Invalid)?;
+        self.heartbeat.validate().map_err(ConfigError::Invalid)?;
         let p = &self.protocol;
         for (key, secs) in [
             ("timestamp_tolerance_secs", p.timestamp_tolerance_secs),
@@ -493,6 +498,8 @@ mod tests {
         assert_eq!(c.api.max_concurrent_requests, 256);
         assert_eq!(c.api.max_body_bytes_in_flight, 320 << 20);
         assert_eq!(c.api.max_event_streams, 64);
+        assert_eq!(c.heartbeat.interval_ms, 30_000);
+        assert_eq!(c.heartbeat.missed_limit, 3);
         c.validate().expect("the defaults are valid");
     }
 

@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::services::heartbeat::HeartbeatMetrics;
+
 /// Counters of one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PeerCounters {
@@ -68,6 +70,7 @@ pub struct Metrics {
     rate_senders: Gauge,
     misbehaving: Counter,
     signed: Counter,
+    heartbeat: HeartbeatMetrics,
 }
 
 impl Metrics {
@@ -139,6 +142,7 @@ impl Metrics {
             "Peer sightings not recorded because the database writer's queue was full",
             store.dropped.clone(),
         );
+        let heartbeat = HeartbeatMetrics::register(&mut registry);
         Self {
             registry: Arc::new(registry),
             sent,
@@ -150,6 +154,7 @@ impl Metrics {
             rate_senders,
             misbehaving,
             signed,
+            heartbeat,
         }
     }
 
@@ -243,6 +248,11 @@ impl Stats {
         self.metrics
             .connected
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The heartbeat service's metrics.
+    pub(crate) fn heartbeat(&self) -> &HeartbeatMetrics {
+        &self.metrics.heartbeat
     }
 
     /// A peer's connections were closed for misbehaviour.
