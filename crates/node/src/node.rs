@@ -670,6 +670,14 @@ mod tests {
         };
         let text = serde_json::to_string(&message).expect("json");
         assert!(text.contains(r#""payload":{ "a" : 1 }"#), "{text}");
+        let health = Event::PeerHealth {
+            entity_id: peer,
+            state: Health::Unreachable,
+        };
+        assert_eq!(
+            serde_json::to_value(&health).expect("json"),
+            serde_json::json!({"type": "peer_health", "entity_id": peer, "state": "unreachable"})
+        );
     }
 
     #[test]

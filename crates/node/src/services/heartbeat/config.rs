@@ -62,3 +62,31 @@ impl HeartbeatConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_follow_the_protocol_parameters_and_ranges_are_checked() {
+        let c = HeartbeatConfig::default();
+        assert_eq!((c.interval_ms, c.missed_limit), (30_000, 3));
+        c.validate().expect("the defaults are valid");
+        let with = |tune: fn(&mut HeartbeatConfig)| {
+            let mut c = HeartbeatConfig::default();
+            tune(&mut c);
+            c.validate()
+        };
+        assert!(with(|c| c.interval_ms = 10).is_ok(), "short, for tests");
+        for bad in [
+            with(|c| c.interval_ms = 9),
+            with(|c| c.missed_limit = 0),
+            with(|c| c.degraded_rtt_ms = 0),
+            with(|c| c.max_peers = 0),
+            with(|c| c.max_status_bytes = 1),
+        ] {
+            let e = bad.expect_err("out of range");
+            assert!(e.starts_with("heartbeat."), "{e}");
+        }
+    }
+}

@@ -166,16 +166,6 @@ impl Monitor {
         self.counts
     }
 
-    /// How many peers are tracked.
-    pub fn len(&self) -> usize {
-        self.peers.len()
-    }
-
-    /// Whether no peer is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
-    }
-
     /// The state `missed` beats in a row and a latest round trip of `rtt_ms`
     /// make.
     fn rule(&self, missed: u32, rtt_ms: Option<u64>) -> Health {
@@ -584,20 +574,20 @@ mod tests {
         assert_eq!(state(&m, a), Health::Unreachable);
         assert_eq!(state(&m, b), Health::Unreachable);
         assert_eq!(state(&m, c), Health::Healthy);
-        assert_eq!((m.len(), m.counts()), (3, [1, 0, 2]));
+        assert_eq!((m.peers.len(), m.counts()), (3, [1, 0, 2]));
         // A fourth peer: a, unreachable since interval 3, goes before b (4).
         m.connected(d, 5 * INTERVAL);
         assert!(m.view(&a).is_none(), "the longest unreachable is forgotten");
         assert!(m.view(&b).is_some() && m.view(&c).is_some() && m.view(&d).is_some());
-        assert_eq!((m.len(), m.counts()), (3, [2, 0, 1]));
+        assert_eq!((m.peers.len(), m.counts()), (3, [2, 0, 1]));
         // A fifth: b, the last unreachable one.
         m.connected(e, 5 * INTERVAL);
         assert!(m.view(&b).is_none());
-        assert_eq!((m.len(), m.counts()), (3, [3, 0, 0]));
+        assert_eq!((m.peers.len(), m.counts()), (3, [3, 0, 0]));
         // A peer already tracked coming back forgets no one.
         m.disconnected(c);
         m.connected(c, 5 * INTERVAL);
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.peers.len(), 3);
     }
 
     #[test]
