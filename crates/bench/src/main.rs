@@ -14,6 +14,7 @@ use peer_bench::pace::{self, Tally};
 use peer_node::Config;
 use peer_node::NodeHandle;
 use peer_node::config::NetworkConfig;
+use peer_node::inbox::InboxConfig;
 use peer_node::ratelimit::RateLimitConfig;
 use peer_node::transfer::TransferConfig;
 
@@ -53,6 +54,17 @@ struct Args {
     /// `transfer.window` of both nodes (node default if not given).
     #[arg(long)]
     window: Option<usize>,
+    /// What reads the receiver's events: an agent that reads them as they
+    /// come and acknowledges them, or nobody (everything waits in the inbox,
+    /// whose bounds are raised to hold it all).
+    #[arg(long, value_enum, default_value = "reads")]
+    agent: Agent,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Agent {
+    Reads,
+    None,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -80,6 +92,20 @@ fn start(dir: &std::path::Path, args: &Args) -> Result<NodeHandle> {
             enabled: false,
             ..RateLimitConfig::default()
         },
+        inbox: match args.agent {
+            Agent::Reads => InboxConfig::default(),
+            Agent::None => {
+                let events = usize::try_from(args.messages)?.saturating_add(1);
+                let bytes = (events as u64).saturating_mul(args.payload_bytes as u64 + 1024);
+                InboxConfig {
+                    max_events: events,
+                    max_events_per_sender: events,
+                    max_bytes: bytes.max(1 << 30),
+                    max_bytes_per_sender: bytes.max(1 << 30),
+                    ..InboxConfig::default()
+                }
+            }
+        },
         ..Config::default()
     };
     config
@@ -106,14 +132,17 @@ async fn run(args: Args) -> Result<()> {
         .connect(nodes::listen_addr(&receiver, args.transport).await?)
         .await
         .context("connect")?;
-    nodes::drain_events(&receiver);
+    if let Agent::Reads = args.agent {
+        nodes::drain_events(&receiver);
+    }
     let payload = pace::payload(args.payload_bytes);
     let to = receiver.entity_id();
     let send = || pace::send(sender.clone(), to, payload.clone());
     println!(
-        "mode={:?} transport={:?} payload={}B threads={} cores={}",
+        "mode={:?} transport={:?} agent={:?} payload={}B threads={} cores={}",
         args.mode,
         args.transport,
+        args.agent,
         payload.len(),
         args.threads,
         std::thread::available_parallelism().map_or(0, |n| n.get())

@@ -10,6 +10,7 @@ use peer_node::libp2p::multiaddr::Protocol;
 use peer_node::node::{self, NodeHandle};
 use peer_node::store::Store;
 use peer_node::{Config, data_dir};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 /// A transport between nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -61,10 +62,40 @@ pub async fn listen_addr(node: &NodeHandle, transport: Transport) -> Result<Mult
 }
 
 /// Reads `node`'s event stream on a task of its own until the node stops, as
-/// an agent would.
+/// an agent would, acknowledging what it read: after every 256 stored events,
+/// and whenever it has caught up.
 pub fn drain_events(node: &NodeHandle) {
     let mut events = node.subscribe();
-    tokio::spawn(async move { while events.recv().await.is_ok() || !events.is_empty() {} });
+    let node = node.clone();
+    tokio::spawn(async move {
+        let (mut last, mut since) = (None, 0);
+        loop {
+            let event = match events.try_recv() {
+                Ok(event) => event,
+                Err(TryRecvError::Lagged(_)) => continue,
+                Err(TryRecvError::Closed) => break,
+                Err(TryRecvError::Empty) => {
+                    if let Some(id) = last.take() {
+                        _ = node.ack(id).await;
+                        since = 0;
+                    }
+                    match events.recv().await {
+                        Ok(event) => event,
+                        Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            };
+            if let Some(id) = event.event_id() {
+                last = Some(id);
+                since += 1;
+                if since >= 256 {
+                    _ = node.ack(id).await;
+                    (last, since) = (None, 0);
+                }
+            }
+        }
+    });
 }
 
 /// The value of the counter or gauge `name` (such as

@@ -23,15 +23,15 @@ impl MsgType {
     /// A rejection; its payload carries the error code.
     pub const ERROR: &'static str = "error";
 
-    /// Message types delivered to the local agent (over `/v1/events`) once verified.
-    /// Every other type is handled by the node itself or refused with
+    /// Message types delivered to the local agent (over `/v1/events`) as they
+    /// are once verified, also as chunked transfers. Every other type is
+    /// handled by the node itself (`wake_up` and `status_report` by its
+    /// heartbeat service, which delivers them too) or refused with
     /// `UNSUPPORTED_MSG_TYPE`.
-    pub const APPLICATION: [&'static str; 6] = [
+    pub const APPLICATION: [&'static str; 4] = [
         "message",
-        "status_report",
         "capability_query",
         "capability_response",
-        "wake_up",
         "task_delegate",
     ];
 

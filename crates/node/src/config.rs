@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::inbox::InboxConfig;
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
+use crate::services::heartbeat::HeartbeatConfig;
 use crate::transfer::TransferConfig;
 
 /// The whole node configuration.
@@ -38,6 +39,8 @@ pub struct Config {
     pub transfer: TransferConfig,
     /// The durable inbox of events for the agent.
     pub inbox: InboxConfig,
+    /// Heartbeat monitoring of connected peers.
+    pub heartbeat: HeartbeatConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -202,6 +205,7 @@ impl Default for Config {
             security: SecurityConfig::default(),
             transfer: TransferConfig::default(),
             inbox: InboxConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
         }
     }
 }
@@ -400,6 +404,7 @@ impl Config {
         self.inbox
             .validate(self.transfer.max_message_size)
             .map_err(ConfigError::Invalid)?;
+        self.heartbeat.validate().map_err(ConfigError::Invalid)?;
         let p = &self.protocol;
         for (key, secs) in [
             ("timestamp_tolerance_secs", p.timestamp_tolerance_secs),
@@ -500,6 +505,8 @@ mod tests {
         assert_eq!(c.api.max_concurrent_requests, 256);
         assert_eq!(c.api.max_body_bytes_in_flight, 320 << 20);
         assert_eq!(c.api.max_event_streams, 64);
+        assert_eq!(c.heartbeat.interval_ms, 30_000);
+        assert_eq!(c.heartbeat.missed_limit, 3);
         c.validate().expect("the defaults are valid");
     }
 

@@ -29,6 +29,7 @@ use crate::json::{self, RawJson};
 use crate::net;
 use crate::secure::SessionView;
 use crate::service::{Erased, Routes, Service, ServiceHandle, ServiceId};
+use crate::services::heartbeat::{self, Health, HealthView};
 use crate::services::{handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
 use crate::store::{PeerRecord, Store, Writer};
@@ -99,6 +100,13 @@ pub enum Event {
         /// Its entity id.
         entity_id: EntityId,
     },
+    /// A peer's health (heartbeat) changed.
+    PeerHealth {
+        /// Its entity id.
+        entity_id: EntityId,
+        /// Its new state.
+        state: Health,
+    },
 }
 
 impl Event {
@@ -158,6 +166,9 @@ pub struct PeerView {
     pub session: Option<SessionView>,
     /// Last time it was connected, ms since the Unix epoch.
     pub last_seen_ms: u64,
+    /// Its health, if the heartbeat service tracks it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthView>,
 }
 
 /// A reply envelope's content, as returned to the sender's agent.
@@ -330,14 +341,16 @@ impl NodeHandle {
     }
 
     /// Sends a message and answers once the recipient accepted or refused it.
-    /// Application messages (`MsgType::is_application`) are sealed in an
-    /// end-to-end session with the recipient, which is set up (or renewed after
-    /// its lifetime) on the way; other types travel signed but not sealed.
-    /// An application payload larger than `transfer.chunk_size` goes as a
-    /// chunked transfer, and the answer comes once every chunk is accepted.
-    /// An application payload nested deeper than `protocol.max_json_depth` is
-    /// refused with [`NodeError::Invalid`] before anything is sent (its JSON
-    /// is the caller's to check; the recipient refuses what is not JSON).
+    /// Application messages (`MsgType::is_application`), `wake_up` and
+    /// `status_report` are sealed in an end-to-end session with the
+    /// recipient, which is set up (or renewed after its lifetime) on the way;
+    /// other types travel signed but not sealed. An application payload
+    /// larger than `transfer.chunk_size` goes as a chunked transfer, and the
+    /// answer comes once every chunk is accepted (`wake_up` and
+    /// `status_report` go in one envelope). A payload of those types nested
+    /// deeper than `protocol.max_json_depth` is refused with
+    /// [`NodeError::Invalid`] before anything is sent (its JSON is the
+    /// caller's to check; the recipient refuses what is not JSON).
     pub async fn send(
         &self,
         to: EntityId,
@@ -345,10 +358,10 @@ impl NodeHandle {
         payload: impl Into<Bytes>,
     ) -> Result<Delivered, NodeError> {
         let payload: Bytes = payload.into();
-        if msg_type.is_application() {
-            if payload.len() > self.chunk_size {
-                return self.send_transfer(to, msg_type, payload).await;
-            }
+        if msg_type.is_application() && payload.len() > self.chunk_size {
+            return self.send_transfer(to, msg_type, payload).await;
+        }
+        if msg_type.is_application() || heartbeat::is_agent_type(&msg_type) {
             check_depth(&payload, self.max_json_depth)?;
         }
         // Version "1.2", the recipient, a session id and the AEAD tag at most.
@@ -417,7 +430,16 @@ impl NodeHandle {
             .map_err(|e| NodeError::Transport(e.to_string()))?;
         let ids = records.iter().map(|r| r.entity_id).collect();
         let live = self.ask(|reply| Command::Live(ids, reply)).await?;
-        Ok(peer_list(records, live))
+        let mut peers = peer_list(records, live);
+        let ids = peers.iter().map(|p| p.entity_id).collect();
+        let mut health = self
+            .builtin::<heartbeat::Heartbeat>()
+            .ask(|reply| heartbeat::Command::Health(ids, reply))
+            .await?;
+        for p in &mut peers {
+            p.health = health.remove(&p.entity_id);
+        }
+        Ok(peers)
     }
 
     /// Up to `limit` events waiting in the inbox after id `after`, oldest
@@ -485,6 +507,7 @@ fn peer_list(records: Vec<PeerRecord>, live: Live) -> Vec<PeerView> {
                 addrs: r.addrs,
                 connected: false,
                 last_seen_ms: r.last_seen_ms,
+                health: None,
             },
         })
         .collect();
@@ -549,9 +572,10 @@ impl std::fmt::Debug for Builder {
 
 impl Builder {
     /// A node with the built-in services (ping, handshake, messaging, chunked
-    /// transfer) and the system clock.
+    /// transfer, heartbeat) and the system clock.
     pub fn new(config: Config, identity: Identity, store: Store) -> Self {
         let transfers = transfer::Transfers::new(config.transfer.clone());
+        let heartbeat = heartbeat::Heartbeat::new(config.heartbeat.clone());
         Self {
             config,
             identity,
@@ -564,6 +588,7 @@ impl Builder {
         .service(handshake::Handshake)
         .service(messaging::Messaging::default())
         .service(transfers)
+        .service(heartbeat)
     }
 
     /// Adds a service; [`NodeHandle::service`] reaches it by its type. A
@@ -713,6 +738,14 @@ mod tests {
         };
         let text = serde_json::to_string(&message).expect("json");
         assert!(text.contains(r#""payload":{ "a" : 1 }"#), "{text}");
+        let health = Event::PeerHealth {
+            entity_id: peer,
+            state: Health::Unreachable,
+        };
+        assert_eq!(
+            serde_json::to_value(&health).expect("json"),
+            serde_json::json!({"type": "peer_health", "entity_id": peer, "state": "unreachable"})
+        );
     }
 
     #[test]
@@ -731,6 +764,7 @@ mod tests {
             connected: true,
             session: None,
             last_seen_ms: seen,
+            health: None,
         };
         let session = SessionView {
             session_id: "s".into(),

@@ -554,6 +554,11 @@ impl Context<'_> {
         self.routes.class_of(msg_type)
     }
 
+    /// Whether a message type travels sealed (its route says so).
+    pub fn is_sealed(&self, msg_type: &MsgType) -> bool {
+        self.routes.is_sealed(msg_type)
+    }
+
     /// The node's counters.
     pub fn stats(&mut self) -> &mut Stats {
         &mut self.shared.stats
@@ -644,7 +649,7 @@ impl<S: Service> ServiceHandle<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::{handshake, messaging, ping, transfer};
+    use crate::services::{handshake, heartbeat, messaging, ping, transfer};
 
     fn builtins() -> Routes {
         let services: Vec<Box<dyn Erased>> = vec![
@@ -652,6 +657,7 @@ mod tests {
             Box::new(handshake::Handshake),
             Box::new(messaging::Messaging::default()),
             Box::new(transfer::Transfers::new(Default::default())),
+            Box::new(heartbeat::Heartbeat::new(Default::default())),
         ];
         Routes::build(&services).expect("no type owned twice")
     }
@@ -668,6 +674,9 @@ mod tests {
             ("handshake_init", Class::Handshake),
             ("ready", Class::Handshake),
             ("ping", Class::Heartbeat),
+            ("heartbeat", Class::Heartbeat),
+            ("wake_up", Class::Task),
+            ("status_report", Class::Task),
             ("message", Class::Task),
             ("task_delegate", Class::Task),
             ("chunk_manifest", Class::Chunk),
@@ -677,15 +686,22 @@ mod tests {
         ] {
             assert_eq!(r.class_of(&t(msg_type)), class, "{msg_type}");
         }
-        // Sealing: application and chunked-transfer types only.
+        // Sealing: application, chunked-transfer, wake_up and status_report types only.
         assert!(r.is_sealed(&t("message")) && r.is_sealed(&t("chunk")));
+        assert!(r.is_sealed(&t("wake_up")) && r.is_sealed(&t("status_report")));
         assert!(!r.is_sealed(&t("ping")) && !r.is_sealed(&t("handshake_init")));
+        assert!(!r.is_sealed(&t("heartbeat")));
         assert!(!r.is_sealed(&t("no_such_type")));
         // A chunk is charged by its service; everything else on arrival.
         let charge = |s: &str| r.get(&t(s)).map(|x| x.charge);
         assert_eq!(charge("chunk"), Some(Charge::ByService));
         assert_eq!(charge("chunk_manifest"), Some(Charge::OnArrival));
         assert_eq!(charge("pong"), None, "a reply, not a request");
+        assert_eq!(charge("heartbeat_ack"), None, "a reply, not a request");
+        assert_eq!(charge("wake_up_ack"), None, "a reply, not a request");
         assert_eq!(r.owner("handshake_init"), r.owner("ready"));
+        assert_eq!(r.owner("heartbeat"), r.owner("wake_up"));
+        assert_eq!(r.owner("heartbeat"), r.owner("status_report"));
+        assert_ne!(r.owner("message"), r.owner("wake_up"));
     }
 }

@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::inbox::InboxCounters;
+use crate::services::heartbeat::HeartbeatMetrics;
 
 /// Counters of one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -70,6 +71,7 @@ pub struct Metrics {
     rate_senders: Gauge,
     misbehaving: Counter,
     signed: Counter,
+    heartbeat: HeartbeatMetrics,
 }
 
 impl Metrics {
@@ -166,6 +168,7 @@ impl Metrics {
             "Messages refused INBOX_FULL",
             inbox.refused.clone(),
         );
+        let heartbeat = HeartbeatMetrics::register(&mut registry);
         Self {
             registry: Arc::new(registry),
             sent,
@@ -177,6 +180,7 @@ impl Metrics {
             rate_senders,
             misbehaving,
             signed,
+            heartbeat,
         }
     }
 
@@ -270,6 +274,11 @@ impl Stats {
         self.metrics
             .connected
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The heartbeat service's metrics.
+    pub(crate) fn heartbeat(&self) -> &HeartbeatMetrics {
+        &self.metrics.heartbeat
     }
 
     /// A peer's connections were closed for misbehaviour.

@@ -276,6 +276,7 @@ impl Actor {
             connected: true,
             session: self.shared.sessions.view(&c.entity, now, wall),
             last_seen_ms: c.last_seen_ms,
+            health: None,
         }
     }
 

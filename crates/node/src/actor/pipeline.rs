@@ -13,8 +13,8 @@
 //! 7. the answer on the stream: accepted, a reply envelope (signed off the
 //!    actor) or a refusal (response kind 2, unsigned: the connection
 //!    authenticates it, so a stranger's garbage costs the node no signature).
-//!    An envelope that delivered a durable event is answered "accepted" only
-//!    once the inbox has stored the event (until then its answer waits, with
+//!    An envelope that delivered a durable event is answered (accepted, or
+//!    its reply) only once the inbox has stored the event (until then its answer waits, with
 //!    its stream, among the pipeline's pending answers).
 //!
 //! The request's share of the inbound byte budget (its [`Frame`]) is held until
@@ -73,12 +73,13 @@ pub(crate) struct Pipeline {
     next_ack: u64,
 }
 
-/// An "accepted" that waits for its event to be stored.
+/// An answer that waits for its event to be stored.
 struct Pending {
     entity: EntityId,
     message_id: Option<MessageId>,
+    answer: Answer,
     channel: ResponseChannel<Response>,
-    _frame: Option<Frame>,
+    frame: Option<Frame>,
 }
 
 impl Pipeline {
@@ -213,8 +214,9 @@ impl Actor {
                     let pending = Pending {
                         entity,
                         message_id: Some(id),
+                        answer,
                         channel,
-                        _frame: frame,
+                        frame,
                     };
                     self.pipeline.pending.insert(ack, pending);
                     return;
@@ -228,6 +230,20 @@ impl Actor {
                 (refusal.message_id, refused(refusal.rejection))
             }
         };
+        self.respond(entity, message_id, answer, channel, frame);
+    }
+
+    /// Step 7: `answer` on the stream of the request `message_id` from
+    /// `entity`. The request's frame is held until the answer is handed to
+    /// the swarm.
+    fn respond(
+        &mut self,
+        entity: EntityId,
+        message_id: Option<MessageId>,
+        answer: Answer,
+        channel: ResponseChannel<Response>,
+        frame: Option<Frame>,
+    ) {
         let response = match answer {
             Answer::Accepted => Response::Accepted,
             Answer::Refused(r) => self.refusal(entity, message_id, &r),
@@ -275,29 +291,22 @@ impl Actor {
     }
 
     /// The inbox stored a batch (or failed to): the answers that waited for
-    /// it go out, "accepted" or `UNAVAILABLE`.
+    /// it go out, or `UNAVAILABLE` if it failed.
     pub(super) fn on_committed(&mut self, c: Committed) {
         for ack in c.acks {
             let Some(p) = self.pipeline.pending.remove(&ack) else {
                 continue;
             };
-            let response = match &c.result {
-                Ok(()) => Response::Accepted,
-                Err(e) => {
-                    let r = Refused::from(Rejection::new(
-                        ErrorCode::Unavailable,
-                        format!("the recipient could not store the message ({e}); retry later"),
-                    ));
-                    self.refusal(p.entity, p.message_id, &r)
-                }
+            let answer = match &c.result {
+                Ok(()) => p.answer,
+                Err(e) => refused(Rejection::new(
+                    ErrorCode::Unavailable,
+                    format!("the recipient could not store the message ({e}); retry later"),
+                )),
             };
             // The channel is closed if the peer gave up; the event is stored
             // all the same.
-            _ = self
-                .swarm
-                .behaviour_mut()
-                .envelopes
-                .send_response(p.channel, response);
+            self.respond(p.entity, p.message_id, answer, p.channel, p.frame);
         }
     }
 
@@ -398,7 +407,7 @@ impl Actor {
     /// Step 6: the service's answer. What it delivers goes out with the
     /// envelope (a sealed one's in its session's order); an envelope that
     /// delivered a durable event is answered once the event is stored: its
-    /// "accepted" waits under the id returned.
+    /// answer ("accepted" or a reply) waits under the id returned.
     fn serve(
         &mut self,
         from: EntityId,
@@ -410,8 +419,9 @@ impl Actor {
         let answer = self.call(service, |s, cx| s.on_envelope(cx, inbound));
         let mut held = self.effects.in_order.take().and_then(|slot| slot.delivery);
         let mut ack = None;
-        if let (Answer::Accepted, Some(d)) = (&answer, &mut held)
+        if let Some(d) = &mut held
             && d.is_durable()
+            && !matches!(answer, Answer::Refused(_))
         {
             let id = AckId(self.pipeline.next_ack);
             self.pipeline.next_ack += 1;

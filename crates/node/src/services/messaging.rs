@@ -1,5 +1,5 @@
 //! Messages between agents: the agent's sends (`NodeHandle::send`, of any
-//! type; application types are sealed), and the application messages that
+//! type; sealed if the type's route says so), and the application messages that
 //! arrive, handed to the agent in their session's order.
 
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ pub enum Command {
 /// An agent's message on its way.
 struct Sending {
     reply: Answerer<Delivered>,
-    /// An application message's type and plaintext, kept so that it can be
+    /// A sealed message's type and plaintext, kept so that it can be
     /// sent again, once, in a new session if the peer no longer has ours
     /// (it restarted, or expired the session first).
     resend: Option<(MsgType, Vec<u8>)>,
@@ -109,8 +109,8 @@ impl Service for Messaging {
             payload,
             reply,
         } = command;
-        let resend = msg_type
-            .is_application()
+        let resend = cx
+            .is_sealed(&msg_type)
             .then(|| (msg_type.clone(), payload.clone()));
         let id = cx.send(to, msg_type, payload);
         self.sending.insert(id, Sending { reply, resend });

@@ -1,6 +1,7 @@
 //! The node's built-in services (see [`crate::service`]): one module each.
 
 pub mod handshake;
+pub mod heartbeat;
 pub mod messaging;
 pub mod ping;
 pub mod transfer;
