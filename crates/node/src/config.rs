@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
+use crate::services::card::CardConfig;
 use crate::transfer::TransferConfig;
 
 /// The whole node configuration.
@@ -35,6 +36,8 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Chunked transfer of large messages.
     pub transfer: TransferConfig,
+    /// The capability card and application-defined message types.
+    pub card: CardConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -198,6 +201,7 @@ impl Default for Config {
             rate_limits: RateLimitConfig::default(),
             security: SecurityConfig::default(),
             transfer: TransferConfig::default(),
+            card: CardConfig::default(),
         }
     }
 }
@@ -390,6 +394,7 @@ impl Config {
             )));
         }
         self.security.validate().map_err(ConfigError::Invalid)?;
+        self.card.validate().map_err(ConfigError::Invalid)?;
         self.transfer
             .validate(self.protocol.max_envelope_size)
             .map_err(ConfigError::Invalid)?;
