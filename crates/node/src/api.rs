@@ -525,8 +525,9 @@ async fn peer_card(
     }
 }
 
-async fn agent_card(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(card_signed::agent_card(&*s.node.card()?)))
+async fn agent_card(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let body = card_signed::agent_card(&*s.node.card()?);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[cfg(test)]

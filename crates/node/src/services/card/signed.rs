@@ -330,11 +330,6 @@ impl SignedCard {
         .into_bytes()
     }
 
-    /// The wire form as a JSON value (the card's bytes kept as they are).
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.to_payload()).expect("the wire form is JSON")
-    }
-
     /// Checks that the card is `from`'s and signed by it, and not issued more
     /// than `tolerance_ms` after `now_ms` (Unix ms).
     pub fn verify(&self, from: &EntityId, now_ms: u64, tolerance_ms: u64) -> Result<(), Rejection> {
@@ -429,10 +424,21 @@ pub fn accept(
     Ok(card.supersedes(held)?.then_some(card))
 }
 
-/// The card in the A2A Agent Card form (camelCase), with this protocol's
-/// signed card beside as `peerProtocol` (A2A clients ignore fields they do
-/// not know).
-pub fn agent_card(signed: &SignedCard) -> serde_json::Value {
+/// The A2A document with this protocol's signed card beside.
+#[derive(Serialize)]
+struct AgentCard<'a> {
+    #[serde(flatten)]
+    a2a: serde_json::Value,
+    /// The wire form, its card's bytes exactly as signed.
+    #[serde(rename = "peerProtocol")]
+    peer_protocol: &'a RawValue,
+}
+
+/// The card in the A2A Agent Card form (camelCase), JSON, with this
+/// protocol's signed card beside as `peerProtocol`, its bytes exactly as
+/// signed so that a reader can check the signature (A2A clients ignore
+/// fields they do not know).
+pub fn agent_card(signed: &SignedCard) -> Vec<u8> {
     let c = signed.card();
     let modes = vec!["application/json".to_owned()];
     let skills: Vec<serde_json::Value> = c
@@ -452,7 +458,7 @@ pub fn agent_card(signed: &SignedCard) -> serde_json::Value {
             v
         })
         .collect();
-    serde_json::json!({
+    let a2a = serde_json::json!({
         "name": c.name,
         "description": c.description,
         "version": c.version,
@@ -465,8 +471,14 @@ pub fn agent_card(signed: &SignedCard) -> serde_json::Value {
         "defaultInputModes": modes,
         "defaultOutputModes": modes,
         "skills": skills,
-        "peerProtocol": signed.to_json(),
+    });
+    let payload = String::from_utf8(signed.to_payload()).expect("a card is UTF-8");
+    let peer_protocol = RawValue::from_string(payload).expect("the wire form is JSON");
+    serde_json::to_vec(&AgentCard {
+        a2a,
+        peer_protocol: &peer_protocol,
     })
+    .expect("an agent card serialises")
 }
 
 #[cfg(test)]
@@ -633,12 +645,16 @@ mod tests {
             examples: vec![],
         }];
         let card = SignedCard::sign(build(&id, &c, &facts(), NOW, 3), &id);
-        let v = agent_card(&card);
+        let bytes = agent_card(&card);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
         assert_eq!(v["name"], "summariser");
         assert_eq!(v["skills"][0]["inputModes"][0], "text/plain");
         assert!(v["skills"][0].get("outputModes").is_none());
         assert_eq!(v["defaultInputModes"][0], "application/json");
         assert_eq!(v["peerProtocol"]["card"]["sequence"], 3);
         assert!(v.get("supportedInterfaces").is_some() && v.get("capabilities").is_some());
+        // The signed card is there byte for byte, so its signature checks.
+        let text = String::from_utf8(bytes).expect("utf8");
+        assert!(text.contains(&format!(r#""peerProtocol":{{"card":{},"#, card.raw())));
     }
 }
