@@ -414,12 +414,13 @@ fn content_of(card: &Card) -> CardContent {
     }
 }
 
-/// Stores `card` as the own card unless the stored one has a sequence as
-/// high; whether it was stored.
+/// Stores `card` as the own card unless the stored one is of the same
+/// entity with a sequence as high; whether it was stored.
 pub fn save(store: &Store, card: &SignedCard) -> Result<bool, StoreError> {
-    let sequence = card.card().sequence;
+    let (entity, sequence) = (card.card().entity_id, card.card().sequence);
     store.replace_meta(STORE_KEY, &card.to_payload(), |old| {
-        SignedCard::parse(old, usize::MAX).is_ok_and(|c| c.card().sequence >= sequence)
+        SignedCard::parse(old, usize::MAX)
+            .is_ok_and(|c| c.card().entity_id == entity && c.card().sequence >= sequence)
     })
 }
 
@@ -466,4 +467,65 @@ pub(crate) fn initial(
     );
     save(store, &card)?;
     Ok(card)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(config: &Config, identity: &Identity, store: &Store, now: u64) -> SignedCard {
+        initial(config, identity, store, vec!["message".into()], now).expect("card")
+    }
+
+    #[test]
+    fn a_node_keeps_its_stored_card_until_something_in_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("store");
+        let id = Identity::from_secret(&[4; 32]);
+        let mut config = Config::default();
+        let first = start(&config, &id, &store, 10);
+        assert_eq!(first.card().sequence, 1);
+        assert!(first.card().name.starts_with("peer-"));
+        // Nothing changed: the very same card, however later.
+        assert_eq!(start(&config, &id, &store, 20), first);
+        // The configuration declares a card: a new one, the next sequence.
+        config.card.name = Some("declared".into());
+        let declared = start(&config, &id, &store, 30);
+        assert_eq!(
+            (declared.card().name.as_str(), declared.card().sequence),
+            ("declared", 2)
+        );
+        // A limit changed: signed again.
+        config.protocol.max_json_depth = 32;
+        assert_eq!(start(&config, &id, &store, 40).card().sequence, 3);
+        // Another identity does not take this one's card or its sequence.
+        let new_id = Identity::from_secret(&[5; 32]);
+        let other = start(&config, &new_id, &store, 50);
+        assert_eq!(other.card().sequence, 1);
+        let held = stored(&store, &new_id).expect("read");
+        assert_eq!(held, Some(other), "stored in place of the old identity's");
+    }
+
+    #[test]
+    fn a_stored_card_is_replaced_only_by_a_higher_sequence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("store");
+        let id = Identity::from_secret(&[4; 32]);
+        let facts = facts(&Config::default(), vec![]);
+        let card = |seq| {
+            SignedCard::sign(
+                signed::build(&id, &CardContent::unnamed(), &facts, 0, seq),
+                &id,
+            )
+        };
+        assert!(save(&store, &card(2)).expect("saved"));
+        assert!(
+            !save(&store, &card(1)).expect("kept"),
+            "an older one is not stored"
+        );
+        assert!(!save(&store, &card(2)).expect("kept"));
+        assert!(save(&store, &card(3)).expect("saved"));
+        let held = stored(&store, &id).expect("read").expect("a card");
+        assert_eq!(held.card().sequence, 3);
+    }
 }
