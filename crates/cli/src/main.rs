@@ -67,6 +67,19 @@ enum Command {
         /// file (for payloads too large for a command line); `-` for standard input.
         payload: String,
     },
+    /// Show this node's signed capability card, or set the agent's part of it.
+    Card {
+        /// A JSON file with the agent's part (name, description, version,
+        /// skills, accepts) to sign and publish; `-` for standard input.
+        #[arg(long, value_name = "FILE")]
+        set: Option<String>,
+    },
+    /// Show a peer's verified capability card (asked of it if connected and
+    /// not known yet).
+    Caps {
+        /// The peer's entity id (64 hex digits).
+        entity_id: String,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -199,6 +212,28 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
                 &c.post("/v1/peers", &serde_json::json!({ "addr": addr }))?,
             )
         }
+        Command::Card { set } => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            let card = match set {
+                Some(file) => {
+                    let arg = if file == "-" {
+                        "-".to_owned()
+                    } else {
+                        format!("@{file}")
+                    };
+                    let text = read_payload(&arg)?;
+                    let body: Value = serde_json::from_str(&text)
+                        .with_context(|| format!("the card file {file:?} is not JSON"))?;
+                    c.put("/v1/card", &body)?
+                }
+                None => c.get("/v1/card")?,
+            };
+            print_json(out, &card)
+        }
+        Command::Caps { entity_id } => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            print_json(out, &c.get(&format!("/v1/peers/{entity_id}/card"))?)
+        }
         Command::Send {
             entity_id,
             msg_type,
@@ -313,6 +348,10 @@ impl Client {
 
     fn get(&self, path: &str) -> Result<Value> {
         self.finish(self.http.get(format!("{}{path}", self.base)))
+    }
+
+    fn put(&self, path: &str, body: &Value) -> Result<Value> {
+        self.finish(self.http.put(format!("{}{path}", self.base)).json(body))
     }
 
     fn post(&self, path: &str, body: &Value) -> Result<Value> {

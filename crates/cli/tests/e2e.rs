@@ -376,14 +376,15 @@ impl Events {
     }
 
     /// The `message` events up to and including the one with id `last`, by
-    /// message id, without `type` and `message_id`. Peer (dis)connections are skipped.
+    /// message id, without `type` and `message_id`. Peer (dis)connections and
+    /// peers' cards are skipped.
     async fn messages_until(&mut self, last: &str) -> BTreeMap<String, Value> {
         let deadline = Instant::now() + STEP;
         let mut out = BTreeMap::new();
         loop {
             let event = self.next(deadline).await;
             match event["type"].as_str() {
-                Some("peer_connected" | "peer_disconnected") => continue,
+                Some("peer_connected" | "peer_disconnected" | "card_updated") => continue,
                 Some("message") => {}
                 _ => panic!("{}: unexpected event {event}", self.name),
             }
@@ -543,6 +544,32 @@ async fn three_nodes_exchange_messages_through_api_and_cli() {
         let p = find_peer(&peers, &other.entity_id)
             .unwrap_or_else(|| panic!("`peer peers` on a lacks {}: {peers}", other.name()));
         assert_eq!(p["connected"], true, "{peers}");
+    }
+
+    // The capability card through the CLI: A sets its card; B, connected,
+    // gets the new one pushed and shows it.
+    let card_file = tmp.path().join("card.json");
+    let card =
+        json!({"name": "node a", "skills": [{"id": "echo", "name": "Echo"}], "accepts": ["chat"]});
+    std::fs::write(&card_file, card.to_string()).expect("write card");
+    let set = a
+        .cli(&["card", "--set", &card_file.display().to_string()])
+        .await;
+    assert_eq!(set["card"]["name"], "node a", "{set}");
+    let sequence = set["card"]["sequence"].clone();
+    assert_eq!(a.cli(&["card"]).await, set);
+    let deadline = Instant::now() + STEP;
+    loop {
+        let caps = b.cli(&["caps", &a.entity_id]).await;
+        if caps["card"]["sequence"] == sequence {
+            assert_eq!(caps["card"]["accepts"], json!(["chat"]), "{caps}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never saw A's new card: {caps}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     eprintln!("e2e took {:?}", began.elapsed());

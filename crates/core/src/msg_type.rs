@@ -23,21 +23,31 @@ impl MsgType {
     /// A rejection; its payload carries the error code.
     pub const ERROR: &'static str = "error";
 
-    /// Message types delivered to the local agent (over `/v1/events`) as they
-    /// are once verified, also as chunked transfers. Every other type is
-    /// handled by the node itself (`wake_up` and `status_report` by its
-    /// heartbeat service, which delivers them too) or refused with
-    /// `UNSUPPORTED_MSG_TYPE`.
-    pub const APPLICATION: [&'static str; 4] = [
-        "message",
-        "capability_query",
-        "capability_response",
-        "task_delegate",
-    ];
+    /// Asks a peer for its capability card.
+    pub const CAPABILITY_QUERY: &'static str = "capability_query";
+    /// A signed capability card: the reply to a query, or pushed when it changes.
+    pub const CAPABILITY_RESPONSE: &'static str = "capability_response";
 
-    /// Whether this type goes to the local agent.
+    /// The built-in message types delivered to the local agent (over
+    /// `/v1/events`) as they are once verified, also as chunked transfers.
+    /// Namespaced types ([`MsgType::namespace`]) are application types too.
+    /// Every other type is handled by the node itself (`wake_up` and
+    /// `status_report` by its heartbeat service, which delivers them too; the
+    /// card messages by its card service) or refused with
+    /// `UNSUPPORTED_MSG_TYPE`.
+    pub const APPLICATION: [&'static str; 2] = ["message", "task_delegate"];
+
+    /// Whether this type goes to the local agent: a built-in application type
+    /// or a namespaced one.
     pub fn is_application(&self) -> bool {
-        Self::APPLICATION.contains(&self.as_str())
+        Self::APPLICATION.contains(&self.as_str()) || self.namespace().is_some()
+    }
+
+    /// The namespace of an application-defined type: the part before its
+    /// first dot (`chat` for `chat.message`); `None` for a type without a dot.
+    /// It may be empty (`.x`), which no card accepts.
+    pub fn namespace(&self) -> Option<&str> {
+        self.0.split_once('.').map(|(ns, _)| ns)
     }
 
     /// The name.
@@ -95,5 +105,16 @@ mod tests {
         for bad in ["", "Ping", "a b", "é", &"x".repeat(65)] {
             assert!(bad.parse::<MsgType>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_dotted_type_is_an_application_type_of_its_namespace() {
+        let t = |s: &str| s.parse::<MsgType>().expect("valid");
+        assert_eq!(t("chat.message").namespace(), Some("chat"));
+        assert_eq!(t("a.b.c").namespace(), Some("a"));
+        assert_eq!(t(".x").namespace(), Some(""));
+        assert_eq!(t("message").namespace(), None);
+        assert!(t("chat.message").is_application() && t("message").is_application());
+        assert!(!t("ping").is_application() && !t(MsgType::CAPABILITY_QUERY).is_application());
     }
 }

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ApiConfig;
 use crate::inbox::{MAX_PAGE, Stored};
 use crate::node::{Event, NodeError, NodeHandle};
+use crate::services::card::signed as card_signed;
+use crate::services::card::{CardContent, SignedCard};
 
 /// Bytes a `POST /v1/messages` body may take beyond its payload.
 const BODY_SLACK: usize = 64 * 1024;
@@ -114,6 +116,8 @@ pub fn router(
         .route("/v1/stats", get(stats))
         .route("/v1/inbox", get(inbox))
         .route("/v1/inbox/ack", axum::routing::post(ack))
+        .route("/v1/card", get(own_card).put(set_card))
+        .route("/v1/peers/{entity_id}/card", get(peer_card))
         .route("/metrics", get(metrics))
         .route_layer(limited.clone())
         .route_layer(authorized.clone());
@@ -123,6 +127,9 @@ pub fn router(
         .route_layer(authorized);
     Router::new()
         .route("/v1/health", get(health))
+        // Public by nature (A2A tooling reads it without credentials), and
+        // served only on the local API.
+        .route("/.well-known/agent-card.json", get(agent_card))
         .route_layer(limited)
         .merge(calls)
         .merge(streams)
@@ -614,6 +621,51 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         )],
         s.node.metrics().encode(),
     )
+}
+
+/// A signed card in its wire form, `{"card":{...},"signature":"..."}`, the
+/// card's bytes exactly as signed.
+fn signed_card(card: &SignedCard) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        card.to_payload(),
+    )
+        .into_response()
+}
+
+async fn own_card(State(s): State<AppState>) -> Result<Response, ApiError> {
+    Ok(signed_card(&*s.node.card()?))
+}
+
+async fn set_card(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let content: CardContent = parse_json(&read_body(&s, &headers, body).await?.0)?;
+    Ok(signed_card(&*s.node.set_card(content).await?))
+}
+
+async fn peer_card(
+    State(s): State<AppState>,
+    Path(entity_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let peer: EntityId = entity_id
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("entity_id: {e}")))?;
+    match s.node.peer_card(peer).await? {
+        Some(card) => Ok(signed_card(&card)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no card of {peer} is known, and it is not connected to be asked"),
+        )),
+    }
+}
+
+async fn agent_card(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let body = card_signed::agent_card(&*s.node.card()?);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[cfg(test)]

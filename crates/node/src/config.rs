@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::inbox::InboxConfig;
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
+use crate::services::card::CardConfig;
 use crate::services::heartbeat::HeartbeatConfig;
 use crate::transfer::TransferConfig;
 
@@ -41,6 +42,8 @@ pub struct Config {
     pub inbox: InboxConfig,
     /// Heartbeat monitoring of connected peers.
     pub heartbeat: HeartbeatConfig,
+    /// The capability card and application-defined message types.
+    pub card: CardConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -206,6 +209,7 @@ impl Default for Config {
             transfer: TransferConfig::default(),
             inbox: InboxConfig::default(),
             heartbeat: HeartbeatConfig::default(),
+            card: CardConfig::default(),
         }
     }
 }
@@ -398,6 +402,7 @@ impl Config {
             )));
         }
         self.security.validate().map_err(ConfigError::Invalid)?;
+        self.card.validate().map_err(ConfigError::Invalid)?;
         self.transfer
             .validate(self.protocol.max_envelope_size)
             .map_err(ConfigError::Invalid)?;

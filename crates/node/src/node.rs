@@ -29,6 +29,7 @@ use crate::json::{self, RawJson};
 use crate::net;
 use crate::secure::SessionView;
 use crate::service::{Erased, Routes, Service, ServiceHandle, ServiceId};
+use crate::services::card::{self, CardCell, CardContent, SignedCard};
 use crate::services::heartbeat::{self, Health, HealthView};
 use crate::services::{handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
@@ -106,6 +107,14 @@ pub enum Event {
         entity_id: EntityId,
         /// Its new state.
         state: Health,
+    },
+    /// A peer's capability card arrived (the first one known, or a newer one)
+    /// and was verified.
+    CardUpdated {
+        /// The peer.
+        entity_id: EntityId,
+        /// The card's sequence.
+        sequence: u64,
     },
 }
 
@@ -273,6 +282,7 @@ pub struct NodeHandle {
     services: Arc<HashMap<TypeId, ServiceId>>,
     store: Arc<Store>,
     inbox: Inbox,
+    card: CardCell,
 }
 
 impl NodeHandle {
@@ -358,6 +368,15 @@ impl NodeHandle {
         payload: impl Into<Bytes>,
     ) -> Result<Delivered, NodeError> {
         let payload: Bytes = payload.into();
+        if msg_type.namespace().is_some() {
+            self.builtin::<card::Cards>()
+                .ask(|reply| card::Command::CheckSend {
+                    peer: to,
+                    msg_type: msg_type.clone(),
+                    reply,
+                })
+                .await??;
+        }
         if msg_type.is_application() && payload.len() > self.chunk_size {
             return self.send_transfer(to, msg_type, payload).await;
         }
@@ -470,6 +489,42 @@ impl NodeHandle {
     pub async fn stats(&self) -> Result<StatsView, NodeError> {
         self.ask(Command::Stats).await
     }
+
+    /// This node's signed capability card.
+    pub fn card(&self) -> Result<Arc<SignedCard>, NodeError> {
+        self.card.get().ok_or(NodeError::Stopped)
+    }
+
+    /// Replaces the agent's part of the card: signs it with the next
+    /// sequence, stores it (so the sequence keeps increasing across
+    /// restarts), then uses it and pushes it to every connected peer.
+    /// Answers the card now in use.
+    pub async fn set_card(&self, content: CardContent) -> Result<Arc<SignedCard>, NodeError> {
+        let cards = self.builtin::<card::Cards>();
+        let signed = cards
+            .ask(|reply| card::Command::Sign { content, reply })
+            .await??;
+        let store = self.store.clone();
+        let to_store = signed.clone();
+        tokio::task::spawn_blocking(move || card::save(&store, &to_store))
+            .await
+            .map_err(|_| NodeError::Stopped)?
+            .map_err(|e| NodeError::Transport(format!("the card could not be stored: {e}")))?;
+        cards
+            .ask(|reply| card::Command::Adopt {
+                card: signed,
+                reply,
+            })
+            .await
+    }
+
+    /// A peer's verified card: the one cached, else asked of the peer if it
+    /// is connected; `None` if there is none.
+    pub async fn peer_card(&self, peer: EntityId) -> Result<Option<Arc<SignedCard>>, NodeError> {
+        self.builtin::<card::Cards>()
+            .ask(|reply| card::Command::Peer { peer, reply })
+            .await
+    }
 }
 
 /// `NodeError::Invalid` if `payload` nests deeper than `max_depth`.
@@ -557,6 +612,7 @@ pub struct Builder {
     clock: Arc<dyn Clock>,
     services: Vec<Box<dyn Erased>>,
     types: HashMap<TypeId, ServiceId>,
+    card: CardCell,
 }
 
 impl std::fmt::Debug for Builder {
@@ -572,9 +628,12 @@ impl std::fmt::Debug for Builder {
 
 impl Builder {
     /// A node with the built-in services (ping, handshake, messaging, chunked
-    /// transfer, heartbeat) and the system clock.
+    /// transfer, heartbeat, capability cards) and the system clock.
     pub fn new(config: Config, identity: Identity, store: Store) -> Self {
-        let transfers = transfer::Transfers::new(config.transfer.clone());
+        let card = CardCell::default();
+        let transfers = transfer::Transfers::new(config.transfer.clone(), card.clone());
+        let messaging = messaging::Messaging::new(card.clone(), config.card.classes().collect());
+        let cards = card::Cards::new(&config.card, card.clone());
         let heartbeat = heartbeat::Heartbeat::new(config.heartbeat.clone());
         Self {
             config,
@@ -583,12 +642,14 @@ impl Builder {
             clock: Arc::new(SystemClock),
             services: Vec::new(),
             types: HashMap::new(),
+            card,
         }
         .service(ping::Ping)
         .service(handshake::Handshake)
-        .service(messaging::Messaging::default())
+        .service(messaging)
         .service(transfers)
         .service(heartbeat)
+        .service(cards)
     }
 
     /// Adds a service; [`NodeHandle::service`] reaches it by its type. A
@@ -620,9 +681,13 @@ impl Builder {
             clock,
             services,
             types,
+            card,
         } = self;
         config.check().map_err(|e| StartError(e.to_string()))?;
         let routes = Routes::build(&services).map_err(StartError)?;
+        let own = card::initial(&config, &identity, &store, routes.types(), clock.wall_ms())
+            .map_err(|e| StartError(format!("cannot load or store the capability card: {e}")))?;
+        card.set(Arc::new(own));
         let key = net::keypair(identity.secret_bytes());
         let peer_id = key.public().to_peer_id();
         let mut swarm = net::build_swarm(key, &config).map_err(|e| StartError(error_chain(&*e)))?;
@@ -668,6 +733,7 @@ impl Builder {
             services: Arc::new(types),
             store,
             inbox: inbox.clone(),
+            card,
         };
         let parts = actor::Parts {
             swarm,

@@ -115,6 +115,35 @@ impl Route {
     }
 }
 
+/// Whether a namespace's types are taken now.
+pub type Takes = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The namespaced message types (with a dot: `chat.message`) a service owns:
+/// every one no [`Route`] names exactly, each counted against its namespace's
+/// class. An inbound one whose namespace `takes` refuses is refused
+/// `UNSUPPORTED_MSG_TYPE` like a type no service owns.
+#[derive(Clone)]
+pub struct Namespaced {
+    /// Sealed or plain.
+    pub sealing: Sealing,
+    /// The class of a namespace `classes` does not name.
+    pub default_class: Class,
+    /// Classes by namespace (the part before the first dot).
+    pub classes: HashMap<String, Class>,
+    /// Which namespaces are taken now.
+    pub takes: Takes,
+}
+
+impl std::fmt::Debug for Namespaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Namespaced")
+            .field("sealing", &self.sealing)
+            .field("default_class", &self.default_class)
+            .field("classes", &self.classes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// An inbound envelope that passed the pipeline, for its service.
 #[derive(Debug)]
 pub struct Inbound {
@@ -241,6 +270,12 @@ pub trait Service: Send + 'static {
         Vec::new()
     }
 
+    /// The namespaced types it owns, if any; at most one service may (a
+    /// second is a start error). Charged on arrival.
+    fn namespaced(&self) -> Option<Namespaced> {
+        None
+    }
+
     /// An inbound envelope of one of its types.
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {
         let _ = cx;
@@ -282,6 +317,7 @@ pub trait Service: Send + 'static {
 pub(crate) trait Erased: Send {
     fn name(&self) -> &'static str;
     fn routes(&self) -> Vec<Route>;
+    fn namespaced(&self) -> Option<Namespaced>;
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer;
     fn on_reply(&mut self, cx: &mut Context<'_>, id: RequestId, outcome: Outcome);
     fn on_command(&mut self, cx: &mut Context<'_>, command: Box<dyn std::any::Any + Send>);
@@ -296,6 +332,9 @@ impl<S: Service> Erased for S {
     }
     fn routes(&self) -> Vec<Route> {
         Service::routes(self)
+    }
+    fn namespaced(&self) -> Option<Namespaced> {
+        Service::namespaced(self)
     }
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {
         Service::on_envelope(self, cx, msg)
@@ -330,17 +369,37 @@ pub(crate) struct Routed {
     pub charge: Charge,
 }
 
-/// The one table from message type to service, rate class and sealing rule.
+/// The one table from message type to service, rate class and sealing rule:
+/// exact types first, then the namespaced types' owner.
 #[derive(Debug, Default)]
 pub(crate) struct Routes {
     by_type: HashMap<MsgType, Routed>,
+    /// The entry of a namespaced type no route names, and its owner's rules.
+    namespaced: Option<(Routed, Namespaced)>,
 }
 
 impl Routes {
     /// The table of `services`' routes; an error names a type owned twice.
     pub fn build(services: &[Box<dyn Erased>]) -> Result<Self, String> {
         let mut by_type: HashMap<MsgType, Routed> = HashMap::new();
+        let mut namespaced: Option<(Routed, Namespaced)> = None;
         for (i, s) in services.iter().enumerate() {
+            if let Some(n) = s.namespaced() {
+                if let Some((other, _)) = &namespaced {
+                    return Err(format!(
+                        "namespaced message types are owned by two services: {} and {}",
+                        services[other.service.0].name(),
+                        s.name()
+                    ));
+                }
+                let routed = Routed {
+                    service: ServiceId(i),
+                    class: n.default_class,
+                    sealing: n.sealing,
+                    charge: Charge::OnArrival,
+                };
+                namespaced = Some((routed, n));
+            }
             for route in s.routes() {
                 if let Some(other) = by_type.get(&route.msg_type) {
                     return Err(format!(
@@ -359,12 +418,43 @@ impl Routes {
                 by_type.insert(route.msg_type, routed);
             }
         }
-        Ok(Self { by_type })
+        Ok(Self {
+            by_type,
+            namespaced,
+        })
     }
 
-    /// The entry for `msg_type`.
-    pub fn get(&self, msg_type: &MsgType) -> Option<&Routed> {
-        self.by_type.get(msg_type)
+    /// The entry for `msg_type`: its route's, else for a namespaced type the
+    /// namespaced types' owner's, with its namespace's class.
+    pub fn get(&self, msg_type: &MsgType) -> Option<Routed> {
+        if let Some(r) = self.by_type.get(msg_type) {
+            return Some(*r);
+        }
+        let ns = msg_type.namespace()?;
+        let (routed, n) = self.namespaced.as_ref()?;
+        Some(Routed {
+            class: n.classes.get(ns).copied().unwrap_or(routed.class),
+            ..*routed
+        })
+    }
+
+    /// The entry for an inbound request of `msg_type`: as [`Routes::get`],
+    /// but a namespaced type no route names only if its namespace is taken now.
+    pub fn inbound(&self, msg_type: &MsgType) -> Option<Routed> {
+        if !self.by_type.contains_key(msg_type)
+            && let (Some(ns), Some((_, n))) = (msg_type.namespace(), &self.namespaced)
+            && !(n.takes)(ns)
+        {
+            return None;
+        }
+        self.get(msg_type)
+    }
+
+    /// The message types routes name exactly, sorted.
+    pub fn types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.by_type.keys().map(ToString::to_string).collect();
+        types.sort();
+        types
     }
 
     /// Whether `msg_type` travels sealed.
@@ -649,15 +739,22 @@ impl<S: Service> ServiceHandle<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::{handshake, heartbeat, messaging, ping, transfer};
+    use crate::services::{card, handshake, heartbeat, messaging, ping, transfer};
 
     fn builtins() -> Routes {
         let services: Vec<Box<dyn Erased>> = vec![
             Box::new(ping::Ping),
             Box::new(handshake::Handshake),
-            Box::new(messaging::Messaging::default()),
-            Box::new(transfer::Transfers::new(Default::default())),
+            Box::new(messaging::Messaging::new(
+                Default::default(),
+                Default::default(),
+            )),
+            Box::new(transfer::Transfers::new(
+                Default::default(),
+                Default::default(),
+            )),
             Box::new(heartbeat::Heartbeat::new(Default::default())),
+            Box::new(card::Cards::new(&Default::default(), Default::default())),
         ];
         Routes::build(&services).expect("no type owned twice")
     }
@@ -682,6 +779,9 @@ mod tests {
             ("chunk_manifest", Class::Chunk),
             ("chunk", Class::Chunk),
             ("chunk_resend", Class::Chunk),
+            ("capability_query", Class::Discovery),
+            ("capability_response", Class::Discovery),
+            ("chat.message", Class::Task),
             ("no_such_type", Class::Task),
         ] {
             assert_eq!(r.class_of(&t(msg_type)), class, "{msg_type}");
@@ -692,6 +792,10 @@ mod tests {
         assert!(!r.is_sealed(&t("ping")) && !r.is_sealed(&t("handshake_init")));
         assert!(!r.is_sealed(&t("heartbeat")));
         assert!(!r.is_sealed(&t("no_such_type")));
+        // Cards travel plain; namespaced types are application types.
+        assert!(!r.is_sealed(&t("capability_response")));
+        assert!(r.is_sealed(&t("chat.message")));
+        assert_eq!(r.owner("chat.message"), r.owner("message"));
         // A chunk is charged by its service; everything else on arrival.
         let charge = |s: &str| r.get(&t(s)).map(|x| x.charge);
         assert_eq!(charge("chunk"), Some(Charge::ByService));
@@ -703,5 +807,46 @@ mod tests {
         assert_eq!(r.owner("heartbeat"), r.owner("wake_up"));
         assert_eq!(r.owner("heartbeat"), r.owner("status_report"));
         assert_ne!(r.owner("message"), r.owner("wake_up"));
+    }
+
+    #[test]
+    fn namespaced_types_take_their_namespace_class_and_exact_routes_win() {
+        struct Exact;
+        impl Service for Exact {
+            type Command = ();
+            fn name(&self) -> &'static str {
+                "exact"
+            }
+            fn routes(&self) -> Vec<Route> {
+                vec![Route::plain("chat.ping", Class::Heartbeat)]
+            }
+        }
+        let classes = HashMap::from([("live".to_owned(), Class::Heartbeat)]);
+        let services: Vec<Box<dyn Erased>> = vec![
+            Box::new(messaging::Messaging::new(Default::default(), classes)),
+            Box::new(Exact),
+        ];
+        let r = Routes::build(&services).expect("built");
+        assert_eq!(r.class_of(&t("live.beat")), Class::Heartbeat);
+        assert_eq!(r.class_of(&t("chat.message")), Class::Task);
+        assert_eq!(r.owner("chat.ping"), Some(ServiceId(1)));
+        assert!(!r.is_sealed(&t("chat.ping")));
+        assert_eq!(r.owner("chat.message"), Some(ServiceId(0)));
+        // The messaging service's card accepts no namespace (it is empty).
+        assert!(r.inbound(&t("chat.message")).is_none());
+        assert!(r.inbound(&t("chat.ping")).is_some());
+        assert!(r.get(&t("nodots")).is_none());
+        let twice: Vec<Box<dyn Erased>> = vec![
+            Box::new(messaging::Messaging::new(
+                Default::default(),
+                HashMap::new(),
+            )),
+            Box::new(messaging::Messaging::new(
+                Default::default(),
+                HashMap::new(),
+            )),
+        ];
+        let e = Routes::build(&twice).expect_err("two owners");
+        assert!(e.contains("namespaced"), "{e}");
     }
 }

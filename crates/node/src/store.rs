@@ -150,6 +150,27 @@ impl Store {
         Ok(())
     }
 
+    /// Sets a metadata value, in one transaction with reading the one it
+    /// replaces, unless `keep` says that one stays; whether it was set.
+    pub fn replace_meta(
+        &self,
+        key: &str,
+        value: &[u8],
+        keep: impl FnOnce(&[u8]) -> bool,
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let set = {
+            let mut table = txn.open_table(META)?;
+            let kept = table.get(key)?.is_some_and(|old| keep(old.value()));
+            if !kept {
+                table.insert(key, value)?;
+            }
+            !kept
+        };
+        txn.commit()?;
+        Ok(set)
+    }
+
     /// Records a peer (replacing what was known of it), then forgets the least
     /// recently seen peers until at most `max_peers` (at least 1) are known; the
     /// peer just recorded is forgotten too if it is the least recently seen.

@@ -333,7 +333,7 @@ impl Actor {
             Ok(env) => env,
             Err(refusal) => return Err(refused(refusal.rejection)),
         };
-        let Some(route) = self.routes.get(&env.msg_type).copied() else {
+        let Some(route) = self.routes.inbound(&env.msg_type) else {
             // An unknown type costs a token of the default class, like any request.
             if let Err(r) = self.shared.charge(from, Class::Task) {
                 return Err(refused(r));

@@ -1,6 +1,8 @@
 //! Messages between agents: the agent's sends (`NodeHandle::send`, of any
 //! type; sealed if the type's route says so), and the application messages that
-//! arrive, handed to the agent in their session's order.
+//! arrive, handed to the agent in their session's order. The service owns the
+//! namespaced types (`chat.message`) too: the pipeline refuses one whose
+//! namespace the node's card does not accept with `UNSUPPORTED_MSG_TYPE`.
 
 use std::collections::HashMap;
 
@@ -10,7 +12,10 @@ use peer_core::{EntityId, MsgType};
 use crate::actor::Reply as Answerer;
 use crate::node::{Delivered, Event, NodeError, ReplyView};
 use crate::secure::parse_json;
-use crate::service::{Answer, Context, Inbound, Outcome, Reply, RequestId, Route, Service};
+use crate::service::{
+    Answer, Context, Inbound, Namespaced, Outcome, Reply, RequestId, Route, Sealing, Service,
+};
+use crate::services::card::CardCell;
 
 /// What the messaging service takes from handles.
 #[derive(Debug)]
@@ -38,9 +43,24 @@ struct Sending {
 }
 
 /// Sends the agent's messages and delivers application messages to it.
-#[derive(Default)]
 pub struct Messaging {
     sending: HashMap<RequestId, Sending>,
+    /// The node's card, for the namespaces it accepts.
+    card: CardCell,
+    /// The rate class of namespaced types, by namespace (`task` if not named).
+    classes: HashMap<String, Class>,
+}
+
+impl Messaging {
+    /// The service, reading accepted namespaces from `card`, with `classes`
+    /// for the namespaces not counted as `task`.
+    pub fn new(card: CardCell, classes: HashMap<String, Class>) -> Self {
+        Self {
+            sending: HashMap::new(),
+            card,
+            classes,
+        }
+    }
 }
 
 impl std::fmt::Debug for Messaging {
@@ -81,6 +101,18 @@ impl Service for Messaging {
             .iter()
             .map(|t| Route::sealed(t, Class::Task))
             .collect()
+    }
+
+    fn namespaced(&self) -> Option<Namespaced> {
+        Some(Namespaced {
+            sealing: Sealing::Sealed,
+            default_class: Class::Task,
+            classes: self.classes.clone(),
+            takes: {
+                let card = self.card.clone();
+                std::sync::Arc::new(move |ns: &str| card.accepts_namespace(ns))
+            },
+        })
     }
 
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {

@@ -1,5 +1,6 @@
 //! The node's built-in services (see [`crate::service`]): one module each.
 
+pub mod card;
 pub mod handshake;
 pub mod heartbeat;
 pub mod messaging;

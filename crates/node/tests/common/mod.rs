@@ -344,6 +344,8 @@ pub fn error_code(response: Response) -> Option<String> {
 
 impl RawPeer {
     /// The next request the node sends this peer, decoded, with its channel.
+    /// The `capability_query` a node sends every peer that connects is left
+    /// unanswered and skipped.
     pub async fn next_request(&mut self) -> (Envelope, Vec<u8>, ResponseChannel<Response>) {
         loop {
             if let SwarmEvent::Behaviour(BehaviourEvent::Envelopes(
@@ -360,6 +362,9 @@ impl RawPeer {
             {
                 let env = Envelope::decode(&frame.bytes).expect("the node sends envelopes");
                 assert!(env.verify(), "the node signs what it sends");
+                if env.msg_type == *"capability_query" {
+                    continue;
+                }
                 return (env, frame.bytes.clone(), channel);
             }
         }

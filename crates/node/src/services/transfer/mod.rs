@@ -31,6 +31,7 @@ use crate::secure::parse_json;
 use crate::service::{
     Answer, Context, Inbound, Outcome, PeerEvent, Refused, RequestId, Route, Service,
 };
+use crate::services::card::CardCell;
 
 /// The `transfer_failed` code of an incoming transfer dropped for lack of progress.
 const EXPIRED: &str = "EXPIRED";
@@ -57,6 +58,8 @@ pub enum Command {
 /// Sends and receives chunked transfers.
 pub struct Transfers {
     config: TransferConfig,
+    /// The node's card, for the namespaces it accepts.
+    card: CardCell,
     /// Transfers this node sends, by receiver and transfer id.
     sending: HashMap<(EntityId, TransferId), Outgoing<Answerer<Delivered>>>,
     /// Transfers in `sending` not started yet, per receiver, oldest first.
@@ -97,11 +100,13 @@ fn min_deadline(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 impl Transfers {
-    /// A transfer service with `config`.
-    pub fn new(config: TransferConfig) -> Self {
+    /// A transfer service with `config`, taking transfers of the namespaced
+    /// types only if `card` accepts their namespace.
+    pub fn new(config: TransferConfig, card: CardCell) -> Self {
         Self {
             receiving: Reassembler::new(config.reassembly()),
             config,
+            card,
             sending: HashMap::new(),
             queued: HashMap::new(),
             parts: HashMap::new(),
@@ -329,6 +334,7 @@ impl Transfers {
             )
             .into());
         }
+        self.card.check_accepts(&m.msg_type)?;
         // The message it carries counts against its own class, as if it came whole.
         cx.charge(from, cx.class_of(&m.msg_type))?;
         let now = cx.now_ms();
