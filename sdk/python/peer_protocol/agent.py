@@ -127,9 +127,10 @@ class Agent:
             try:
                 self.run()
             except BaseException as e:  # noqa: B902 - reported to the caller
+                if self.ready.is_set():
+                    log.exception("the agent stopped")
                 errors.append(e)
                 self.ready.set()
-                raise
 
         thread = threading.Thread(target=target, name="peer-agent", daemon=True)
         thread.start()

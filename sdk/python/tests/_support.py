@@ -150,7 +150,7 @@ class FakeNode:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
 
@@ -184,6 +184,13 @@ class FakeNode:
             return eid
 
     def _stream(self, h: BaseHTTPRequestHandler, after: Optional[int]) -> None:
+        with self.cond:  # subscribed before the client sees the headers
+            self.streams_opened += 1
+            # history: unacked durable events after `after` (or all unacked)
+            floor = self.acked if after is None else max(after, 0)
+            backlog = [(eid, ev) for eid, ev in self.durable if eid > floor]
+            seen_seq = self.seq
+            drop_after = self.drop_after
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.send_header("Cache-Control", "no-cache")
@@ -195,19 +202,13 @@ class FakeNode:
             h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             h.wfile.flush()
 
-        with self.cond:
-            self.streams_opened += 1
-            # history: unacked durable events after `after` (or all unacked)
-            floor = self.acked if after is None else max(after, 0)
-            backlog = [(eid, ev) for eid, ev in self.durable if eid > floor]
-            seen_seq = self.seq
         sent = 0
         last_sent_durable = backlog[-1][0] if backlog else floor
         try:
             for eid, ev in backlog:
                 write(self._frame(eid, ev))
                 sent += 1
-                if self.drop_after is not None and sent >= self.drop_after:
+                if drop_after is not None and sent >= drop_after:
                     return
             while True:
                 with self.cond:
@@ -233,7 +234,7 @@ class FakeNode:
                     else:
                         write(self._frame(None, ev))
                     sent += 1
-                    if self.drop_after is not None and sent >= self.drop_after:
+                    if drop_after is not None and sent >= drop_after:
                         return
         except (BrokenPipeError, ConnectionResetError):
             return
