@@ -201,6 +201,7 @@ class EventStream:
         self._iter = None  # type: Optional[Iterator[Event]]
         self._ready = None  # type: Any  # a response opened by connect(), not yet read
         self._last_yielded = None  # type: Optional[int]
+        self._reading = False  # inside the read loop (which closes the connection itself)
 
     # -- public ----------------------------------------------------------
 
@@ -248,7 +249,12 @@ class EventStream:
                 if self._to_ack is None or self._to_ack < self._last_yielded:
                     self._to_ack = self._last_yielded
         self._flush_ack(quiet=True)
-        self._drop()
+        if self._reading:
+            # the reading thread (or the code this call interrupts, e.g. from a signal
+            # handler) closes the connection itself; waking it is enough
+            self._shutdown()
+        else:
+            self._drop()
 
     @property
     def closed(self) -> bool:
@@ -270,20 +276,24 @@ class EventStream:
                         self._to_ack = up_to
             # On close there is no later chance: the node delivers it again next time.
 
-    def _drop(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        sock = getattr(conn, "sock", None)
+    def _shutdown(self) -> None:
+        conn = self._conn
+        sock = getattr(conn, "sock", None) if conn is not None else None
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _drop(self) -> None:
+        self._shutdown()
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is None:
+            return
         try:
             conn.close()
-        except OSError:
+        except (OSError, RuntimeError):
             pass
 
     def _open(self) -> Any:
@@ -330,6 +340,7 @@ class EventStream:
                 return
             got_any = False
             lagged = False
+            self._reading = True
             try:
                 read = getattr(resp, "read1", None) or resp.read
                 while not self._closed:
@@ -359,6 +370,7 @@ class EventStream:
                 if self._closed:
                     return
             finally:
+                self._reading = False
                 self._drop()
             if self._closed:
                 return
