@@ -6,11 +6,8 @@
 //! library, so nothing is installed.
 //!
 //! The SDK's integration tests are grouped by node feature, one Python module each
-//! (`sdk/python/tests/test_node_<feature>.py`). [`NODE_FEATURES`] lists the features
-//! this node has; [`PENDING_FEATURES`] those of issue 8 still being built, whose tests
-//! were written against the spec. When a feature lands, move it from the second list
-//! to the first. `cargo test -p peer-cli --test python_sdk -- --ignored` runs the
-//! pending ones (expected to fail until then).
+//! (`sdk/python/tests/test_node_<feature>.py`); [`NODE_FEATURES`] lists them, and
+//! each must have a passing test.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -33,8 +30,6 @@ const NODE_FEATURES: &[&str] = &[
     "cards",
     "heartbeat",
 ];
-/// Issue 8 features not in this node yet; their tests run only with `--ignored`.
-const PENDING_FEATURES: &[&str] = &["tasks"];
 
 /// Time allowed for a node to start answering `/v1/health` with an address.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -286,15 +281,6 @@ fn python_sdk_tests_pass_against_two_nodes() {
     eprintln!("{output}");
 }
 
-#[test]
-#[ignore = "issue 8 features still being built (PENDING_FEATURES); expected to fail until they land"]
-fn python_sdk_tests_of_pending_features() {
-    let (tmp, _http, a, b) = two_nodes();
-    let mut all = NODE_FEATURES.to_vec();
-    all.extend_from_slice(PENDING_FEATURES);
-    eprintln!("{}", run_suite(&all, tmp.path(), &a, &b));
-}
-
 /// The example agent's standard output, line by line, killed when dropped.
 struct Script {
     child: Child,
@@ -414,12 +400,6 @@ fn python_example_agent_serves_on_a_real_node() {
         "{line}"
     );
 
-    if !NODE_FEATURES.contains(&"tasks") {
-        eprintln!(
-            "tasks are pending (PENDING_FEATURES): the delegation part of this test waits for them"
-        );
-        return;
-    }
     let text = "Peer Protocol connects agents. Each runs a node. Messages are signed.";
     let (code, stdout) = delegate(&a, &b, "summarise", &json!({"text": text}));
     assert_eq!(code, 0, "{stdout}");

@@ -33,9 +33,10 @@ impl MsgType {
     /// Namespaced types ([`MsgType::namespace`]) are application types too.
     /// Every other type is handled by the node itself (`wake_up` and
     /// `status_report` by its heartbeat service, which delivers them too; the
-    /// card messages by its card service) or refused with
+    /// card messages by its card service; the `task_*` messages by its tasks
+    /// service) or refused with
     /// `UNSUPPORTED_MSG_TYPE`.
-    pub const APPLICATION: [&'static str; 2] = ["message", "task_delegate"];
+    pub const APPLICATION: [&'static str; 1] = ["message"];
 
     /// Whether this type goes to the local agent: a built-in application type
     /// or a namespaced one.

@@ -33,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ApiConfig;
 use crate::inbox::{MAX_PAGE, Stored};
-use crate::node::{Event, NodeError, NodeHandle};
+use crate::node::{Event, NewTask, NodeError, NodeHandle, TaskChange};
 use crate::services::card::signed as card_signed;
 use crate::services::card::{CardContent, SignedCard};
+use crate::services::tasks::task::{Artifact, Role, State as TaskState};
 
 /// Bytes a `POST /v1/messages` body may take beyond its payload.
 const BODY_SLACK: usize = 64 * 1024;
@@ -116,6 +117,20 @@ pub fn router(
         .route("/v1/stats", get(stats))
         .route("/v1/inbox", get(inbox))
         .route("/v1/inbox/ack", axum::routing::post(ack))
+        .route("/v1/tasks", get(list_tasks).post(delegate))
+        .route("/v1/tasks/{task_id}", get(get_task))
+        .route(
+            "/v1/tasks/{task_id}/cancel",
+            axum::routing::post(cancel_task),
+        )
+        .route(
+            "/v1/tasks/{task_id}/status",
+            axum::routing::post(task_status),
+        )
+        .route(
+            "/v1/tasks/{task_id}/result",
+            axum::routing::post(task_result),
+        )
         .route("/v1/card", get(own_card).put(set_card))
         .route("/v1/peers/{entity_id}/card", get(peer_card))
         .route("/metrics", get(metrics))
@@ -196,7 +211,11 @@ impl From<NodeError> for ApiError {
             NodeError::Rejected { code, .. } if code == ErrorCode::MessageTooLarge.as_str() => {
                 (StatusCode::PAYLOAD_TOO_LARGE, code)
             }
+            NodeError::Rejected { code, .. } if code == ErrorCode::InvalidState.as_str() => {
+                (StatusCode::CONFLICT, code)
+            }
             NodeError::Rejected { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND".into()),
             NodeError::TooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::MessageTooLarge.as_str().into(),
@@ -607,6 +626,129 @@ async fn ack(
     let body: AckBody = parse_json(&read_body(&s, &headers, body).await?.0)?;
     let acked = s.node.ack(body.up_to).await?;
     Ok(Json(json!(acked)))
+}
+
+/// `POST /v1/tasks {"to","skill","input","deadline_s"?,"priority"?}` →
+/// `{"task_id"}`, once the task is stored.
+async fn delegate(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let new: NewTask = parse_json(&read_body(&s, &headers, body).await?.0)?;
+    let task = s.node.delegate(new).await?;
+    Ok(Json(json!({"task_id": task.task_id})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TasksQuery {
+    role: Option<Role>,
+    state: Option<String>,
+}
+
+/// `GET /v1/tasks?role=&state=` → `{"tasks": [...]}`.
+async fn list_tasks(
+    State(s): State<AppState>,
+    Query(q): Query<TasksQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let state = match q.state.as_deref() {
+        Some(name) => Some(TaskState::parse(name).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "state {name:?} is none of submitted, working, input-required, completed, failed, canceled, rejected"
+            ))
+        })?),
+        None => None,
+    };
+    let tasks = s.node.task_list(q.role, state).await?;
+    Ok(Json(json!({"tasks": tasks})))
+}
+
+/// `GET /v1/tasks/{id}`.
+async fn get_task(
+    State(s): State<AppState>,
+    Path(task_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!(s.node.task(task_id).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    message: Option<String>,
+}
+
+/// `POST /v1/tasks/{id}/cancel {"message"?}` (the body may be empty).
+async fn cancel_task(
+    State(s): State<AppState>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = read_body(&s, &headers, body).await?.0;
+    let message = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        parse_json::<CancelBody>(&body)?.message
+    };
+    let task = s
+        .node
+        .change_task(TaskChange::Cancel { task_id, message })
+        .await?;
+    Ok(Json(json!(task)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusBody {
+    state: String,
+    message: Option<String>,
+}
+
+/// `POST /v1/tasks/{id}/status {"state","message"?}`.
+async fn task_status(
+    State(s): State<AppState>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: StatusBody = parse_json(&read_body(&s, &headers, body).await?.0)?;
+    let state = TaskState::parse(&body.state).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "state {:?} is none of working, input-required, failed, rejected",
+            body.state
+        ))
+    })?;
+    let change = TaskChange::Status {
+        task_id,
+        state,
+        message: body.message,
+    };
+    Ok(Json(json!(s.node.change_task(change).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultBody {
+    output: serde_json::Value,
+    #[serde(default)]
+    artifacts: Vec<Artifact>,
+}
+
+/// `POST /v1/tasks/{id}/result {"output","artifacts"?}`.
+async fn task_result(
+    State(s): State<AppState>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: ResultBody = parse_json(&read_body(&s, &headers, body).await?.0)?;
+    let change = TaskChange::Complete {
+        task_id,
+        output: body.output,
+        artifacts: body.artifacts,
+    };
+    Ok(Json(json!(s.node.change_task(change).await?)))
 }
 
 async fn stats(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

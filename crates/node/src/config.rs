@@ -18,6 +18,7 @@ use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
 use crate::services::card::CardConfig;
 use crate::services::heartbeat::HeartbeatConfig;
+use crate::services::tasks::TasksConfig;
 use crate::transfer::TransferConfig;
 
 /// The whole node configuration.
@@ -44,6 +45,8 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     /// The capability card and application-defined message types.
     pub card: CardConfig,
+    /// Delegated tasks.
+    pub tasks: TasksConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -210,6 +213,7 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             card: CardConfig::default(),
+            tasks: TasksConfig::default(),
         }
     }
 }
@@ -410,6 +414,7 @@ impl Config {
             .validate(self.transfer.max_message_size)
             .map_err(ConfigError::Invalid)?;
         self.heartbeat.validate().map_err(ConfigError::Invalid)?;
+        self.tasks.validate().map_err(ConfigError::Invalid)?;
         let p = &self.protocol;
         for (key, secs) in [
             ("timestamp_tolerance_secs", p.timestamp_tolerance_secs),

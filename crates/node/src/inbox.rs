@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::node::Event;
-use crate::service::Refused;
+use crate::service::{Refused, ServiceId};
 use crate::store::{Store, StoreError};
 
 const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
@@ -183,8 +183,17 @@ pub struct InboxCounters {
     pub(crate) refused: Counter,
 }
 
+/// A write of a service's own records, run by the inbox writer in order with
+/// the events (so an event written after it finds it stored).
+pub type StoreOp = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send>;
+
 /// What the writer thread takes.
 enum Entry {
+    Write {
+        op: StoreOp,
+        /// Who is told once it is committed, and with what token.
+        done: Option<(ServiceId, u64)>,
+    },
     Append {
         event: Event,
         room: Room,
@@ -196,10 +205,12 @@ enum Entry {
     },
 }
 
-/// One batch, written: the answers it releases, or why it failed.
+/// One batch, written: the answers it releases and the services it tells,
+/// or why it failed.
 #[derive(Debug)]
 pub(crate) struct Committed {
     pub acks: Vec<AckId>,
+    pub done: Vec<(ServiceId, u64)>,
     pub result: Result<(), String>,
 }
 
@@ -330,6 +341,13 @@ impl Inbox {
         })
     }
 
+    /// Queues a write of a service's records; `done` names the service and
+    /// token told once it is committed (or failed).
+    pub(crate) fn write(&self, op: StoreOp, done: Option<(ServiceId, u64)>) {
+        // As for `append`.
+        _ = self.tx.send(Entry::Write { op, done });
+    }
+
     /// Queues a reserved event for the writer.
     pub(crate) fn append(&self, event: Event, room: Room, ack: Option<AckId>) {
         // Fails only when the writer thread is gone, which happens only as
@@ -447,6 +465,7 @@ impl Writer {
         let first_id = self.next_id;
         let mut appended = Vec::new();
         let mut acks = Vec::new();
+        let mut done = Vec::new();
         let mut replies = Vec::new();
         let mut freed = Vec::new();
         let result = (|| -> Result<(), StoreError> {
@@ -455,6 +474,10 @@ impl Writer {
                 let mut table = txn.open_table(INBOX)?;
                 for entry in batch {
                     match entry {
+                        Entry::Write { op, done: tell } => {
+                            op(&txn)?;
+                            done.extend(tell);
+                        }
                         Entry::Append {
                             mut event,
                             room,
@@ -521,9 +544,10 @@ impl Writer {
                 _ = self.events.send(event);
             }
         }
-        if !acks.is_empty() {
+        if !acks.is_empty() || !done.is_empty() {
             let committed = Committed {
                 acks,
+                done,
                 result: result.map_err(|e| e.to_string()),
             };
             // Fails only when the actor has stopped; nobody waits then.

@@ -31,6 +31,7 @@ use crate::secure::SessionView;
 use crate::service::{Erased, Routes, Service, ServiceHandle, ServiceId};
 use crate::services::card::{self, CardCell, CardContent, SignedCard};
 use crate::services::heartbeat::{self, Health, HealthView};
+use crate::services::tasks::{self, task::Task};
 use crate::services::{handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
 use crate::store::{PeerRecord, Store, Writer};
@@ -108,6 +109,14 @@ pub enum Event {
         /// Its new state.
         state: Health,
     },
+    /// A task changed (or arrived), on either side. Durable.
+    TaskUpdate {
+        /// Its id in the inbox, set once it is stored.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event_id: Option<u64>,
+        /// The task as it is now.
+        task: Box<Task>,
+    },
     /// A peer's capability card arrived (the first one known, or a newer one)
     /// and was verified.
     CardUpdated {
@@ -122,20 +131,20 @@ impl Event {
     /// Whether the event is kept in the inbox until the agent acknowledges it
     /// (else it is only published to the readers connected at the time).
     pub fn is_durable(&self) -> bool {
-        matches!(self, Self::Message { .. })
+        matches!(self, Self::Message { .. } | Self::TaskUpdate { .. })
     }
 
     /// Its id in the inbox, once stored.
     pub fn event_id(&self) -> Option<u64> {
         match self {
-            Self::Message { event_id, .. } => *event_id,
+            Self::Message { event_id, .. } | Self::TaskUpdate { event_id, .. } => *event_id,
             _ => None,
         }
     }
 
     /// Sets its id in the inbox.
     pub(crate) fn set_event_id(&mut self, id: u64) {
-        if let Self::Message { event_id, .. } = self {
+        if let Self::Message { event_id, .. } | Self::TaskUpdate { event_id, .. } = self {
             *event_id = Some(id);
         }
     }
@@ -144,6 +153,7 @@ impl Event {
     pub(crate) fn payload_len(&self) -> u64 {
         match self {
             Self::Message { payload, .. } => payload.as_str().len() as u64,
+            Self::TaskUpdate { task, .. } => task.size(),
             _ => 0,
         }
     }
@@ -178,6 +188,55 @@ pub struct PeerView {
     /// Its health, if the heartbeat service tracks it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthView>,
+}
+
+/// A task to hand to a peer.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    /// The assignee.
+    pub to: EntityId,
+    /// The skill asked for (one its card offers).
+    pub skill: String,
+    /// What the skill is given.
+    #[serde(default)]
+    pub input: serde_json::Value,
+    /// Seconds until it expires.
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
+    /// 0 to 9, higher first (default 5).
+    #[serde(default)]
+    pub priority: Option<u8>,
+}
+
+/// A change this node's agent makes to a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskChange {
+    /// The delegator calls it off.
+    Cancel {
+        /// The task.
+        task_id: String,
+        /// Why.
+        message: Option<String>,
+    },
+    /// The assignee reports `working`, `input-required`, `failed` or `rejected`.
+    Status {
+        /// The task.
+        task_id: String,
+        /// The new state.
+        state: tasks::task::State,
+        /// Why, or what is needed.
+        message: Option<String>,
+    },
+    /// The assignee completes it.
+    Complete {
+        /// The task.
+        task_id: String,
+        /// The output.
+        output: serde_json::Value,
+        /// Named outputs.
+        artifacts: Vec<tasks::task::Artifact>,
+    },
 }
 
 /// A reply envelope's content, as returned to the sender's agent.
@@ -221,6 +280,9 @@ pub enum NodeError {
         /// The limit.
         limit: u64,
     },
+    /// There is no such thing here (a task id this node does not know).
+    #[error("{0}")]
+    NotFound(String),
     /// No open connection to the entity.
     #[error("not connected to {0}; connect to one of its addresses first (POST /v1/peers)")]
     NotConnected(EntityId),
@@ -480,6 +542,86 @@ impl NodeHandle {
             .map_err(|e| NodeError::Transport(e.to_string()))
     }
 
+    fn tasks(&self) -> ServiceHandle<tasks::Tasks> {
+        self.builtin::<tasks::Tasks>()
+    }
+
+    /// Hands a task to `to`: answers the task once it is stored (it is sent
+    /// at once if `to` is connected, else when it connects).
+    pub async fn delegate(&self, new: NewTask) -> Result<Task, NodeError> {
+        let NewTask {
+            to,
+            skill,
+            input,
+            deadline_s,
+            priority,
+        } = new;
+        self.tasks()
+            .ask(|reply| tasks::Command::Delegate {
+                to,
+                skill,
+                input,
+                deadline_s,
+                priority,
+                reply,
+            })
+            .await?
+    }
+
+    /// One task, of either role.
+    pub async fn task(&self, task_id: String) -> Result<Task, NodeError> {
+        self.tasks()
+            .ask(|reply| tasks::Command::Get { task_id, reply })
+            .await?
+    }
+
+    /// The tasks of a role and state, if given: submitted ones by priority
+    /// (higher first) then age, others oldest first.
+    pub async fn task_list(
+        &self,
+        role: Option<tasks::task::Role>,
+        state: Option<tasks::task::State>,
+    ) -> Result<Vec<Task>, NodeError> {
+        self.tasks()
+            .ask(|reply| tasks::Command::List { role, state, reply })
+            .await
+    }
+
+    /// A task's change by this node's agent: `Cancel` as its delegator,
+    /// `Status` or `Complete` as its assignee. Answers the task once the
+    /// change is stored; `INVALID_STATE` if the change is not allowed.
+    pub async fn change_task(&self, change: TaskChange) -> Result<Task, NodeError> {
+        self.tasks()
+            .ask(|reply| match change {
+                TaskChange::Cancel { task_id, message } => tasks::Command::Cancel {
+                    task_id,
+                    message,
+                    reply,
+                },
+                TaskChange::Status {
+                    task_id,
+                    state,
+                    message,
+                } => tasks::Command::Status {
+                    task_id,
+                    state,
+                    message,
+                    reply,
+                },
+                TaskChange::Complete {
+                    task_id,
+                    output,
+                    artifacts,
+                } => tasks::Command::Complete {
+                    task_id,
+                    output,
+                    artifacts,
+                    reply,
+                },
+            })
+            .await?
+    }
+
     /// Addresses the node listens on.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
         self.ask(Command::ListenAddrs).await
@@ -674,6 +816,9 @@ impl Builder {
     /// ([`Config::check`]), two services own one message type, or the network
     /// cannot start.
     pub fn start(self) -> Result<NodeHandle, StartError> {
+        // The tasks service starts from what the database holds.
+        let tasks = tasks::Tasks::load(&self.store, self.config.tasks.clone(), self.card.clone())
+            .map_err(|e| StartError(format!("cannot load the tasks: {e}")))?;
         let Self {
             config,
             identity,
@@ -682,7 +827,7 @@ impl Builder {
             services,
             types,
             card,
-        } = self;
+        } = self.service(tasks);
         config.check().map_err(|e| StartError(e.to_string()))?;
         let routes = Routes::build(&services).map_err(StartError)?;
         let own = card::initial(&config, &identity, &store, routes.types(), clock.wall_ms())

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::{Command, Queued, Shared};
 use crate::config::Config;
-use crate::inbox::Delivery;
+use crate::inbox::{Delivery, StoreOp};
 use crate::node::{Event, NodeError};
 use crate::secure::{Released, Secure};
 use crate::stats::Stats;
@@ -311,6 +311,12 @@ pub trait Service: Send + 'static {
     fn on_peer_event(&mut self, cx: &mut Context<'_>, event: PeerEvent) {
         let _ = (cx, event);
     }
+
+    /// A write it asked for with [`Context::persist`] and a token was
+    /// committed (`Ok`) or failed.
+    fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>) {
+        let _ = (cx, token, result);
+    }
 }
 
 /// A service with its command type erased, as the actor holds it.
@@ -324,6 +330,7 @@ pub(crate) trait Erased: Send {
     fn poll_timeout(&self) -> Option<u64>;
     fn on_timeout(&mut self, cx: &mut Context<'_>);
     fn on_peer_event(&mut self, cx: &mut Context<'_>, event: PeerEvent);
+    fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>);
 }
 
 impl<S: Service> Erased for S {
@@ -357,6 +364,9 @@ impl<S: Service> Erased for S {
     }
     fn on_peer_event(&mut self, cx: &mut Context<'_>, event: PeerEvent) {
         Service::on_peer_event(self, cx, event);
+    }
+    fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>) {
+        Service::on_persisted(self, cx, token, result);
     }
 }
 
@@ -631,6 +641,14 @@ impl Context<'_> {
             _ => self.shared.deliver(delivery),
         }
         Ok(())
+    }
+
+    /// Writes records of the service's own to the node's database, on the
+    /// inbox writer's thread, in order with the events delivered after it: an
+    /// event delivered after this call is stored only once this write is.
+    /// With a token, [`Service::on_persisted`] tells when it is committed.
+    pub fn persist(&mut self, op: StoreOp, token: Option<u64>) {
+        self.shared.inbox.write(op, token.map(|t| (self.me, t)));
     }
 
     /// Takes one token of `class` from `peer`'s bucket; `RATE_LIMITED` with

@@ -14,6 +14,8 @@ def setUpModule():
     A, B = require_node("tasks")
     A_ID = A.health()["entity_id"]
     B_ID = B.health()["entity_id"]
+    # B's node takes tasks only for skills its card offers.
+    B.set_card("sdk-test-agent", skills=["manual", "summarise", "explode"])
 
 
 def assignee_task(task_id):

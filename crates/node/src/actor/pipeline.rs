@@ -290,9 +290,14 @@ impl Actor {
         Response::Refused(codec::Refusal::new(&r.rejection, message_id, r.retry_after))
     }
 
-    /// The inbox stored a batch (or failed to): the answers that waited for
-    /// it go out, or `UNAVAILABLE` if it failed.
+    /// The inbox stored a batch (or failed to): the services whose writes it
+    /// held are told, and the answers that waited for it go out, or
+    /// `UNAVAILABLE` if it failed.
     pub(super) fn on_committed(&mut self, c: Committed) {
+        for (service, token) in c.done {
+            let result = c.result.clone();
+            self.call(service, |s, cx| s.on_persisted(cx, token, result));
+        }
         for ack in c.acks {
             let Some(p) = self.pipeline.pending.remove(&ack) else {
                 continue;

@@ -5,4 +5,5 @@ pub mod handshake;
 pub mod heartbeat;
 pub mod messaging;
 pub mod ping;
+pub mod tasks;
 pub mod transfer;

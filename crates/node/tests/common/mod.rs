@@ -76,6 +76,16 @@ pub async fn start_node_in(
 pub async fn restart(node: TestNode, listen: &str, tune: impl FnOnce(&mut Config)) -> TestNode {
     let TestNode { handle, dir, .. } = node;
     drop(handle);
+    reopen(dir, listen, tune).await
+}
+
+/// Starts a node again in `dir` once the node that ran there has let go of
+/// its database.
+pub async fn reopen(
+    dir: tempfile::TempDir,
+    listen: &str,
+    tune: impl FnOnce(&mut Config),
+) -> TestNode {
     let db = dir.path().join(data_dir::DB_FILE);
     for _ in 0..500 {
         // The database is free once the stopped node has let go of it.

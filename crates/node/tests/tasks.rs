@@ -1,0 +1,396 @@
+//! Task delegation between real nodes on 127.0.0.1: the A2A lifecycle on both
+//! sides, rejection of a skill the card does not offer, cancel, illegal
+//! moves, deadlines, a repeated `task_delegate`, the bounded queue, and
+//! changes that wait for a peer that is gone (restarts of either side).
+
+use std::time::Duration;
+
+use peer_node::NodeError;
+use peer_node::node::{Event, NewTask, TaskChange};
+use peer_node::services::card::Skill;
+use peer_node::services::tasks::task::{Role, State, Task};
+use serde_json::json;
+
+mod common;
+use common::{RawPeer, TestNode, pair, restart, start_node_with, wait_connected};
+
+const TCP: &str = "/ip4/127.0.0.1/tcp/0";
+
+/// A node whose card offers `summarise`, retrying unsent changes every second.
+fn tune(c: &mut peer_node::Config) {
+    c.card.name = Some("worker".into());
+    c.card.skills = vec![Skill {
+        id: "summarise".into(),
+        name: "Summarise".into(),
+        description: "shortens text".into(),
+        tags: vec![],
+        input_modes: vec![],
+        output_modes: vec![],
+        examples: vec![],
+    }];
+    c.tasks.resend_secs = 1;
+}
+
+fn new_task(to: &TestNode, skill: &str) -> NewTask {
+    NewTask {
+        to: to.handle.entity_id(),
+        skill: skill.into(),
+        input: json!({"text": "the quick brown fox"}),
+        deadline_s: None,
+        priority: None,
+    }
+}
+
+/// Polls `node`'s copy of `task_id` until `done` holds (10 s at most).
+async fn wait_task(node: &TestNode, task_id: &str, done: impl Fn(&Task) -> bool) -> Task {
+    for _ in 0..1000 {
+        if let Ok(t) = node.handle.task(task_id.to_owned()).await
+            && done(&t)
+        {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "task {task_id} never got there: {:?}",
+        node.handle.task(task_id.to_owned()).await
+    )
+}
+
+async fn in_state(node: &TestNode, task_id: &str, state: State) -> Task {
+    wait_task(node, task_id, |t| t.state == state).await
+}
+
+async fn status(node: &TestNode, task_id: &str, state: State) -> Result<Task, NodeError> {
+    let change = TaskChange::Status {
+        task_id: task_id.into(),
+        state,
+        message: Some(format!("now {}", state.as_str())),
+    };
+    node.handle.change_task(change).await
+}
+
+async fn complete(node: &TestNode, task_id: &str) -> Result<Task, NodeError> {
+    let change = TaskChange::Complete {
+        task_id: task_id.into(),
+        output: json!({"summary": "quick fox"}),
+        artifacts: vec![],
+    };
+    node.handle.change_task(change).await
+}
+
+fn invalid_state(r: Result<Task, NodeError>) {
+    match r {
+        Err(NodeError::Rejected { code, .. }) => assert_eq!(code, "INVALID_STATE"),
+        other => panic!("expected INVALID_STATE, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_task_goes_through_its_lifecycle_and_both_sides_see_each_change() {
+    let (a, b) = pair(TCP, tune).await;
+    let mut a_events = a.handle.subscribe();
+    let mut b_events = b.handle.subscribe();
+    let mut new = new_task(&b, "summarise");
+    new.priority = Some(7);
+    let task = a.handle.delegate(new).await.expect("stored");
+    assert_eq!(
+        (task.role, task.state, task.priority),
+        (Role::Delegator, State::Submitted, 7)
+    );
+    let id = task.task_id.clone();
+
+    let theirs = in_state(&b, &id, State::Submitted).await;
+    assert_eq!(
+        (theirs.role, theirs.peer),
+        (Role::Assignee, a.handle.entity_id())
+    );
+    assert_eq!(theirs.input, json!({"text": "the quick brown fox"}));
+    let queue = b
+        .handle
+        .task_list(Some(Role::Assignee), Some(State::Submitted))
+        .await
+        .expect("list");
+    assert_eq!(
+        queue.iter().map(|t| &t.task_id).collect::<Vec<_>>(),
+        vec![&id]
+    );
+    assert!(
+        a.handle
+            .task_list(Some(Role::Assignee), None)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+
+    status(&b, &id, State::Working).await.expect("working");
+    in_state(&a, &id, State::Working).await;
+    status(&b, &id, State::InputRequired)
+        .await
+        .expect("input-required");
+    let asked = in_state(&a, &id, State::InputRequired).await;
+    assert_eq!(asked.message.as_deref(), Some("now input-required"));
+    status(&b, &id, State::Working)
+        .await
+        .expect("working again");
+    // (Changes made faster than the peer answers reach it as the latest one.)
+    in_state(&a, &id, State::Working).await;
+    let done = complete(&b, &id).await.expect("completed");
+    assert_eq!(done.state, State::Completed);
+    let seen = in_state(&a, &id, State::Completed).await;
+    assert_eq!(seen.output, Some(json!({"summary": "quick fox"})));
+
+    // A finished task changes no more.
+    invalid_state(status(&b, &id, State::Working).await);
+    invalid_state(
+        a.handle
+            .change_task(TaskChange::Cancel {
+                task_id: id.clone(),
+                message: None,
+            })
+            .await,
+    );
+
+    // Each side's agent heard every change, with event ids.
+    for (events, expected) in [
+        (
+            &mut a_events,
+            vec![
+                "submitted",
+                "working",
+                "input-required",
+                "working",
+                "completed",
+            ],
+        ),
+        (
+            &mut b_events,
+            vec![
+                "submitted",
+                "working",
+                "input-required",
+                "working",
+                "completed",
+            ],
+        ),
+    ] {
+        let mut states = Vec::new();
+        while states.len() < expected.len() {
+            let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .expect("in time")
+                .expect("event");
+            if let Event::TaskUpdate { event_id, task } = event
+                && task.task_id == id
+            {
+                assert!(event_id.is_some(), "stored before it is published");
+                states.push(task.state.as_str());
+            }
+        }
+        assert_eq!(states, expected);
+    }
+}
+
+#[tokio::test]
+async fn a_skill_the_card_does_not_offer_is_rejected_with_a_reason() {
+    let (a, b) = pair(TCP, tune).await;
+    let task = a
+        .handle
+        .delegate(new_task(&b, "translate"))
+        .await
+        .expect("stored");
+    let rejected = in_state(&a, &task.task_id, State::Rejected).await;
+    let reason = rejected.message.expect("a reason");
+    assert!(reason.contains("unknown skill \"translate\""), "{reason}");
+    assert!(
+        reason.contains("summarise"),
+        "names what is offered: {reason}"
+    );
+    assert!(
+        b.handle.task(task.task_id).await.is_err(),
+        "B keeps nothing"
+    );
+}
+
+#[tokio::test]
+async fn the_delegator_cancels_and_the_assignee_can_no_longer_complete() {
+    let (a, b) = pair(TCP, tune).await;
+    let id = a
+        .handle
+        .delegate(new_task(&b, "summarise"))
+        .await
+        .expect("stored")
+        .task_id;
+    in_state(&b, &id, State::Submitted).await;
+    let canceled = a
+        .handle
+        .change_task(TaskChange::Cancel {
+            task_id: id.clone(),
+            message: Some("changed my mind".into()),
+        })
+        .await
+        .expect("canceled");
+    assert_eq!(canceled.state, State::Canceled);
+    let theirs = in_state(&b, &id, State::Canceled).await;
+    assert_eq!(theirs.message.as_deref(), Some("changed my mind"));
+    invalid_state(complete(&b, &id).await);
+    // Only the delegator cancels, only the assignee reports.
+    invalid_state(status(&a, &id, State::Working).await);
+    match b.handle.task("no-such-task".into()).await {
+        Err(NodeError::NotFound(_)) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn deadlines_expire_tasks_on_both_sides() {
+    let (a, b) = pair(TCP, tune).await;
+    let mut new = new_task(&b, "summarise");
+    new.deadline_s = Some(1);
+    let id = a.handle.delegate(new).await.expect("stored").task_id;
+    in_state(&b, &id, State::Submitted).await;
+    let mine = in_state(&a, &id, State::Failed).await;
+    let theirs = in_state(&b, &id, State::Failed).await;
+    for t in [mine, theirs] {
+        assert_eq!(t.message.as_deref(), Some("the deadline passed"));
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_task_delegate_makes_one_task() {
+    let b = start_node_with(TCP, tune).await;
+    let to = b.handle.entity_id();
+    let mut raw = RawPeer::connect(&b.addr).await;
+    let mut session = raw.open_session(to).await;
+    let delegate = json!({
+        "task_id": "6f1c2a9e-1b2c-4d3e-8f40-5a6b7c8d9e0f",
+        "skill": "summarise",
+        "input": {"text": "x"},
+    })
+    .to_string();
+    for _ in 0..3 {
+        // Each copy is a new envelope (new nonce, next sequence number).
+        let response = raw
+            .request_sealed(&mut session, to, "task_delegate", delegate.as_bytes())
+            .await;
+        assert_eq!(
+            common::error_code(response),
+            None,
+            "answered with its state"
+        );
+    }
+    let tasks = b.handle.task_list(None, None).await.expect("list");
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].peer, raw.entity_id());
+    // The same id from another peer is not theirs to reuse.
+    let mut other = RawPeer::connect(&b.addr).await;
+    let mut other_session = other.open_session(to).await;
+    let code = other
+        .send_sealed(&mut other_session, to, "task_delegate", delegate.as_bytes())
+        .await;
+    assert_eq!(code.as_deref(), Some("INVALID_STATE"));
+    // A status for a task that is not the sender's is refused too.
+    let status = json!({"task_id": "6f1c2a9e-1b2c-4d3e-8f40-5a6b7c8d9e0f", "state": "working"});
+    let code = other
+        .send_sealed(
+            &mut other_session,
+            to,
+            "task_status",
+            status.to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(code.as_deref(), Some("INVALID_STATE"));
+}
+
+#[tokio::test]
+async fn the_incoming_queue_is_bounded_and_a_refused_delegation_is_sent_again() {
+    let (a, b) = pair(TCP, |c| {
+        tune(c);
+        c.tasks.max_submitted = 2;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for p in [1, 9, 5] {
+        let mut new = new_task(&b, "summarise");
+        new.priority = Some(p);
+        ids.push(a.handle.delegate(new).await.expect("stored").task_id);
+    }
+    in_state(&b, &ids[0], State::Submitted).await;
+    in_state(&b, &ids[1], State::Submitted).await;
+    // The third waits at A: B refused it INBOX_FULL, which A retries.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.handle.task(ids[2].clone()).await.is_err());
+    let waiting = a.handle.task(ids[2].clone()).await.expect("kept");
+    assert_eq!(
+        (waiting.state, waiting.peer_synced),
+        (State::Submitted, false)
+    );
+    // Served by priority: 9 before 1.
+    let queue = b
+        .handle
+        .task_list(Some(Role::Assignee), Some(State::Submitted))
+        .await
+        .expect("list");
+    assert_eq!(
+        queue.iter().map(|t| t.priority).collect::<Vec<_>>(),
+        vec![9, 1]
+    );
+    // Once B's agent takes one, the third arrives.
+    status(&b, &ids[1], State::Working).await.expect("working");
+    in_state(&b, &ids[2], State::Submitted).await;
+}
+
+#[tokio::test]
+async fn a_restarted_assignee_keeps_its_task_and_finishes_it() {
+    let (a, b) = pair(TCP, tune).await;
+    let id = a
+        .handle
+        .delegate(new_task(&b, "summarise"))
+        .await
+        .expect("stored")
+        .task_id;
+    in_state(&b, &id, State::Submitted).await;
+    status(&b, &id, State::Working).await.expect("working");
+    in_state(&a, &id, State::Working).await;
+
+    let b = restart(b, TCP, tune).await;
+    let kept = b
+        .handle
+        .task(id.clone())
+        .await
+        .expect("kept across the restart");
+    assert_eq!(kept.state, State::Working);
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    wait_connected(&b.handle, a.handle.entity_id()).await;
+    complete(&b, &id).await.expect("completed");
+    in_state(&a, &id, State::Completed).await;
+}
+
+#[tokio::test]
+async fn a_delegator_that_was_away_gets_the_result_when_it_is_back() {
+    let (a, b) = pair(TCP, tune).await;
+    let id = a
+        .handle
+        .delegate(new_task(&b, "summarise"))
+        .await
+        .expect("stored")
+        .task_id;
+    in_state(&b, &id, State::Submitted).await;
+    let a_id = a.handle.entity_id();
+    // A stops; B's agent completes the task meanwhile.
+    let common::TestNode { handle, dir, .. } = a;
+    drop(handle);
+    common::wait_disconnected(&b.handle, a_id).await;
+    complete(&b, &id).await.expect("completed");
+    let unsent = b.handle.task(id.clone()).await.expect("task");
+    assert!(!unsent.peer_synced, "A could not be told");
+
+    let a = common::reopen(dir, TCP, tune).await;
+    assert_eq!(a.handle.entity_id(), a_id);
+    let before = a.handle.task(id.clone()).await.expect("kept");
+    assert_eq!(before.state, State::Submitted);
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    let got = in_state(&a, &id, State::Completed).await;
+    assert_eq!(got.output, Some(json!({"summary": "quick fox"})));
+    wait_task(&b, &id, |t| t.peer_synced).await;
+}
