@@ -80,6 +80,42 @@ enum Command {
         /// The peer's entity id (64 hex digits).
         entity_id: String,
     },
+    /// Hand a task to a peer: prints its id, or with --wait the task once it
+    /// is finished (exit status 1 unless it completed).
+    Delegate {
+        /// The assignee's entity id (64 hex digits).
+        entity_id: String,
+        /// The skill, one the assignee's card offers.
+        skill: String,
+        /// The input, JSON: inline, `@FILE` or `-` for standard input.
+        input: String,
+        /// Seconds until the task expires.
+        #[arg(long, value_name = "SECS")]
+        deadline: Option<u64>,
+        /// 0 to 9, higher first (default 5).
+        #[arg(long)]
+        priority: Option<u8>,
+        /// Wait for the task to finish and print it.
+        #[arg(long)]
+        wait: bool,
+        /// Most seconds --wait waits.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// List tasks, of either side.
+    Tasks {
+        /// Only `delegator` (handed out) or `assignee` (taken) tasks.
+        #[arg(long)]
+        role: Option<String>,
+        /// Only tasks in this state (e.g. submitted, working, completed).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show one task.
+    Task {
+        /// Its id.
+        task_id: String,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -234,6 +270,58 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             let c = Client::new(&dir, cli.api_url.as_deref())?;
             print_json(out, &c.get(&format!("/v1/peers/{entity_id}/card"))?)
         }
+        Command::Delegate {
+            entity_id,
+            skill,
+            input,
+            deadline,
+            priority,
+            wait,
+            timeout,
+        } => {
+            let text = read_payload(input)?;
+            let input: Value = serde_json::from_str(&text)
+                .with_context(|| format!("the input {input:?} is not JSON"))?;
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            let mut body = serde_json::json!({"to": entity_id, "skill": skill, "input": input});
+            if let Some(d) = deadline {
+                body["deadline_s"] = (*d).into();
+            }
+            if let Some(p) = priority {
+                body["priority"] = (*p).into();
+            }
+            let created = c.post("/v1/tasks", &body)?;
+            if !wait {
+                return print_json(out, &created);
+            }
+            let id = created["task_id"].as_str().unwrap_or_default().to_owned();
+            let task = wait_for_task(&c, &id, std::time::Duration::from_secs(*timeout))?;
+            print_json(out, &task)?;
+            if task["state"] != "completed" {
+                bail!("task {id} ended {}", task["state"]);
+            }
+            Ok(())
+        }
+        Command::Tasks { role, state } => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            let mut query = Vec::new();
+            if let Some(r) = role {
+                query.push(format!("role={r}"));
+            }
+            if let Some(st) = state {
+                query.push(format!("state={st}"));
+            }
+            let path = if query.is_empty() {
+                "/v1/tasks".to_owned()
+            } else {
+                format!("/v1/tasks?{}", query.join("&"))
+            };
+            print_json(out, &c.get(&path)?)
+        }
+        Command::Task { task_id } => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            print_json(out, &c.get(&format!("/v1/tasks/{task_id}"))?)
+        }
         Command::Send {
             entity_id,
             msg_type,
@@ -256,6 +344,29 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             );
             print_json(out, &c.post_text("/v1/messages", body)?)
         }
+    }
+}
+
+/// Polls a task until it is finished (completed, failed, canceled or
+/// rejected), for at most `timeout`.
+fn wait_for_task(c: &Client, task_id: &str, timeout: std::time::Duration) -> Result<Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let task = c.get(&format!("/v1/tasks/{task_id}"))?;
+        let finished = ["completed", "failed", "canceled", "rejected"]
+            .iter()
+            .any(|s| task["state"] == *s);
+        if finished {
+            return Ok(task);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "task {task_id} is still {} after {} s",
+                task["state"],
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

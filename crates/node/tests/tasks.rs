@@ -243,6 +243,53 @@ async fn the_delegator_cancels_and_the_assignee_can_no_longer_complete() {
 }
 
 #[tokio::test]
+async fn a_task_or_result_too_large_for_one_envelope_is_refused_before_it_is_sent() {
+    let (a, b) = pair(TCP, tune).await;
+    let envelope = peer_node::Config::default().protocol.max_envelope_size;
+    let mut new = new_task(&b, "summarise");
+    new.input = json!({"text": "x".repeat(envelope)});
+    match a.handle.delegate(new).await {
+        Err(NodeError::TooLarge { size, limit }) => assert!(size > limit),
+        other => panic!("expected TooLarge, got {:?}", other.map(|t| t.task_id)),
+    }
+    assert!(
+        a.handle
+            .task_list(None, None)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    let id = a
+        .handle
+        .delegate(new_task(&b, "summarise"))
+        .await
+        .expect("stored")
+        .task_id;
+    in_state(&b, &id, State::Submitted).await;
+    let big = TaskChange::Complete {
+        task_id: id.clone(),
+        output: json!("y".repeat(envelope)),
+        artifacts: vec![],
+    };
+    let refused = b.handle.change_task(big).await.map(|t| t.state);
+    assert!(
+        matches!(refused, Err(NodeError::TooLarge { .. })),
+        "{refused:?}"
+    );
+    let long = TaskChange::Status {
+        task_id: id.clone(),
+        state: State::Failed,
+        message: Some("z".repeat(5000)),
+    };
+    let refused = b.handle.change_task(long).await.map(|t| t.state);
+    assert!(matches!(refused, Err(NodeError::Invalid(_))), "{refused:?}");
+    assert_eq!(
+        b.handle.task(id).await.expect("task").state,
+        State::Submitted
+    );
+}
+
+#[tokio::test]
 async fn deadlines_expire_tasks_on_both_sides() {
     let (a, b) = pair(TCP, tune).await;
     let mut new = new_task(&b, "summarise");

@@ -184,6 +184,41 @@ fn is_final_refusal(e: &NodeError) -> bool {
     }
 }
 
+/// Bytes an envelope takes beyond its payload, at most (header, session,
+/// AEAD tag), with room to spare.
+const ENVELOPE_OVERHEAD: usize = 1024;
+
+/// Longest status or cancel message, in bytes.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// `Invalid` for a status message longer than [`MAX_MESSAGE`].
+fn check_message(message: Option<&String>) -> Result<(), NodeError> {
+    match message {
+        Some(m) if m.len() > MAX_MESSAGE => Err(NodeError::Invalid(format!(
+            "a task's message is at most {MAX_MESSAGE} bytes, not {}",
+            m.len()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `TooLarge` if `message`, encoded, does not fit one envelope.
+fn fits(cx: &Context<'_>, message: &impl serde::Serialize) -> Result<(), NodeError> {
+    let size = serde_json::to_vec(message).map_or(usize::MAX, |b| b.len());
+    let limit = cx
+        .config()
+        .protocol
+        .max_envelope_size
+        .saturating_sub(ENVELOPE_OVERHEAD);
+    if size > limit {
+        return Err(NodeError::TooLarge {
+            size: size as u64,
+            limit: limit as u64,
+        });
+    }
+    Ok(())
+}
+
 impl Tasks {
     /// The tasks stored in `store`, served under `config`, checking skills
     /// against the node's own card in `card`.
@@ -620,6 +655,17 @@ impl Tasks {
             updated_ms: now,
             peer_synced: false,
         };
+        let on_the_wire = Delegate {
+            task_id: task.task_id.clone(),
+            skill: task.skill.clone(),
+            input: task.input.clone(),
+            priority: task.priority,
+            deadline_ms: task.deadline_ms,
+        };
+        if let Err(e) = fits(cx, &on_the_wire) {
+            _ = reply.send(Err(e));
+            return;
+        }
         if !self.make_room(cx, task.size()) {
             _ = reply.send(Err(NodeError::Busy(self.tasks.len())));
             return;
@@ -803,6 +849,19 @@ impl Service for Tasks {
     }
 
     fn on_command(&mut self, cx: &mut Context<'_>, command: Command) {
+        let message = match &command {
+            Command::Cancel { message, .. } | Command::Status { message, .. } => message.as_ref(),
+            _ => None,
+        };
+        if let Err(e) = check_message(message) {
+            match command {
+                Command::Cancel { reply, .. } | Command::Status { reply, .. } => {
+                    _ = reply.send(Err(e));
+                }
+                _ => {}
+            }
+            return;
+        }
         match command {
             c @ Command::Delegate { .. } => self.delegate(cx, c),
             Command::Get { task_id, reply } => {
@@ -849,12 +908,26 @@ impl Service for Tasks {
                 output,
                 artifacts,
                 reply,
-            } => self.local_change(cx, &task_id, Role::Assignee, reply, |t, now| {
+            } => {
+                let on_the_wire = TaskResult {
+                    task_id: task_id.clone(),
+                    output,
+                    artifacts,
+                };
+                if let Err(e) = fits(cx, &on_the_wire) {
+                    _ = reply.send(Err(e));
+                    return;
+                }
+                let TaskResult {
+                    output, artifacts, ..
+                } = on_the_wire;
+                self.local_change(cx, &task_id, Role::Assignee, reply, |t, now| {
                 let applied = t.apply(State::Completed, Actor::Assignee, None, now)?;
                 t.output = Some(output);
                 t.artifacts = artifacts;
                 Ok(applied)
-            }),
+            })
+            }
         }
     }
 
