@@ -205,7 +205,10 @@ impl From<NodeError> for ApiError {
             _ => None,
         };
         let (status, code) = match e {
-            NodeError::Rejected { code, .. } if code == ErrorCode::RateLimited.as_str() => {
+            NodeError::Rejected { code, .. }
+                if code == ErrorCode::RateLimited.as_str()
+                    || code == ErrorCode::InboxFull.as_str() =>
+            {
                 (StatusCode::TOO_MANY_REQUESTS, code)
             }
             NodeError::Rejected { code, .. } if code == ErrorCode::MessageTooLarge.as_str() => {
