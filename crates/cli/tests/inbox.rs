@@ -132,12 +132,13 @@ impl Events {
     }
 
     /// The id and `n` of the next `message` event. Other events (peers
-    /// connecting) are skipped; they must not carry an id.
+    /// connecting) are skipped; none of them is durable here (there are no
+    /// tasks), so none carries an id.
     fn next_message(&mut self) -> (u64, u64) {
         loop {
             let (id, event) = self.next();
             if event["type"] != "message" {
-                assert_eq!(id, None, "only messages are stored: {event}");
+                assert_eq!(id, None, "no other durable event: {event}");
                 continue;
             }
             let id = id.unwrap_or_else(|| panic!("a message without an SSE id: {event}"));
