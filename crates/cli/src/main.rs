@@ -67,6 +67,20 @@ enum Command {
         /// file (for payloads too large for a command line); `-` for standard input.
         payload: String,
     },
+    /// Show the durable events (messages) waiting in the node's inbox, oldest
+    /// first, or acknowledge them.
+    Inbox {
+        /// Show the events after this id (default: from the oldest waiting).
+        #[arg(long, value_name = "ID", conflicts_with = "ack")]
+        after: Option<u64>,
+        /// Most events to show, 1 to 1000 (default 100).
+        #[arg(long, value_name = "N", conflicts_with = "ack")]
+        limit: Option<u64>,
+        /// Acknowledge every event up to and including this id: the node
+        /// deletes them and serves them no more.
+        #[arg(long, value_name = "ID")]
+        ack: Option<u64>,
+    },
     /// Show this node's signed capability card, or set the agent's part of it.
     Card {
         /// A JSON file with the agent's part (name, description, version,
@@ -247,6 +261,27 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
                 out,
                 &c.post("/v1/peers", &serde_json::json!({ "addr": addr }))?,
             )
+        }
+        Command::Inbox { after, limit, ack } => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            let answer = match ack {
+                Some(up_to) => c.post("/v1/inbox/ack", &serde_json::json!({ "up_to": up_to }))?,
+                None => {
+                    let mut query = Vec::new();
+                    if let Some(after) = after {
+                        query.push(format!("after={after}"));
+                    }
+                    if let Some(limit) = limit {
+                        query.push(format!("limit={limit}"));
+                    }
+                    let mut path = "/v1/inbox".to_owned();
+                    if !query.is_empty() {
+                        path = format!("{path}?{}", query.join("&"));
+                    }
+                    c.get(&path)?
+                }
+            };
+            print_json(out, &answer)
         }
         Command::Card { set } => {
             let c = Client::new(&dir, cli.api_url.as_deref())?;

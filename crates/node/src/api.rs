@@ -1,6 +1,9 @@
-//! The local HTTP API (axum). Every route but `/v1/health` needs
+//! The local HTTP API (axum). Every route but `/v1/health`,
+//! `/v1/openapi.json` and `/.well-known/agent-card.json` needs
 //! `Authorization: Bearer <token>`, the token in `<data_dir>/api-token`.
-//! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`.
+//! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`. Every
+//! route is described in `openapi.json` beside this file (OpenAPI 3.1),
+//! served at `/v1/openapi.json`.
 //!
 //! Three caps bound what clients can make the API hold, each answered at once
 //! with `503 UNAVAILABLE` and `Retry-After: 1` rather than queued: requests
@@ -37,6 +40,9 @@ use crate::node::{Event, NewTask, NodeError, NodeHandle, TaskChange};
 use crate::services::card::signed as card_signed;
 use crate::services::card::{CardContent, SignedCard};
 use crate::services::tasks::task::{Artifact, Role, State as TaskState};
+
+/// The OpenAPI 3.1 description of every route of [`router`].
+const OPENAPI: &str = include_str!("openapi.json");
 
 /// Bytes a `POST /v1/messages` body may take beyond its payload.
 const BODY_SLACK: usize = 64 * 1024;
@@ -142,6 +148,9 @@ pub fn router(
         .route_layer(authorized);
     Router::new()
         .route("/v1/health", get(health))
+        // Documentation: the same for every node of this version, and as
+        // public as the source it comes from.
+        .route("/v1/openapi.json", get(openapi))
         // Public by nature (A2A tooling reads it without credentials), and
         // served only on the local API.
         .route("/.well-known/agent-card.json", get(agent_card))
@@ -384,6 +393,10 @@ async fn health(State(s): State<AppState>) -> Result<Json<serde_json::Value>, Ap
         "version": env!("CARGO_PKG_VERSION"),
         "protocol_version": peer_core::PROTOCOL_VERSION,
     })))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 #[derive(Deserialize)]

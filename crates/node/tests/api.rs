@@ -1,6 +1,8 @@
 //! The local API's caps and checks through the real router (`oneshot`
 //! requests): what is refused at each bound, and that room comes back when
-//! requests end.
+//! requests end; and that its OpenAPI description matches the router.
+
+use std::collections::BTreeSet;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -10,6 +12,7 @@ use futures::StreamExt;
 use peer_core::Identity;
 use peer_node::config::ApiConfig;
 use peer_node::net::codec::Response as WireResponse;
+use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -308,5 +311,121 @@ async fn a_payload_nested_too_deep_is_refused_400_before_it_is_sent() {
         let (status, body) = answer(send(payload).await).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
         assert_eq!(body["error"]["code"], "NOT_CONNECTED");
+    }
+}
+
+/// The paths the router serves: those of the `.route("…")` calls in its
+/// source.
+fn routed_paths() -> BTreeSet<&'static str> {
+    const SOURCE: &str = include_str!("../src/api.rs");
+    SOURCE
+        .split(".route(")
+        .skip(1)
+        .map(|rest| {
+            let path = rest.trim_start().strip_prefix('"').expect("a path literal");
+            &path[..path.find('"').expect("the path's closing quote")]
+        })
+        .collect()
+}
+
+/// Fails unless every `$ref` in `v` points at something in `doc`.
+fn check_refs(v: &Value, doc: &Value) {
+    match v {
+        Value::Object(fields) => {
+            if let Some(target) = fields.get("$ref") {
+                let pointer = target
+                    .as_str()
+                    .and_then(|t| t.strip_prefix('#'))
+                    .unwrap_or_else(|| panic!("a $ref within the document: {target}"));
+                assert!(doc.pointer(pointer).is_some(), "{target} resolves");
+            }
+            fields.values().for_each(|v| check_refs(v, doc));
+        }
+        Value::Array(items) => items.iter().for_each(|v| check_refs(v, doc)),
+        _ => {}
+    }
+}
+
+/// `path` with each `{parameter}` replaced by a value of the right form (64
+/// hex digits: an entity id, and an id the node does not know).
+fn sample(path: &str) -> String {
+    let mut out = String::new();
+    let mut rest = path;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..].find('}').expect("closing brace") + start;
+        out.push_str(&rest[..start]);
+        out.push_str(&"ab".repeat(32));
+        rest = &rest[end + 1..];
+    }
+    out + rest
+}
+
+#[tokio::test]
+async fn the_openapi_description_names_every_route_and_only_routes() {
+    let (_node, router) = node_and_api(ApiConfig::default(), |_| {}).await;
+    let unauthenticated = |method: &str, uri: &str| {
+        Request::builder()
+            .method(method.to_uppercase().as_str())
+            .uri(uri)
+            .body(Body::empty())
+            .expect("request")
+    };
+    let served = call(&router, unauthenticated("get", "/v1/openapi.json")).await;
+    assert_eq!(served.headers()[header::CONTENT_TYPE], "application/json");
+    let (status, doc) = answer(served).await;
+    assert_eq!(status, StatusCode::OK, "served without a token");
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    check_refs(&doc, &doc);
+    let paths = doc["paths"].as_object().expect("paths");
+
+    for path in routed_paths() {
+        assert!(
+            paths.contains_key(path),
+            "{path} is routed but not described"
+        );
+    }
+    for (path, item) in paths {
+        let uri = sample(path);
+        for method in ["get", "post", "put", "patch", "delete"] {
+            let mut req = unauthenticated(method, &uri);
+            req.headers_mut().insert(
+                header::AUTHORIZATION,
+                format!("Bearer {TOKEN}").parse().expect("header"),
+            );
+            let response = call(&router, req).await;
+            let status = response.status();
+            let Some(op) = item.get(method) else {
+                assert_eq!(
+                    status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is routed but not described"
+                );
+                continue;
+            };
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            if status == StatusCode::NOT_FOUND {
+                // The router's own 404 has an empty body; a handler's is an error.
+                let (_, body) = answer(response).await;
+                assert!(body["error"]["code"].is_string(), "{method} {path}: {body}");
+            }
+            let documented = |status: StatusCode| op["responses"].get(status.as_str()).is_some();
+            assert!(
+                documented(status),
+                "{method} {path}: {status} is not described"
+            );
+            // Public exactly where the description says so.
+            let without_token = call(&router, unauthenticated(method, &uri)).await.status();
+            let public = op["security"] == serde_json::json!([]);
+            assert_eq!(
+                without_token == StatusCode::UNAUTHORIZED,
+                !public,
+                "{method} {path} without a token: {without_token}"
+            );
+            assert!(
+                documented(without_token),
+                "{method} {path}: {without_token} is not described"
+            );
+        }
     }
 }

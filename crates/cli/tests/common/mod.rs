@@ -2,8 +2,16 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Time allowed for a node to come up.
+const STARTUP: Duration = Duration::from_secs(30);
+/// Interval between two looks at a node coming up.
+const POLL: Duration = Duration::from_millis(25);
 
 /// A `peer` command on `dir`, unaffected by the caller's `PEER_*` variables.
 pub fn peer_command(dir: &Path) -> Command {
@@ -39,4 +47,106 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
         .stderr(stderr)
         .spawn()
         .expect("spawn `peer run`")
+}
+
+/// A `peer run` child process, killed when dropped (also when the test panics).
+pub struct Node {
+    /// Its name in failure messages, and its directory's under the root.
+    pub name: &'static str,
+    /// Its data directory.
+    pub dir: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Node {
+    /// Starts `peer run` on `root/name` with free ports on 127.0.0.1 and
+    /// what `configure` adds (flags, variables), and waits until its API is
+    /// up (it has written `api.addr`).
+    pub fn start(root: &Path, name: &'static str, configure: impl FnOnce(&mut Command)) -> Self {
+        let dir = root.join(name);
+        let log = root.join(format!("{name}.stderr"));
+        // A killed node leaves its api.addr behind; the new one writes its own.
+        _ = std::fs::remove_file(dir.join("api.addr"));
+        let mut cmd = run_command(&dir);
+        configure(&mut cmd);
+        let child = spawn_logged(cmd, &log);
+        let mut node = Self {
+            name,
+            dir,
+            log,
+            child,
+        };
+        let deadline = Instant::now() + STARTUP;
+        // The file is written in one go; the newline shows it is complete.
+        while !std::fs::read_to_string(node.dir.join("api.addr")).is_ok_and(|t| t.ends_with('\n')) {
+            if let Ok(Some(status)) = node.child.try_wait() {
+                node.fail(&format!("exited early with {status}"));
+            }
+            if Instant::now() > deadline {
+                node.fail(&format!("its API did not come up within {STARTUP:?}"));
+            }
+            std::thread::sleep(POLL);
+        }
+        node
+    }
+
+    /// Fails the test with `what` and everything the node wrote to stderr.
+    pub fn fail(&self, what: &str) -> ! {
+        let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
+        panic!(
+            "node {}: {what}\n--- stderr of node {} ---\n{stderr}",
+            self.name, self.name
+        )
+    }
+
+    /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    /// Runs `peer ARGS` on this node's data directory; its JSON output.
+    pub fn cli(&self, args: &[&str]) -> Value {
+        let out = peer_command(&self.dir)
+            .args(args)
+            .output()
+            .expect("run `peer`");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            self.fail(&format!(
+                "`peer {}` exited with {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_str(&stdout).expect("JSON output")
+    }
+
+    /// Its entity id and first listen address.
+    pub fn id_and_addr(&self) -> (String, String) {
+        let status = self.cli(&["status"]);
+        let id = status["entity_id"].as_str().expect("entity_id").to_owned();
+        let addr = status["listen_addrs"][0].as_str().expect("addr").to_owned();
+        (id, addr)
+    }
+
+    /// The base URL of its API (`http://host:port`) and its API token.
+    pub fn api(&self) -> (String, String) {
+        let read = |file: &str| {
+            std::fs::read_to_string(self.dir.join(file))
+                .unwrap_or_else(|e| self.fail(&format!("cannot read {file}: {e}")))
+                .trim()
+                .to_owned()
+        };
+        (format!("http://{}", read("api.addr")), read("api-token"))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        _ = self.child.kill();
+        _ = self.child.wait();
+    }
 }
