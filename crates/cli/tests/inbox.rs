@@ -7,14 +7,14 @@
 //! `GET /v1/inbox` and `peer inbox` agree with it.
 
 use std::io::{BufRead, BufReader};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use reqwest::StatusCode;
-use reqwest::blocking::{Client, Response};
+use reqwest::blocking::Response;
 use serde_json::{Value, json};
 
 mod common;
-use common::Node;
+use common::{Api, Node, connect};
 
 /// Messages sent to B before it is killed.
 const SENT: u64 = 1000;
@@ -22,52 +22,8 @@ const SENT: u64 = 1000;
 const ACK_EVERY: u64 = 100;
 /// ...until it has acknowledged this many.
 const ACKED: u64 = 600;
-/// Time allowed for a request, and for reading a whole event stream.
-const STEP: Duration = Duration::from_secs(60);
 
-/// An agent's view of a node: its API, with the node's token.
-struct Api<'a> {
-    node: &'a Node,
-    http: Client,
-    base: String,
-    token: String,
-}
-
-impl<'a> Api<'a> {
-    fn new(node: &'a Node) -> Self {
-        let (base, token) = node.api();
-        let http = Client::builder().timeout(STEP).build().expect("client");
-        Self {
-            node,
-            http,
-            base,
-            token,
-        }
-    }
-
-    /// Sends `req` with the token; its JSON answer, which must be a 200.
-    fn call(&self, req: reqwest::blocking::RequestBuilder, what: &str) -> Value {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .unwrap_or_else(|e| self.node.fail(&format!("{what}: {e}")));
-        let status = resp.status();
-        let body = resp.text().unwrap_or_default();
-        if status != StatusCode::OK {
-            self.node.fail(&format!("{what}: HTTP {status}: {body}"));
-        }
-        serde_json::from_str(&body).expect("a JSON answer")
-    }
-
-    fn get(&self, path: &str) -> Value {
-        self.call(self.http.get(format!("{}{path}", self.base)), path)
-    }
-
-    fn post(&self, path: &str, body: &Value) -> Value {
-        let req = self.http.post(format!("{}{path}", self.base)).json(body);
-        self.call(req, path)
-    }
-
+impl Api<'_> {
     /// Sends the message `{"n": n}` to `to` and checks it was accepted.
     fn send(&self, to: &str, n: u64) {
         let body = json!({"to": to, "msg_type": "message", "payload": {"n": n}});
@@ -170,14 +126,6 @@ fn inbox(api: &Api, limit: usize) -> Vec<(u64, u64)> {
         after = page["next_after"].as_u64().expect("next_after");
         assert_eq!(Some(after), out.last().map(|&(id, _)| id), "{page}");
     }
-}
-
-/// A connects to B (at B's current address) and waits for it to show as
-/// connected.
-fn connect(a: &Api, b_addr: &str, b_id: &str) {
-    let peer = a.post("/v1/peers", &json!({ "addr": b_addr }));
-    assert_eq!(peer["entity_id"], b_id, "{peer}");
-    assert_eq!(peer["connected"], true, "{peer}");
 }
 
 #[test]

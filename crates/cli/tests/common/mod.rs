@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use reqwest::StatusCode;
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
 
 /// Time allowed for a node to come up.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -149,4 +151,66 @@ impl Drop for Node {
         _ = self.child.kill();
         _ = self.child.wait();
     }
+}
+
+/// Time allowed for one API request.
+const REQUEST: Duration = Duration::from_secs(60);
+
+/// An agent's view of a node: its API, with the node's token.
+pub struct Api<'a> {
+    /// The node.
+    pub node: &'a Node,
+    /// The HTTP client.
+    pub http: Client,
+    /// `http://host:port`.
+    pub base: String,
+    /// The API token.
+    pub token: String,
+}
+
+impl<'a> Api<'a> {
+    /// The API of `node`, as written in its data directory.
+    pub fn new(node: &'a Node) -> Self {
+        let (base, token) = node.api();
+        let http = Client::builder().timeout(REQUEST).build().expect("client");
+        Self {
+            node,
+            http,
+            base,
+            token,
+        }
+    }
+
+    /// Sends `req` with the token; its JSON answer, which must be a 200.
+    pub fn call(&self, req: reqwest::blocking::RequestBuilder, what: &str) -> Value {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .unwrap_or_else(|e| self.node.fail(&format!("{what}: {e}")));
+        let status = resp.status();
+        let body = resp.text().unwrap_or_default();
+        if status != StatusCode::OK {
+            self.node.fail(&format!("{what}: HTTP {status}: {body}"));
+        }
+        serde_json::from_str(&body).expect("a JSON answer")
+    }
+
+    /// `GET path`; its JSON answer, which must be a 200.
+    pub fn get(&self, path: &str) -> Value {
+        self.call(self.http.get(format!("{}{path}", self.base)), path)
+    }
+
+    /// `POST path` with `body`; its JSON answer, which must be a 200.
+    pub fn post(&self, path: &str, body: &Value) -> Value {
+        let req = self.http.post(format!("{}{path}", self.base)).json(body);
+        self.call(req, path)
+    }
+}
+
+/// A connects to B (at B's current address) and waits for it to show as
+/// connected.
+pub fn connect(a: &Api, b_addr: &str, b_id: &str) {
+    let peer = a.post("/v1/peers", &json!({ "addr": b_addr }));
+    assert_eq!(peer["entity_id"], b_id, "{peer}");
+    assert_eq!(peer["connected"], true, "{peer}");
 }

@@ -116,6 +116,9 @@ struct Syncing {
     /// The task's `updated_ms` when it was sent: a reply to an older change
     /// does not mark a newer one told.
     version: u64,
+    /// Whether it is the second try after the peer had lost the session it
+    /// was sealed in.
+    again: bool,
 }
 
 /// The tasks of both roles, and the changes on their way to peers.
@@ -324,6 +327,10 @@ impl Tasks {
 
     /// Sends the peer the task's latest change, unless one is on its way.
     fn sync(&mut self, cx: &mut Context<'_>, task_id: &str) {
+        self.sync_try(cx, task_id, false);
+    }
+
+    fn sync_try(&mut self, cx: &mut Context<'_>, task_id: &str, again: bool) {
         let Some(task) = self.tasks.get(task_id) else {
             return;
         };
@@ -384,6 +391,7 @@ impl Tasks {
             Syncing {
                 task_id: task_id.to_owned(),
                 version,
+                again,
             },
         );
     }
@@ -677,8 +685,18 @@ impl Tasks {
 
     /// The reply to a change sent to a peer.
     fn told(&mut self, cx: &mut Context<'_>, syncing: Syncing, outcome: Outcome) {
-        let Syncing { task_id, version } = syncing;
+        let Syncing {
+            task_id,
+            version,
+            again,
+        } = syncing;
         self.in_flight.remove(&task_id);
+        if outcome.lost_session() && !again {
+            // The peer restarted or dropped the session; the node has dropped
+            // it too, so this send runs a new handshake.
+            self.sync_try(cx, &task_id, true);
+            return;
+        }
         let Some(task) = self.tasks.get(&task_id).cloned() else {
             return;
         };

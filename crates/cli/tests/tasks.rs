@@ -1,0 +1,139 @@
+//! Delegated tasks across crashes, with real `peer run` processes on
+//! 127.0.0.1 and agents that use only the HTTP API: the assignee B is killed
+//! with SIGKILL while it works on a task, starts again on the same data
+//! directory, still has the task and finishes it; then the delegator A is
+//! killed while B works, B completes the task meanwhile, and A gets the
+//! result once it is back.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod common;
+use common::{Api, Node, connect};
+
+/// Time allowed for something to show up on a node.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `look` until it gives something (at most [`WAIT`]).
+fn wait_for<T>(what: &str, mut look: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(found) = look() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{what} within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `api`'s copy of the task once it is in `state`.
+fn task_in(api: &Api, task_id: &str, state: &str) -> Value {
+    let path = format!("/v1/tasks/{task_id}");
+    wait_for(&format!("{} sees {task_id} {state}", api.node.name), || {
+        let resp = api
+            .http
+            .get(format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .send()
+            .ok()?;
+        let task: Value = resp.json().ok()?;
+        (task["state"] == state).then_some(task)
+    })
+}
+
+/// B's card offers `summarise`.
+fn offer_summarise(b: &Node, root: &std::path::Path) {
+    let card = root.join("card.json");
+    let content = json!({"name": "b", "skills": [{"id": "summarise", "name": "Summarise"}]});
+    std::fs::write(&card, content.to_string()).expect("card file");
+    let card_path = card.to_str().expect("utf-8 path");
+    b.cli(&["card", "--set", card_path]);
+}
+
+fn delegate(a: &Api, b_id: &str, text: &str) -> String {
+    let body = json!({"to": b_id, "skill": "summarise", "input": {"text": text}});
+    let answer = a.post("/v1/tasks", &body);
+    answer["task_id"].as_str().expect("task_id").to_owned()
+}
+
+#[test]
+fn tasks_survive_sigkill_of_either_side() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut a = Node::start(root.path(), "a", |_| {});
+    let mut b = Node::start(root.path(), "b", |_| {});
+    offer_summarise(&b, root.path());
+    let (b_id, b_addr) = b.id_and_addr();
+    {
+        let api_a = Api::new(&a);
+        let api_b = Api::new(&b);
+        connect(&api_a, &b_addr, &b_id);
+
+        // B's agent takes a task and starts on it; then B is killed.
+        let first = delegate(&api_a, &b_id, "the quick brown fox");
+        task_in(&api_b, &first, "submitted");
+        api_b.post(
+            &format!("/v1/tasks/{first}/status"),
+            &json!({"state": "working"}),
+        );
+        task_in(&api_a, &first, "working");
+        b.kill();
+    }
+    drop(b);
+    let b = Node::start(root.path(), "b", |_| {});
+    let (_, b_addr) = b.id_and_addr();
+    let api_b = Api::new(&b);
+    {
+        let api_a = Api::new(&a);
+        // B kept the task and finishes it once A is connected again.
+        let first = wait_for("B's one task", || {
+            let tasks = api_b.get("/v1/tasks?role=assignee");
+            tasks["tasks"][0]["task_id"].as_str().map(str::to_owned)
+        });
+        assert_eq!(api_b.get(&format!("/v1/tasks/{first}"))["state"], "working");
+        connect(&api_a, &b_addr, &b_id);
+        api_b.post(
+            &format!("/v1/tasks/{first}/result"),
+            &json!({"output": {"summary": "quick fox"}}),
+        );
+        let done = task_in(&api_a, &first, "completed");
+        assert_eq!(done["output"], json!({"summary": "quick fox"}), "{done}");
+
+        // A second task: A is killed while B works on it.
+        let second = delegate(&api_a, &b_id, "jumps over the lazy dog");
+        task_in(&api_b, &second, "submitted");
+        api_b.post(
+            &format!("/v1/tasks/{second}/status"),
+            &json!({"state": "working"}),
+        );
+        task_in(&api_a, &second, "working");
+        a.kill();
+        // B completes it while A is gone: A cannot be told yet.
+        let unsent = api_b.post(
+            &format!("/v1/tasks/{second}/result"),
+            &json!({"output": {"summary": "lazy dog"}}),
+        );
+        assert_eq!(unsent["state"], "completed", "{unsent}");
+        let waiting = wait_for("B to notice A is gone", || {
+            let t = api_b.get(&format!("/v1/tasks/{second}"));
+            (t["peer_synced"] == false).then_some(t)
+        });
+        assert_eq!(waiting["state"], "completed");
+    }
+    drop(a);
+    let a = Node::start(root.path(), "a", |_| {});
+    let api_a = Api::new(&a);
+    let tasks = api_a.get("/v1/tasks?role=delegator&state=working");
+    assert_eq!(tasks["tasks"].as_array().map(Vec::len), Some(1), "{tasks}");
+    let second = tasks["tasks"][0]["task_id"]
+        .as_str()
+        .expect("task_id")
+        .to_owned();
+    // Once A is connected again, B tells it.
+    connect(&api_a, &b_addr, &b_id);
+    let got = task_in(&api_a, &second, "completed");
+    assert_eq!(got["output"], json!({"summary": "lazy dog"}), "{got}");
+    wait_for("B to see A was told", || {
+        (api_b.get(&format!("/v1/tasks/{second}"))["peer_synced"] == true).then_some(())
+    });
+}
