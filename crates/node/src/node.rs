@@ -31,6 +31,7 @@ use crate::secure::SessionView;
 use crate::service::{Erased, Routes, Service, ServiceHandle, ServiceId};
 use crate::services::card::{self, CardCell, CardContent, SignedCard};
 use crate::services::heartbeat::{self, Health, HealthView};
+pub use crate::services::tasks::task::NewTask;
 use crate::services::tasks::{self, task::Task};
 use crate::services::{handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
@@ -128,6 +129,22 @@ pub enum Event {
 }
 
 impl Event {
+    /// An application message for the agent, not yet stored.
+    pub fn message(
+        message_id: impl ToString,
+        from: EntityId,
+        msg_type: impl ToString,
+        payload: RawJson,
+    ) -> Self {
+        Self::Message {
+            event_id: None,
+            message_id: message_id.to_string(),
+            from,
+            msg_type: msg_type.to_string(),
+            payload,
+        }
+    }
+
     /// Whether the event is kept in the inbox until the agent acknowledges it
     /// (else it is only published to the readers connected at the time).
     pub fn is_durable(&self) -> bool {
@@ -188,25 +205,6 @@ pub struct PeerView {
     /// Its health, if the heartbeat service tracks it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthView>,
-}
-
-/// A task to hand to a peer.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewTask {
-    /// The assignee.
-    pub to: EntityId,
-    /// The skill asked for (one its card offers).
-    pub skill: String,
-    /// What the skill is given.
-    #[serde(default)]
-    pub input: serde_json::Value,
-    /// Seconds until it expires.
-    #[serde(default)]
-    pub deadline_s: Option<u64>,
-    /// 0 to 9, higher first (default 5).
-    #[serde(default)]
-    pub priority: Option<u8>,
 }
 
 /// A change this node's agent makes to a task.
@@ -548,23 +546,9 @@ impl NodeHandle {
 
     /// Hands a task to `to`: answers the task once it is stored (it is sent
     /// at once if `to` is connected, else when it connects).
-    pub async fn delegate(&self, new: NewTask) -> Result<Task, NodeError> {
-        let NewTask {
-            to,
-            skill,
-            input,
-            deadline_s,
-            priority,
-        } = new;
+    pub async fn delegate(&self, task: NewTask) -> Result<Task, NodeError> {
         self.tasks()
-            .ask(|reply| tasks::Command::Delegate {
-                to,
-                skill,
-                input,
-                deadline_s,
-                priority,
-                reply,
-            })
+            .ask(|reply| tasks::Command::Delegate { task, reply })
             .await?
     }
 

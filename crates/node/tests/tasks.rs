@@ -57,6 +57,18 @@ async fn wait_task(node: &TestNode, task_id: &str, done: impl Fn(&Task) -> bool)
     )
 }
 
+/// A `summarise` task from `a` to `b`, once `b` has it.
+async fn delegated(a: &TestNode, b: &TestNode) -> String {
+    let id = a
+        .handle
+        .delegate(new_task(b, "summarise"))
+        .await
+        .expect("stored")
+        .task_id;
+    in_state(b, &id, State::Submitted).await;
+    id
+}
+
 async fn in_state(node: &TestNode, task_id: &str, state: State) -> Task {
     wait_task(node, task_id, |t| t.state == state).await
 }
@@ -215,13 +227,7 @@ async fn a_skill_the_card_does_not_offer_is_rejected_with_a_reason() {
 #[tokio::test]
 async fn the_delegator_cancels_and_the_assignee_can_no_longer_complete() {
     let (a, b) = pair(TCP, tune).await;
-    let id = a
-        .handle
-        .delegate(new_task(&b, "summarise"))
-        .await
-        .expect("stored")
-        .task_id;
-    in_state(&b, &id, State::Submitted).await;
+    let id = delegated(&a, &b).await;
     let canceled = a
         .handle
         .change_task(TaskChange::Cancel {
@@ -259,13 +265,7 @@ async fn a_task_or_result_too_large_for_one_envelope_is_refused_before_it_is_sen
             .expect("list")
             .is_empty()
     );
-    let id = a
-        .handle
-        .delegate(new_task(&b, "summarise"))
-        .await
-        .expect("stored")
-        .task_id;
-    in_state(&b, &id, State::Submitted).await;
+    let id = delegated(&a, &b).await;
     let big = TaskChange::Complete {
         task_id: id.clone(),
         output: json!("y".repeat(envelope)),
@@ -390,13 +390,7 @@ async fn the_incoming_queue_is_bounded_and_a_refused_delegation_is_sent_again() 
 #[tokio::test]
 async fn a_restarted_assignee_keeps_its_task_and_finishes_it() {
     let (a, b) = pair(TCP, tune).await;
-    let id = a
-        .handle
-        .delegate(new_task(&b, "summarise"))
-        .await
-        .expect("stored")
-        .task_id;
-    in_state(&b, &id, State::Submitted).await;
+    let id = delegated(&a, &b).await;
     status(&b, &id, State::Working).await.expect("working");
     in_state(&a, &id, State::Working).await;
 
@@ -416,13 +410,7 @@ async fn a_restarted_assignee_keeps_its_task_and_finishes_it() {
 #[tokio::test]
 async fn a_delegator_that_was_away_gets_the_result_when_it_is_back() {
     let (a, b) = pair(TCP, tune).await;
-    let id = a
-        .handle
-        .delegate(new_task(&b, "summarise"))
-        .await
-        .expect("stored")
-        .task_id;
-    in_state(&b, &id, State::Submitted).await;
+    let id = delegated(&a, &b).await;
     let a_id = a.handle.entity_id();
     // A stops; B's agent completes the task meanwhile.
     let common::TestNode { handle, dir, .. } = a;

@@ -118,13 +118,7 @@ impl Service for Messaging {
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {
         match parse_json(msg.payload, cx.config().protocol.max_json_depth) {
             Ok(payload) => {
-                let event = Event::Message {
-                    event_id: None,
-                    message_id: msg.message_id.to_string(),
-                    from: msg.from,
-                    msg_type: msg.msg_type.to_string(),
-                    payload,
-                };
+                let event = Event::message(msg.message_id, msg.from, &msg.msg_type, payload);
                 match cx.deliver(event) {
                     Ok(()) => Answer::Accepted,
                     Err(full) => full.into(),

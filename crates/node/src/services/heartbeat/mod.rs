@@ -176,13 +176,7 @@ impl Heartbeat {
             Ok(p) => p,
             Err(r) => return r.into(),
         };
-        let event = Event::Message {
-            event_id: None,
-            message_id: msg.message_id.to_string(),
-            from: msg.from,
-            msg_type: msg.msg_type.to_string(),
-            payload,
-        };
+        let event = Event::message(msg.message_id, msg.from, &msg.msg_type, payload);
         if let Err(full) = cx.deliver(event) {
             return full.into();
         }
@@ -227,13 +221,7 @@ impl Heartbeat {
             received_ms: cx.wall_ms(),
             payload: kept,
         };
-        let event = Event::Message {
-            event_id: None,
-            message_id: msg.message_id.to_string(),
-            from: msg.from,
-            msg_type: msg.msg_type.to_string(),
-            payload,
-        };
+        let event = Event::message(msg.message_id, msg.from, &msg.msg_type, payload);
         if let Err(full) = cx.deliver(event) {
             return full.into();
         }

@@ -31,7 +31,9 @@ use crate::services::card::CardCell;
 use crate::store::{Store, StoreError};
 
 pub use config::TasksConfig;
-use task::{Actor, Applied, Artifact, Cancel, Delegate, Role, State, Status, Task, TaskResult};
+use task::{
+    Actor, Applied, Artifact, Cancel, Delegate, NewTask, Role, State, Status, Task, TaskResult,
+};
 
 /// `task_delegate`.
 pub const DELEGATE: &str = "task_delegate";
@@ -45,18 +47,10 @@ pub const CANCEL: &str = "task_cancel";
 /// What the tasks service takes from handles (the API).
 #[derive(Debug)]
 pub enum Command {
-    /// A new task for `to`; answered once it is stored.
+    /// A new task; answered once it is stored.
     Delegate {
-        /// The assignee.
-        to: EntityId,
-        /// The skill.
-        skill: String,
-        /// Its input.
-        input: Value,
-        /// Seconds until it expires.
-        deadline_s: Option<u64>,
-        /// 0 to 9 (default 5).
-        priority: Option<u8>,
+        /// What the agent asks for.
+        task: NewTask,
         /// Where the task goes.
         reply: Answerer<Task>,
     },
@@ -479,9 +473,10 @@ impl Tasks {
             )
             .into();
         }
+        let task_id = d.task_id.clone();
         let status = |state: State, message: Option<String>| {
             let s = Status {
-                task_id: d.task_id.clone(),
+                task_id: task_id.clone(),
                 state,
                 message,
             };
@@ -543,22 +538,7 @@ impl Tasks {
                 Some("its deadline had passed when it arrived".into()),
             );
         }
-        let task = Task {
-            task_id: d.task_id.clone(),
-            role: Role::Assignee,
-            peer: from,
-            skill: d.skill.clone(),
-            input: d.input.clone(),
-            priority: d.priority,
-            deadline_ms: d.deadline_ms,
-            state: State::Submitted,
-            message: None,
-            output: None,
-            artifacts: Vec::new(),
-            created_ms: now,
-            updated_ms: now,
-            peer_synced: true,
-        };
+        let task = Task::submitted(d, Role::Assignee, from, now);
         let wait = std::time::Duration::from_secs(self.config.retry_after_secs);
         if self.submitted() >= self.config.max_submitted || !self.make_room(cx, task.size()) {
             return Refused {
@@ -622,18 +602,14 @@ impl Tasks {
         self.next_token
     }
 
-    fn delegate(&mut self, cx: &mut Context<'_>, command: Command) {
-        let Command::Delegate {
+    fn delegate(&mut self, cx: &mut Context<'_>, new: NewTask, reply: Answerer<Task>) {
+        let NewTask {
             to,
             skill,
             input,
             deadline_s,
             priority,
-            reply,
-        } = command
-        else {
-            return;
-        };
+        } = new;
         if skill.is_empty()
             || skill.len() > 128
             || priority.is_some_and(|p| p > 9)
@@ -645,35 +621,20 @@ impl Tasks {
             return;
         }
         let now = cx.wall_ms();
-        let task = Task {
+        let on_the_wire = Delegate {
             task_id: uuid::Builder::from_random_bytes(rand::random())
                 .into_uuid()
                 .to_string(),
-            role: Role::Delegator,
-            peer: to,
             skill,
             input,
             priority: priority.unwrap_or_else(task::default_priority),
             deadline_ms: deadline_s.map(|s| now.saturating_add(s.saturating_mul(1000))),
-            state: State::Submitted,
-            message: None,
-            output: None,
-            artifacts: Vec::new(),
-            created_ms: now,
-            updated_ms: now,
-            peer_synced: false,
-        };
-        let on_the_wire = Delegate {
-            task_id: task.task_id.clone(),
-            skill: task.skill.clone(),
-            input: task.input.clone(),
-            priority: task.priority,
-            deadline_ms: task.deadline_ms,
         };
         if let Err(e) = fits(cx, &on_the_wire) {
             _ = reply.send(Err(e));
             return;
         }
+        let task = Task::submitted(on_the_wire, Role::Delegator, to, now);
         if !self.make_room(cx, task.size()) {
             _ = reply.send(Err(NodeError::Busy(self.tasks.len())));
             return;
@@ -881,7 +842,7 @@ impl Service for Tasks {
             return;
         }
         match command {
-            c @ Command::Delegate { .. } => self.delegate(cx, c),
+            Command::Delegate { task, reply } => self.delegate(cx, task, reply),
             Command::Get { task_id, reply } => {
                 _ = reply.send(self.tasks.get(&task_id).cloned().ok_or_else(|| not_found(&task_id)));
             }

@@ -27,6 +27,17 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in lifecycle order.
+    pub const ALL: [Self; 7] = [
+        Self::Submitted,
+        Self::Working,
+        Self::InputRequired,
+        Self::Completed,
+        Self::Failed,
+        Self::Canceled,
+        Self::Rejected,
+    ];
+
     /// Whether the task can change no more.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -50,17 +61,7 @@ impl State {
 
     /// Parses a state name.
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Submitted,
-            Self::Working,
-            Self::InputRequired,
-            Self::Completed,
-            Self::Failed,
-            Self::Canceled,
-            Self::Rejected,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
@@ -161,6 +162,29 @@ pub enum Applied {
 }
 
 impl Task {
+    /// A new task in state `submitted`, as `delegate` describes it, on this
+    /// node's side `role` with `peer`, created at `now_ms`.
+    pub fn submitted(delegate: Delegate, role: Role, peer: EntityId, now_ms: u64) -> Self {
+        Self {
+            task_id: delegate.task_id,
+            role,
+            peer,
+            skill: delegate.skill,
+            input: delegate.input,
+            priority: delegate.priority,
+            deadline_ms: delegate.deadline_ms,
+            state: State::Submitted,
+            message: None,
+            output: None,
+            artifacts: Vec::new(),
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            // The assignee answers the delegation with the state it took the
+            // task in: it has nothing to tell the delegator yet.
+            peer_synced: role == Role::Assignee,
+        }
+    }
+
     /// Moves the task to `to` at `now_ms` if `actor` may, with `message`.
     /// `INVALID_STATE` otherwise.
     pub fn apply(
@@ -247,6 +271,25 @@ pub struct Delegate {
     pub deadline_ms: Option<u64>,
 }
 
+/// A task to hand to a peer, as the agent asks for it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    /// The assignee.
+    pub to: EntityId,
+    /// The skill asked for (one its card offers).
+    pub skill: String,
+    /// What the skill is given.
+    #[serde(default)]
+    pub input: Value,
+    /// Seconds until it expires.
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
+    /// 0 to 9, higher first (default 5).
+    #[serde(default)]
+    pub priority: Option<u8>,
+}
+
 /// The default priority.
 pub fn default_priority() -> u8 {
     5
@@ -295,15 +338,7 @@ mod tests {
     use super::*;
     use State::*;
 
-    const ALL: [State; 7] = [
-        Submitted,
-        Working,
-        InputRequired,
-        Completed,
-        Failed,
-        Canceled,
-        Rejected,
-    ];
+    const ALL: [State; 7] = State::ALL;
 
     fn task(state: State) -> Task {
         Task {

@@ -438,13 +438,7 @@ impl Transfers {
                             };
                             Self::inbound_progress(cx, from, tid, done);
                         }
-                        let message = Event::Message {
-                            event_id: None,
-                            message_id: tid.to_string(),
-                            from,
-                            msg_type: msg_type.to_string(),
-                            payload,
-                        };
+                        let message = Event::message(tid, from, &msg_type, payload);
                         if let Err(full) = cx.deliver(message) {
                             // The whole message is dropped; its sender's
                             // transfer fails with INBOX_FULL and may start
