@@ -79,6 +79,11 @@ pub struct Route {
     pub sealing: Sealing,
     /// When it is charged.
     pub charge: Charge,
+    /// Whether it may also arrive as a chunked transfer (PROTOCOL.md section
+    /// 9) when it does not fit one envelope: the transfer service takes a
+    /// manifest of this type and hands the reassembled message to this
+    /// route's service (see [`Context::send_message`]).
+    pub large: bool,
 }
 
 impl Route {
@@ -92,6 +97,7 @@ impl Route {
             class,
             sealing: Sealing::Plain,
             charge: Charge::OnArrival,
+            large: false,
         }
     }
 
@@ -110,6 +116,15 @@ impl Route {
     pub fn charged_by_service(self) -> Self {
         Self {
             charge: Charge::ByService,
+            ..self
+        }
+    }
+
+    /// The same route, taking messages too large for one envelope as chunked
+    /// transfers.
+    pub fn large(self) -> Self {
+        Self {
+            large: true,
             ..self
         }
     }
@@ -377,6 +392,7 @@ pub(crate) struct Routed {
     pub class: Class,
     pub sealing: Sealing,
     pub charge: Charge,
+    pub large: bool,
 }
 
 /// The one table from message type to service, rate class and sealing rule:
@@ -407,6 +423,7 @@ impl Routes {
                     class: n.default_class,
                     sealing: n.sealing,
                     charge: Charge::OnArrival,
+                    large: false,
                 };
                 namespaced = Some((routed, n));
             }
@@ -424,6 +441,7 @@ impl Routes {
                     class: route.class,
                     sealing: route.sealing,
                     charge: route.charge,
+                    large: route.large,
                 };
                 by_type.insert(route.msg_type, routed);
             }
@@ -479,6 +497,12 @@ impl Routes {
         self.get(msg_type).map_or(Class::Task, |r| r.class)
     }
 
+    /// Whether `msg_type` is a type a route names that may arrive as a
+    /// chunked transfer ([`Route::large`]).
+    pub fn takes_large(&self, msg_type: &MsgType) -> bool {
+        self.by_type.get(msg_type).is_some_and(|r| r.large)
+    }
+
     /// The service that owns `msg_type`.
     pub fn owner(&self, msg_type: &str) -> Option<ServiceId> {
         let t: MsgType = msg_type.parse().ok()?;
@@ -498,6 +522,18 @@ pub(crate) struct SendRequest {
     pub metered: bool,
 }
 
+/// A message a service asked to send as a chunked transfer
+/// ([`Context::send_message`]), for the transfer service to run on its behalf.
+#[derive(Debug)]
+pub struct TransferRequest {
+    /// The service that sent it, and its request id.
+    pub(crate) owner: ServiceId,
+    pub(crate) id: RequestId,
+    pub(crate) to: EntityId,
+    pub(crate) msg_type: MsgType,
+    pub(crate) payload: Vec<u8>,
+}
+
 /// What services asked for, run by the actor once the service has returned.
 #[derive(Debug, Default)]
 pub(crate) struct Effects {
@@ -507,6 +543,16 @@ pub(crate) struct Effects {
     pub released: Vec<(EntityId, Released<Queued>)>,
     /// Requests that failed without being sent.
     pub failed: Vec<(Queued, NodeError)>,
+    /// Messages to send as chunked transfers, by the transfer service.
+    pub transfers: std::collections::VecDeque<TransferRequest>,
+    /// Outcomes one service hands to another's request (the transfer
+    /// service's, of a transfer it ran on that service's behalf).
+    pub outcomes: Vec<(ServiceId, RequestId, Outcome)>,
+    /// Set by the transfer service when the chunk being handled completed a
+    /// message of a [`Route::large`] type: the pipeline hands it to its
+    /// service in the same delivery slot, and that service's answer is the
+    /// chunk's.
+    pub forward: Option<Inbound>,
     /// Set while a service handles an envelope: the event it delivers,
     /// released with the envelope's answer (a sealed one's in its session's
     /// order).
@@ -573,6 +619,70 @@ impl Context<'_> {
         self.send_request(to, msg_type, payload, true)
     }
 
+    /// Sends `payload` as a `msg_type` request to `to`, whatever its size up
+    /// to `transfer.max_message_size`: as [`Context::send`] if it is at most
+    /// `transfer.chunk_size` bytes, else as a chunked transfer (PROTOCOL.md
+    /// section 9) that the transfer service runs on this service's behalf
+    /// (the recipient must take the type as a transfer: its route is
+    /// [`Route::large`]). Either way the outcome comes back in
+    /// [`Service::on_reply`] with the returned id; a transfer's is
+    /// "accepted" once the receiver accepted its last chunk (no reply
+    /// envelope), or the first failure that ended it.
+    pub fn send_message(&mut self, to: EntityId, msg_type: MsgType, payload: Vec<u8>) -> RequestId {
+        let transfer = &self.shared.config.transfer;
+        let (chunk_size, limit) = (transfer.chunk_size, transfer.max_message_size);
+        if payload.len() <= chunk_size {
+            return self.send(to, msg_type, payload);
+        }
+        let id = self.next_id();
+        let size = payload.len() as u64;
+        if size > limit {
+            let outcome = Outcome {
+                message_id: MessageId::from_random(rand::random()),
+                to,
+                result: Err(NodeError::TooLarge { size, limit }),
+            };
+            self.effects.outcomes.push((self.me, id, outcome));
+            return id;
+        }
+        self.effects.transfers.push_back(TransferRequest {
+            owner: self.me,
+            id,
+            to,
+            msg_type,
+            payload,
+        });
+        id
+    }
+
+    fn next_id(&mut self) -> RequestId {
+        let id = RequestId(*self.next_request);
+        *self.next_request += 1;
+        id
+    }
+
+    /// Hands `outcome` to `owner`'s request `id` (its [`Service::on_reply`]
+    /// is called once this service has returned).
+    pub(crate) fn hand_back(&mut self, owner: ServiceId, id: RequestId, outcome: Outcome) {
+        self.effects.outcomes.push((owner, id, outcome));
+    }
+
+    /// Whether `msg_type` may arrive as a chunked transfer for the service
+    /// that owns it ([`Route::large`]).
+    pub(crate) fn takes_large(&self, msg_type: &MsgType) -> bool {
+        self.routes.takes_large(msg_type)
+    }
+
+    /// Hands a message reassembled from a chunked transfer to the service
+    /// that owns its type, while its last chunk is being handled: the
+    /// pipeline calls that service's [`Service::on_envelope`] in the same
+    /// delivery slot once this one has returned, and its answer is the
+    /// chunk's (so a durable event it delivers holds the chunk's answer
+    /// until it is stored).
+    pub(crate) fn forward(&mut self, msg: Inbound) {
+        self.effects.forward = Some(msg);
+    }
+
     fn send_request(
         &mut self,
         to: EntityId,
@@ -580,8 +690,7 @@ impl Context<'_> {
         payload: Vec<u8>,
         metered: bool,
     ) -> RequestId {
-        let id = RequestId(*self.next_request);
-        *self.next_request += 1;
+        let id = self.next_id();
         let queued = Queued {
             id,
             owner: self.me,

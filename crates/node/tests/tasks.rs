@@ -249,8 +249,13 @@ async fn the_delegator_cancels_and_the_assignee_can_no_longer_complete() {
 }
 
 #[tokio::test]
-async fn a_task_or_result_too_large_for_one_envelope_is_refused_before_it_is_sent() {
-    let (a, b) = pair(TCP, tune).await;
+async fn a_task_over_one_envelope_or_a_result_over_max_message_size_is_refused_before_it_is_sent() {
+    let (a, b) = pair(TCP, |c| {
+        tune(c);
+        // A result goes as a chunked transfer of at most this.
+        c.transfer.max_message_size = 1 << 20;
+    })
+    .await;
     let envelope = peer_node::Config::default().protocol.max_envelope_size;
     let mut new = new_task(&b, "summarise");
     new.input = json!({"text": "x".repeat(envelope)});
@@ -268,7 +273,7 @@ async fn a_task_or_result_too_large_for_one_envelope_is_refused_before_it_is_sen
     let id = delegated(&a, &b).await;
     let big = TaskChange::Complete {
         task_id: id.clone(),
-        output: json!("y".repeat(envelope)),
+        output: json!("y".repeat(1 << 20)),
         artifacts: vec![],
     };
     let refused = b.handle.change_task(big).await.map(|t| t.state);
@@ -407,8 +412,114 @@ async fn a_restarted_assignee_keeps_its_task_and_finishes_it() {
     in_state(&a, &id, State::Completed).await;
 }
 
+/// A result of several chunks (`transfer.chunk_size` is 32 KiB by default):
+/// about 3 MB of JSON.
+fn large_output() -> serde_json::Value {
+    let text: String = (0..3_000_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    json!({"summary": text, "n": 3})
+}
+
+#[tokio::test]
+async fn a_large_result_goes_as_a_chunked_transfer_and_arrives_whole() {
+    let (a, b) = pair(TCP, tune).await;
+    let id = a
+        .handle
+        .delegate(new_task(&b, "summarise"))
+        .await
+        .expect("stored")
+        .task_id;
+    in_state(&b, &id, State::Submitted).await;
+    let mut events = a.handle.subscribe();
+    let output = large_output();
+    let change = TaskChange::Complete {
+        task_id: id.clone(),
+        output: output.clone(),
+        artifacts: vec![],
+    };
+    b.handle.change_task(change).await.expect("completed");
+    let got = in_state(&a, &id, State::Completed).await;
+    assert!(got.output == Some(output), "the output arrived intact");
+    wait_task(&b, &id, |t| t.peer_synced).await;
+    // It came as a transfer: A saw its progress.
+    let mut chunks = None;
+    while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await {
+        if let Event::TransferProgress { chunk_count, .. } = e {
+            chunks = Some(chunk_count);
+        }
+    }
+    assert!(chunks.is_some_and(|n| n > 10), "{chunks:?}");
+}
+
+#[tokio::test]
+async fn a_large_result_from_a_peer_that_is_not_the_assignee_is_refused() {
+    use peer_core::chunk::{self, TransferId};
+    let b = start_node_with(TCP, tune).await;
+    let to = b.handle.entity_id();
+    let mut raw = RawPeer::connect(&b.addr).await;
+    let mut session = raw.open_session(to).await;
+    let result = json!({
+        "task_id": "6f1c2a9e-1b2c-4d3e-8f40-5a6b7c8d9e0f",
+        "output": "x".repeat(100_000),
+    })
+    .to_string();
+    let result_type = "task_result".parse().expect("valid");
+    let tid = TransferId::from_random(rand::random());
+    let (manifest, chunks) = chunk::split(
+        result_type,
+        result.as_bytes(),
+        chunk::DEFAULT_CHUNK_SIZE,
+        tid,
+    )
+    .expect("split");
+    let code = raw
+        .send_sealed(&mut session, to, chunk::MSG_MANIFEST, &manifest.encode())
+        .await;
+    assert_eq!(code, None, "a task_result may come as a transfer");
+    let chunks: Vec<_> = chunks.collect();
+    let (last, rest) = chunks.split_last().expect("chunks");
+    assert!(!rest.is_empty());
+    for c in rest {
+        let code = raw
+            .send_sealed(&mut session, to, chunk::MSG_CHUNK, &c.encode())
+            .await;
+        assert_eq!(code, None);
+    }
+    // The whole message is the tasks service's to judge: not this peer's task.
+    let code = raw
+        .send_sealed(&mut session, to, chunk::MSG_CHUNK, &last.encode())
+        .await;
+    assert_eq!(code.as_deref(), Some("INVALID_STATE"));
+    // Other task types still do not come as transfers.
+    let status_type = "task_status".parse().expect("valid");
+    let tid = TransferId::from_random(rand::random());
+    let (manifest, _) = chunk::split(
+        status_type,
+        result.as_bytes(),
+        chunk::DEFAULT_CHUNK_SIZE,
+        tid,
+    )
+    .expect("split");
+    let code = raw
+        .send_sealed(&mut session, to, chunk::MSG_MANIFEST, &manifest.encode())
+        .await;
+    assert_eq!(code.as_deref(), Some("UNSUPPORTED_MSG_TYPE"));
+}
+
 #[tokio::test]
 async fn a_delegator_that_was_away_gets_the_result_when_it_is_back() {
+    result_after_absence(json!({"summary": "quick fox"})).await;
+}
+
+#[tokio::test]
+async fn a_delegator_that_was_away_gets_a_large_result_when_it_is_back() {
+    result_after_absence(large_output()).await;
+}
+
+/// A stops; B's agent completes the task with `output` meanwhile; once A is
+/// back, B sends it the result.
+async fn result_after_absence(output: serde_json::Value) {
     let (a, b) = pair(TCP, tune).await;
     let id = delegated(&a, &b).await;
     let a_id = a.handle.entity_id();
@@ -416,7 +527,12 @@ async fn a_delegator_that_was_away_gets_the_result_when_it_is_back() {
     let common::TestNode { handle, dir, .. } = a;
     drop(handle);
     common::wait_disconnected(&b.handle, a_id).await;
-    complete(&b, &id).await.expect("completed");
+    let change = TaskChange::Complete {
+        task_id: id.clone(),
+        output: output.clone(),
+        artifacts: vec![],
+    };
+    b.handle.change_task(change).await.expect("completed");
     let unsent = b.handle.task(id.clone()).await.expect("task");
     assert!(!unsent.peer_synced, "A could not be told");
 
@@ -426,6 +542,6 @@ async fn a_delegator_that_was_away_gets_the_result_when_it_is_back() {
     assert_eq!(before.state, State::Submitted);
     a.handle.connect(b.addr.clone()).await.expect("connect");
     let got = in_state(&a, &id, State::Completed).await;
-    assert_eq!(got.output, Some(json!({"summary": "quick fox"})));
+    assert!(got.output == Some(output), "the output arrived intact");
     wait_task(&b, &id, |t| t.peer_synced).await;
 }

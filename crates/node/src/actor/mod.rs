@@ -37,7 +37,9 @@ use crate::net::{Behaviour, BehaviourEvent};
 use crate::node::{Event, Live, NodeError, PeerView};
 use crate::ratelimit::Limits;
 use crate::secure::Secure;
-use crate::service::{Context, Effects, Erased, Outcome, PeerEvent, Refused, Routes, ServiceId};
+use crate::service::{
+    Context, Effects, Erased, Outcome, PeerEvent, Refused, Routes, ServiceId, TransferRequest,
+};
 use crate::stats::{Metrics, Stats, StatsView};
 use crate::store::Writer;
 
@@ -337,12 +339,36 @@ impl Actor {
                 for (q, e) in std::mem::take(&mut self.effects.failed) {
                     self.outbound_failed(q, e);
                 }
+            } else if let Some(t) = self.effects.transfers.pop_front() {
+                self.transfer_for(t);
+            } else if !self.effects.outcomes.is_empty() {
+                self.replies
+                    .extend(std::mem::take(&mut self.effects.outcomes));
             } else if let Some((owner, id, outcome)) = self.replies.pop_front() {
                 self.call(owner, |s, cx| s.on_reply(cx, id, outcome));
             } else {
                 break;
             }
         }
+    }
+
+    /// A service's message too large for one envelope: the transfer service
+    /// (the owner of `chunk_manifest`) runs it as a chunked transfer on the
+    /// service's behalf, and hands the outcome back to its request.
+    fn transfer_for(&mut self, t: TransferRequest) {
+        let Some(transfer) = self.routes.owner(peer_core::chunk::MSG_MANIFEST) else {
+            let outcome = Outcome {
+                message_id: peer_core::MessageId::from_random(rand::random()),
+                to: t.to,
+                result: Err(NodeError::Invalid(
+                    "this node runs no transfer service".into(),
+                )),
+            };
+            self.replies.push_back((t.owner, t.id, outcome));
+            return;
+        };
+        let command: Box<dyn Any + Send> = Box::new(crate::services::transfer::Command::SendFor(t));
+        self.call(transfer, |s, cx| s.on_command(cx, command));
     }
 
     /// Tells every service that a peer connected or disconnected.

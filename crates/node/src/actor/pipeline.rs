@@ -421,7 +421,24 @@ impl Actor {
         slot: Option<Slot>,
     ) -> (Answer, Option<AckId>) {
         self.effects.in_order = Some(InOrder::default());
-        let answer = self.call(service, |s, cx| s.on_envelope(cx, inbound));
+        let mut answer = self.call(service, |s, cx| s.on_envelope(cx, inbound));
+        // A chunk that completed a message of a type whose service takes
+        // large ones: that service handles it now, in the same slot, and its
+        // answer is the chunk's.
+        if let Some(msg) = self.effects.forward.take()
+            && matches!(answer, Answer::Accepted)
+        {
+            answer = match self.routes.get(&msg.msg_type) {
+                Some(route) => self.call(route.service, |s, cx| s.on_envelope(cx, msg)),
+                None => refused(Rejection::new(
+                    ErrorCode::UnsupportedMsgType,
+                    format!(
+                        "this node has no handler for msg_type {:?}",
+                        msg.msg_type.as_str()
+                    ),
+                )),
+            };
+        }
         let mut held = self.effects.in_order.take().and_then(|slot| slot.delivery);
         let mut ack = None;
         if let Some(d) = &mut held

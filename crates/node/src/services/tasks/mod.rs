@@ -199,19 +199,29 @@ fn check_message(message: Option<&String>) -> Result<(), NodeError> {
     }
 }
 
-/// `TooLarge` if `message`, encoded, does not fit one envelope.
-fn fits(cx: &Context<'_>, message: &impl serde::Serialize) -> Result<(), NodeError> {
-    let size = serde_json::to_vec(message).map_or(usize::MAX, |b| b.len());
-    let limit = cx
-        .config()
+/// The most bytes of a task message that fit one envelope.
+fn envelope_limit(cx: &Context<'_>) -> usize {
+    cx.config()
         .protocol
         .max_envelope_size
-        .saturating_sub(ENVELOPE_OVERHEAD);
+        .saturating_sub(ENVELOPE_OVERHEAD)
+}
+
+/// `TooLarge` if `message`, encoded, does not fit one envelope.
+fn fits(cx: &Context<'_>, message: &impl serde::Serialize) -> Result<(), NodeError> {
+    within(message, envelope_limit(cx) as u64)
+}
+
+/// `TooLarge` if `message`, encoded, is larger than a chunked transfer may
+/// be (`transfer.max_message_size`): a larger one goes as one.
+fn fits_transfer(cx: &Context<'_>, message: &impl serde::Serialize) -> Result<(), NodeError> {
+    within(message, cx.config().transfer.max_message_size)
+}
+
+fn within(message: &impl serde::Serialize, limit: u64) -> Result<(), NodeError> {
+    let size = serde_json::to_vec(message).map_or(u64::MAX, |b| b.len() as u64);
     if size > limit {
-        return Err(NodeError::TooLarge {
-            size: size as u64,
-            limit: limit as u64,
-        });
+        return Err(NodeError::TooLarge { size, limit });
     }
     Ok(())
 }
@@ -378,7 +388,8 @@ impl Tasks {
         };
         let to = task.peer;
         let version = task.updated_ms;
-        let id = cx.send(to, msg_type.parse().expect("valid types"), payload);
+        // A result larger than a chunk goes as a chunked transfer.
+        let id = cx.send_message(to, msg_type.parse().expect("valid types"), payload);
         self.in_flight.insert(task_id.to_owned());
         self.sending.insert(
             id,
@@ -495,10 +506,15 @@ impl Tasks {
                         output: held.output.clone().unwrap_or(Value::Null),
                         artifacts: held.artifacts.clone(),
                     };
-                    return Answer::Reply {
-                        msg_type: RESULT.parse().expect("valid"),
-                        payload: serde_json::to_vec(&result).unwrap_or_default(),
-                    };
+                    let payload = serde_json::to_vec(&result).unwrap_or_default();
+                    // A result too large for a reply goes as a transfer of
+                    // its own (sync); the reply only says it is completed.
+                    if payload.len() <= envelope_limit(cx) {
+                        return Answer::Reply {
+                            msg_type: RESULT.parse().expect("valid"),
+                            payload,
+                        };
+                    }
                 }
                 return status(held.state, held.message.clone());
             }
@@ -783,6 +799,7 @@ impl Service for Tasks {
         [DELEGATE, STATUS, RESULT, CANCEL]
             .iter()
             .map(|t| Route::sealed(t, Class::Task))
+            .map(|r| if r.msg_type == *RESULT { r.large() } else { r })
             .collect()
     }
 
@@ -893,7 +910,7 @@ impl Service for Tasks {
                     output,
                     artifacts,
                 };
-                if let Err(e) = fits(cx, &on_the_wire) {
+                if let Err(e) = fits_transfer(cx, &on_the_wire) {
                     _ = reply.send(Err(e));
                     return;
                 }

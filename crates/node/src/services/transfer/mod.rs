@@ -16,11 +16,11 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use peer_core::chunk::{
-    Chunk, MSG_CHUNK, MSG_MANIFEST, MSG_RESEND, Manifest, Progress, Reassembler, ResendRequest,
-    Status, TransferId,
+    self, Chunk, MSG_CHUNK, MSG_MANIFEST, MSG_RESEND, Manifest, Progress, Reassembler,
+    ResendRequest, Status, TransferId,
 };
 use peer_core::rate::Class;
-use peer_core::{EntityId, ErrorCode, MsgType, Rejection};
+use peer_core::{EntityId, ErrorCode, MessageId, MsgType, Rejection};
 
 pub use config::TransferConfig;
 pub use outgoing::{GaveUp, MAX_THROTTLE_WAIT_MS, MAX_THROTTLES, Outgoing, Part, crosses_tenth};
@@ -29,7 +29,8 @@ use crate::actor::Reply as Answerer;
 use crate::node::{Delivered, Direction, Event, NodeError};
 use crate::secure::parse_json;
 use crate::service::{
-    Answer, Context, Inbound, Outcome, PeerEvent, Refused, RequestId, Route, Service,
+    Answer, Context, Inbound, Outcome, PeerEvent, Refused, Reply, RequestId, Route, Service,
+    ServiceId, TransferRequest,
 };
 use crate::services::card::CardCell;
 
@@ -53,6 +54,42 @@ pub enum Command {
         /// Where the outcome goes.
         reply: Answerer<Delivered>,
     },
+    /// Send another service's message, too large for one envelope, on its
+    /// behalf ([`Context::send_message`]); the outcome goes to its request.
+    SendFor(TransferRequest),
+}
+
+/// Whom an outgoing transfer's outcome goes to.
+#[derive(Debug)]
+pub enum Origin {
+    /// A handle (the agent's message).
+    Handle(Answerer<Delivered>),
+    /// A service's request.
+    Service(ServiceId, RequestId),
+}
+
+impl Origin {
+    /// Tells the outcome of transfer `id` to `to`.
+    fn finish(
+        self,
+        cx: &mut Context<'_>,
+        to: EntityId,
+        id: TransferId,
+        result: Result<Delivered, NodeError>,
+    ) {
+        match self {
+            Self::Handle(reply) => _ = reply.send(result),
+            Self::Service(owner, request) => cx.hand_back(
+                owner,
+                request,
+                Outcome {
+                    message_id: MessageId::from_random(id.0),
+                    to,
+                    result: result.map(|_| Reply::Accepted),
+                },
+            ),
+        }
+    }
 }
 
 /// Sends and receives chunked transfers.
@@ -61,7 +98,7 @@ pub struct Transfers {
     /// The node's card, for the namespaces it accepts.
     card: CardCell,
     /// Transfers this node sends, by receiver and transfer id.
-    sending: HashMap<(EntityId, TransferId), Outgoing<Answerer<Delivered>>>,
+    sending: HashMap<(EntityId, TransferId), Outgoing<Origin>>,
     /// Transfers in `sending` not started yet, per receiver, oldest first.
     queued: HashMap<EntityId, VecDeque<TransferId>>,
     /// Parts in flight, by request.
@@ -125,10 +162,11 @@ impl Transfers {
         to: EntityId,
         manifest: Manifest,
         payload: Bytes,
-        reply: Answerer<Delivered>,
+        reply: Origin,
     ) {
+        let tid = manifest.transfer_id;
         if !cx.is_connected(&to) {
-            _ = reply.send(Err(NodeError::NotConnected(to)));
+            reply.finish(cx, to, tid, Err(NodeError::NotConnected(to)));
             return;
         }
         let (max_transfers, max_bytes) = (self.config.max_outgoing, self.config.max_outgoing_bytes);
@@ -136,12 +174,13 @@ impl Transfers {
         if self.sending.len() >= max_transfers
             || bytes.saturating_add(manifest.total_len) > max_bytes
         {
-            _ = reply.send(Err(NodeError::TooManyTransfers {
+            let e = NodeError::TooManyTransfers {
                 transfers: self.sending.len(),
                 bytes,
                 max_transfers,
                 max_bytes,
-            }));
+            };
+            reply.finish(cx, to, tid, Err(e));
             return;
         }
         let id = manifest.transfer_id;
@@ -149,6 +188,27 @@ impl Transfers {
             .insert((to, id), Outgoing::new(to, manifest, payload, reply));
         self.queued.entry(to).or_default().push_back(id);
         self.start_queued(cx, to);
+    }
+
+    /// A service's message: its manifest is made here, on the actor. Hashing
+    /// it costs about as much as sealing it (a few ms per MB, bounded by
+    /// `transfer.max_message_size`); [`Context::send_message`] is for the
+    /// node's own rare large messages (task results), the agent's go
+    /// through a handle, hashed off the actor.
+    fn start_for(&mut self, cx: &mut Context<'_>, t: TransferRequest) {
+        let TransferRequest {
+            owner,
+            id,
+            to,
+            msg_type,
+            payload,
+        } = t;
+        let tid = TransferId::from_random(rand::random());
+        let origin = Origin::Service(owner, id);
+        match chunk::split(msg_type, &payload, self.config.chunk_size, tid) {
+            Ok((manifest, _)) => self.start(cx, to, manifest, payload.into(), origin),
+            Err(e) => origin.finish(cx, to, tid, Err(NodeError::Invalid(e.to_string()))),
+        }
     }
 
     /// Starts queued transfers to `to` while fewer than
@@ -177,7 +237,7 @@ impl Transfers {
         cx: &mut Context<'_>,
         to: EntityId,
         id: TransferId,
-    ) -> Option<Outgoing<Answerer<Delivered>>> {
+    ) -> Option<Outgoing<Origin>> {
         let t = self.sending.remove(&(to, id))?;
         if let Some(q) = self.queued.get_mut(&to) {
             q.retain(|queued| *queued != id);
@@ -233,10 +293,11 @@ impl Transfers {
         }
         if let Some(t) = self.end(cx, to, id) {
             cx.stats().sent(to);
-            _ = t.reply.send(Ok(Delivered {
+            let delivered = Delivered {
                 message_id: id.to_string(),
                 reply: None,
-            }));
+            };
+            t.reply.finish(cx, to, id, Ok(delivered));
         }
     }
 
@@ -316,25 +377,28 @@ impl Transfers {
             code,
             reason,
         });
-        _ = t.reply.send(Err(e));
+        t.reply.finish(cx, to, id, Err(e));
     }
 
     /// A `chunk_manifest` from `from`: opens the transfer if it is within
     /// this node's limits, before anything is buffered.
     fn on_manifest(&mut self, cx: &mut Context<'_>, from: EntityId, plaintext: &[u8]) -> Refusal {
         let m = Manifest::decode(plaintext).map_err(|e| malformed("chunk_manifest", e))?;
-        if !m.msg_type.is_application() {
+        let for_service = cx.takes_large(&m.msg_type);
+        if !for_service && !m.msg_type.is_application() {
             return Err(Rejection::new(
                 ErrorCode::UnsupportedMsgType,
                 format!(
-                    "transfer {}: this node takes transfers of application messages only, not {:?}",
+                    "transfer {}: this node takes transfers of application messages and task results only, not {:?}",
                     m.transfer_id,
                     m.msg_type.as_str()
                 ),
             )
             .into());
         }
-        self.card.check_accepts(&m.msg_type)?;
+        if !for_service {
+            self.card.check_accepts(&m.msg_type)?;
+        }
         // The message it carries counts against its own class, as if it came whole.
         cx.charge(from, cx.class_of(&m.msg_type))?;
         let now = cx.now_ms();
@@ -402,9 +466,11 @@ impl Transfers {
     }
 
     /// A `chunk` from `from`: stored in its transfer; when it completes the
-    /// transfer, the reassembled message is delivered. A refused chunk costs a
-    /// token of the sender's `chunk` class.
-    fn on_chunk(&mut self, cx: &mut Context<'_>, from: EntityId, plaintext: &[u8]) -> Refusal {
+    /// transfer, the reassembled message is delivered to the agent, or one of
+    /// a [`Route::large`] type forwarded to its service (whose answer is the
+    /// chunk's). A refused chunk costs a token of the sender's `chunk` class.
+    fn on_chunk(&mut self, cx: &mut Context<'_>, msg: &Inbound) -> Refusal {
+        let (from, plaintext) = (msg.from, msg.payload.as_slice());
         let chunk = match Chunk::decode(plaintext) {
             Ok(c) => c,
             Err(e) => {
@@ -427,6 +493,26 @@ impl Transfers {
                 Ok(())
             }
             Ok(Progress::AlreadyComplete) => cx.charge(from, Class::Chunk),
+            Ok(Progress::Complete { msg_type, payload }) if cx.takes_large(&msg_type) => {
+                if let Some(b) = before {
+                    let done = Status {
+                        received_chunks: b.chunk_count,
+                        received_bytes: b.total_len,
+                        ..b
+                    };
+                    Self::inbound_progress(cx, from, tid, done);
+                }
+                // Its service checks it (it is not the agent's JSON).
+                cx.forward(Inbound {
+                    from,
+                    sender_key: msg.sender_key,
+                    message_id: MessageId::from_random(tid.0),
+                    msg_type,
+                    payload,
+                    sealed: msg.sealed,
+                });
+                Ok(())
+            }
             Ok(Progress::Complete { msg_type, payload }) => {
                 match parse_json(payload, cx.config().protocol.max_json_depth) {
                     Ok(payload) => {
@@ -515,7 +601,7 @@ impl Service for Transfers {
     fn on_envelope(&mut self, cx: &mut Context<'_>, msg: Inbound) -> Answer {
         let result = match msg.msg_type.as_str() {
             MSG_MANIFEST => self.on_manifest(cx, msg.from, &msg.payload),
-            MSG_CHUNK => self.on_chunk(cx, msg.from, &msg.payload),
+            MSG_CHUNK => self.on_chunk(cx, &msg),
             _ => self.on_resend(cx, msg.from, &msg.payload),
         };
         match result {
@@ -525,13 +611,15 @@ impl Service for Transfers {
     }
 
     fn on_command(&mut self, cx: &mut Context<'_>, command: Command) {
-        let Command::Send {
-            to,
-            manifest,
-            payload,
-            reply,
-        } = command;
-        self.start(cx, to, manifest, payload, reply);
+        match command {
+            Command::Send {
+                to,
+                manifest,
+                payload,
+                reply,
+            } => self.start(cx, to, manifest, payload, Origin::Handle(reply)),
+            Command::SendFor(t) => self.start_for(cx, t),
+        }
     }
 
     fn on_reply(&mut self, cx: &mut Context<'_>, id: RequestId, outcome: Outcome) {
