@@ -2,8 +2,16 @@
 //! peer (a libp2p request-response stream each), the rest wait in that peer's
 //! FIFO. How many sends are held in all is bounded before this, when they are
 //! admitted (see `actor::outbound`).
+//!
+//! Sealed requests reach the FIFO in the order they were sealed
+//! ([`InSequence`]): they are signed in parallel and come back in any order, and a receiver answers a
+//! sealed message only once it is delivered, in order (PROTOCOL.md §13). If a
+//! later message took the last stream while an earlier one waited in the
+//! FIFO, the later ones' answers would wait for the earlier one and the
+//! earlier one for a stream: both sides would stall until the receiver gave
+//! up on the gap.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 
 /// What happened to an item handed to [`Outbox::admit`].
@@ -74,9 +82,88 @@ impl<K: Hash + Eq + Copy, T> Outbox<K, T> {
     }
 }
 
+/// Items let go in the order they were announced, whatever order they come
+/// back in: [`InSequence::expect`] when a sealed request is sealed,
+/// [`InSequence::ready`] when it is signed.
+#[derive(Debug)]
+pub struct InSequence<T> {
+    /// Announced items by ticket; `Some` once ready.
+    pending: BTreeMap<u64, Option<T>>,
+}
+
+impl<T> Default for InSequence<T> {
+    fn default() -> Self {
+        Self {
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> InSequence<T> {
+    /// Announces the item with `ticket` (tickets increase).
+    pub fn expect(&mut self, ticket: u64) {
+        self.pending.insert(ticket, None);
+    }
+
+    /// The item with `ticket` is ready; returns the items now due, in ticket
+    /// order (none while an earlier one is not ready). An item never
+    /// announced goes at once.
+    pub fn ready(&mut self, ticket: u64, item: T) -> Vec<T> {
+        match self.pending.get_mut(&ticket) {
+            Some(slot) => *slot = Some(item),
+            None => return vec![item],
+        }
+        let mut out = Vec::new();
+        while let Some(mut first) = self.pending.first_entry() {
+            match first.get_mut().take() {
+                Some(item) => {
+                    first.remove();
+                    out.push(item);
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Whether nothing is announced and not let go.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The items ready but held back (the peer is gone).
+    pub fn drain(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.pending)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealed_items_go_in_the_order_they_were_sealed() {
+        let mut s: InSequence<&str> = InSequence::default();
+        for t in 1..=4 {
+            s.expect(t);
+        }
+        assert!(s.ready(2, "b").is_empty(), "waits for 1");
+        assert!(s.ready(3, "c").is_empty());
+        assert_eq!(s.ready(1, "a"), vec!["a", "b", "c"]);
+        assert!(!s.is_empty(), "4 is announced");
+        assert_eq!(s.ready(4, "d"), vec!["d"]);
+        assert!(s.is_empty());
+        // Tickets need not be contiguous; one never announced goes at once.
+        s.expect(10);
+        s.expect(12);
+        assert!(s.ready(12, "f").is_empty());
+        assert_eq!(s.ready(99, "x"), vec!["x"]);
+        assert_eq!(s.drain(), vec!["f"]);
+        assert!(s.is_empty());
+    }
 
     #[test]
     fn beyond_the_per_peer_limit_items_wait_in_order() {

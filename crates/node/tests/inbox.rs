@@ -85,6 +85,41 @@ async fn accepted_messages_wait_in_order_until_acknowledged_and_survive_a_restar
     assert!(last.0 > held[299].0);
 }
 
+// Several workers, so that envelopes are signed in parallel and come back out
+// of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_messages_in_flight_at_once_never_wait_for_each_other() {
+    // B waits a minute for a gap in a session's order: if the sender ever let
+    // a later message take the last stream while an earlier one waited for
+    // one, the later ones' answers (held until they are delivered in order)
+    // and the earlier one would wait for each other for that long.
+    let tune = |c: &mut peer_node::Config| {
+        no_rate_limits(c);
+        c.security.reorder_wait_ms = 60_000;
+        c.network.max_concurrent_streams = 16;
+    };
+    let (a, b) = pair(TCP, tune).await;
+    let to = b.handle.entity_id();
+    let sends = (0..400u64).map(|n| {
+        let handle = a.handle.clone();
+        tokio::spawn(async move {
+            let payload = json!({ "n": n }).to_string();
+            handle.send(to, message(), payload).await
+        })
+    });
+    let all = futures::future::join_all(sends);
+    let results = tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("no send waits for the gap timeout");
+    for r in results {
+        r.expect("task").expect("accepted");
+    }
+    let mut ns: Vec<u64> = waiting(&b).await.iter().map(|&(_, n)| n).collect();
+    assert_eq!(ns.len(), 400);
+    ns.sort_unstable();
+    assert_eq!(ns, (0..400).collect::<Vec<_>>(), "each once");
+}
+
 #[tokio::test]
 async fn a_sender_past_its_share_is_refused_inbox_full_and_nothing_accepted_is_lost() {
     let tune = |c: &mut peer_node::Config| {

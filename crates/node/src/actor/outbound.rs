@@ -26,7 +26,7 @@ use super::Actor;
 use crate::config::Config;
 use crate::net::codec::{Frame, Request, Response};
 use crate::node::NodeError;
-use crate::outbox::{Admit, Outbox};
+use crate::outbox::{Admit, InSequence, Outbox};
 use crate::secure::{SealedParts, Send as Sealing};
 use crate::service::{Outcome, Reply, RequestId, SendRequest, ServiceId, lost_session};
 use crate::stats::Metrics;
@@ -90,6 +90,8 @@ pub(crate) enum Signed {
     Request {
         queued: Queued,
         session: Option<SessionId>,
+        /// A sealed request's place in the order its peer's were sealed.
+        ticket: Option<u64>,
         bytes: Vec<u8>,
     },
     /// A reply to an inbound request; `_frame` holds the request's share of
@@ -118,6 +120,10 @@ struct InFlight {
 pub(crate) struct Outbound {
     admission: Arc<Admission>,
     streams: Outbox<PeerId, Ready>,
+    /// Each peer's sealed requests, let into `streams` in the order they
+    /// were sealed; an entry lives while one is being signed or held.
+    sealed: HashMap<EntityId, InSequence<Ready>>,
+    next_ticket: u64,
     in_flight: HashMap<OutboundRequestId, InFlight>,
     signer: Signer,
 }
@@ -159,6 +165,8 @@ impl Outbound {
                 max_bytes: net.max_outbound_bytes,
             }),
             streams: Outbox::new((net.max_concurrent_streams / 2).max(1)),
+            sealed: HashMap::new(),
+            next_ticket: 0,
             in_flight: HashMap::new(),
             signer: Signer {
                 identity,
@@ -305,13 +313,21 @@ impl Actor {
         );
         d.session_id = Some(parts.session_id);
         d.sequence_num = parts.sequence_num;
-        self.sign_request(queued, d);
+        let ticket = self.outbound.next_ticket;
+        self.outbound.next_ticket += 1;
+        self.outbound.sealed.entry(to).or_default().expect(ticket);
+        self.sign(queued, d, Some(ticket));
     }
 
     fn sign_request(&mut self, queued: Queued, d: Draft) {
+        self.sign(queued, d, None);
+    }
+
+    fn sign(&mut self, queued: Queued, d: Draft, ticket: Option<u64>) {
         self.outbound.signer.spawn(d, move |env| Signed::Request {
             queued,
             session: env.session_id,
+            ticket,
             bytes: env.encode(),
         });
     }
@@ -323,19 +339,27 @@ impl Actor {
             Signed::Request {
                 queued,
                 session,
+                ticket,
                 bytes,
             } => {
-                let Some(peer) = self.shared.by_entity.get(&queued.to).copied() else {
-                    let to = queued.to;
-                    return self.outbound_failed(queued, NodeError::NotConnected(to));
-                };
+                let to = queued.to;
                 let ready = Ready {
                     queued,
                     session,
                     bytes,
                 };
-                if let Admit::Send(ready) = self.outbound.streams.admit(peer, ready) {
-                    self.dispatch_request(peer, ready);
+                let due = match (ticket, self.outbound.sealed.get_mut(&to)) {
+                    (Some(ticket), Some(order)) => {
+                        let due = order.ready(ticket, ready);
+                        if order.is_empty() {
+                            self.outbound.sealed.remove(&to);
+                        }
+                        due
+                    }
+                    _ => vec![ready],
+                };
+                for ready in due {
+                    self.to_stream(to, ready);
                 }
             }
             Signed::Response { channel, bytes, .. } => {
@@ -346,6 +370,16 @@ impl Actor {
                     .envelopes
                     .send_response(channel, Response::Reply(bytes));
             }
+        }
+    }
+
+    /// A signed request takes a stream to its peer, or waits for one.
+    fn to_stream(&mut self, to: EntityId, ready: Ready) {
+        let Some(peer) = self.shared.by_entity.get(&to).copied() else {
+            return self.outbound_failed(ready.queued, NodeError::NotConnected(to));
+        };
+        if let Admit::Send(ready) = self.outbound.streams.admit(peer, ready) {
+            self.dispatch_request(peer, ready);
         }
     }
 
@@ -442,7 +476,19 @@ impl Actor {
     /// The last connection to `peer` closed: requests waiting for a stream to
     /// it fail (those in flight fail through libp2p).
     pub(super) fn drop_waiting(&mut self, peer: PeerId, entity: EntityId) {
-        for ready in self.outbound.streams.drain_waiting(peer) {
+        let held = self
+            .outbound
+            .sealed
+            .remove(&entity)
+            .map(|mut order| order.drain())
+            .unwrap_or_default();
+        for ready in self
+            .outbound
+            .streams
+            .drain_waiting(peer)
+            .into_iter()
+            .chain(held)
+        {
             self.outbound_failed(ready.queued, NodeError::NotConnected(entity));
         }
     }
