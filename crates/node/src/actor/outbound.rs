@@ -359,7 +359,7 @@ impl Actor {
                     _ => vec![ready],
                 };
                 for ready in due {
-                    self.to_stream(to, ready);
+                    self.take_stream(to, ready);
                 }
             }
             Signed::Response { channel, bytes, .. } => {
@@ -374,7 +374,7 @@ impl Actor {
     }
 
     /// A signed request takes a stream to its peer, or waits for one.
-    fn to_stream(&mut self, to: EntityId, ready: Ready) {
+    fn take_stream(&mut self, to: EntityId, ready: Ready) {
         let Some(peer) = self.shared.by_entity.get(&to).copied() else {
             return self.outbound_failed(ready.queued, NodeError::NotConnected(to));
         };
