@@ -429,13 +429,7 @@ impl NodeHandle {
     ) -> Result<Delivered, NodeError> {
         let payload: Bytes = payload.into();
         if msg_type.namespace().is_some() {
-            self.builtin::<card::Cards>()
-                .ask(|reply| card::Command::CheckSend {
-                    peer: to,
-                    msg_type: msg_type.clone(),
-                    reply,
-                })
-                .await??;
+            self.check_send(to, msg_type.as_str()).await?;
         }
         if msg_type.is_application() && payload.len() > self.chunk_size {
             return self.send_transfer(to, msg_type, payload).await;
@@ -540,13 +534,33 @@ impl NodeHandle {
             .map_err(|e| NodeError::Transport(e.to_string()))
     }
 
+    /// Whether `peer`'s card, if known, lets this node send it `msg_type`.
+    async fn check_send(&self, peer: EntityId, msg_type: &str) -> Result<(), NodeError> {
+        let msg_type: MsgType =
+            msg_type
+                .parse()
+                .map_err(|e: peer_core::msg_type::ParseMsgTypeError| {
+                    NodeError::Invalid(e.to_string())
+                })?;
+        self.builtin::<card::Cards>()
+            .ask(|reply| card::Command::CheckSend {
+                peer,
+                msg_type,
+                reply,
+            })
+            .await?
+    }
+
     fn tasks(&self) -> ServiceHandle<tasks::Tasks> {
         self.builtin::<tasks::Tasks>()
     }
 
     /// Hands a task to `to`: answers the task once it is stored (it is sent
     /// at once if `to` is connected, else when it connects).
+    /// A peer whose card is known and does not list `task_delegate` (a node
+    /// without tasks) is refused here, `UNSUPPORTED_MSG_TYPE`.
     pub async fn delegate(&self, task: NewTask) -> Result<Task, NodeError> {
+        self.check_send(task.to, tasks::DELEGATE).await?;
         self.tasks()
             .ask(|reply| tasks::Command::Delegate { task, reply })
             .await?

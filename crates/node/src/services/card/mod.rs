@@ -28,7 +28,7 @@ use crate::service::{
 };
 use crate::store::{Store, StoreError};
 use cache::PeerCards;
-use signed::{APP_TYPES, Rules};
+use signed::Rules;
 
 /// The metadata key the own card is stored under (its wire form).
 pub const STORE_KEY: &str = "card";
@@ -103,9 +103,10 @@ pub enum Command {
         reply: Answerer<Option<Arc<SignedCard>>>,
     },
     /// Whether `msg_type` may be sent to `peer`: refused
-    /// `UNSUPPORTED_MSG_TYPE` if it is namespaced and the peer's card, when
-    /// known, neither lists it among its message types nor lists both the
-    /// feature `app-types` and its namespace.
+    /// `UNSUPPORTED_MSG_TYPE` if the peer's card is known and does not let
+    /// this node send it ([`Card::may_send`]): it neither lists the type among
+    /// its message types nor, for a namespaced type, lists both the feature
+    /// `app-types` and its namespace.
     CheckSend {
         /// The recipient.
         peer: EntityId,
@@ -314,23 +315,9 @@ impl Service for Cards {
                 reply,
             } => {
                 let now = cx.now_ms();
-                let verdict = match (msg_type.namespace(), self.peers.get(now, &peer)) {
-                    (Some(ns), Some(card)) => {
-                        let c = card.card();
-                        let listed = c.message_types.iter().any(|t| t == msg_type.as_str());
-                        if listed || (c.has_feature(APP_TYPES) && c.accepts(ns)) {
-                            Ok(())
-                        } else {
-                            Err(NodeError::rejected(Rejection::new(
-                                ErrorCode::UnsupportedMsgType,
-                                format!(
-                                    "not sent: the card of {peer} (sequence {}) does not accept the namespace {ns:?}",
-                                    c.sequence
-                                ),
-                            )))
-                        }
-                    }
-                    _ => Ok(()),
+                let verdict = match self.peers.get(now, &peer) {
+                    Some(card) => card.card().may_send(&msg_type).map_err(NodeError::rejected),
+                    None => Ok(()),
                 };
                 _ = reply.send(verdict);
             }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use peer_core::{EntityId, ErrorCode, Identity, PublicKey, Rejection};
+use peer_core::{EntityId, ErrorCode, Identity, MsgType, PublicKey, Rejection};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -193,6 +193,29 @@ impl Card {
     /// Whether the card takes namespaced types of namespace `ns`.
     pub fn accepts(&self, ns: &str) -> bool {
         self.accepts.iter().any(|a| a == ns)
+    }
+
+    /// Whether the card lists feature `f`.
+    /// Whether a node may send `msg_type` to the card's entity: a type the
+    /// card lists, or a namespaced type of a namespace it accepts (with the
+    /// `app-types` feature); `UNSUPPORTED_MSG_TYPE` ("not sent: …")
+    /// otherwise, so a type only v1.2 has is not tried on a peer without it.
+    pub fn may_send(&self, msg_type: &MsgType) -> Result<(), Rejection> {
+        if self.message_types.iter().any(|t| t == msg_type.as_str()) {
+            return Ok(());
+        }
+        let what = match msg_type.namespace() {
+            Some(ns) if self.has_feature(APP_TYPES) && self.accepts(ns) => return Ok(()),
+            Some(ns) => format!("does not accept the namespace {ns:?}"),
+            None => format!("does not list {msg_type}"),
+        };
+        Err(Rejection::new(
+            ErrorCode::UnsupportedMsgType,
+            format!(
+                "not sent: the card of {} (sequence {}) {what}",
+                self.entity_id, self.sequence
+            ),
+        ))
     }
 
     /// Whether the card lists feature `f`.
@@ -508,6 +531,24 @@ mod tests {
 
     fn signed(id: &Identity, seq: u64, issued: u64) -> SignedCard {
         SignedCard::sign(build(id, &content(&["chat"]), &facts(), issued, seq), id)
+    }
+
+    #[test]
+    fn a_peer_is_sent_only_the_types_its_card_lists_or_accepts() {
+        let id = Identity::from_secret(&[1; 32]);
+        let card = signed(&id, 1, NOW);
+        let c = card.card();
+        let t = |s: &str| -> MsgType { s.parse().expect("valid") };
+        assert!(c.may_send(&t("message")).is_ok(), "listed");
+        assert!(
+            c.may_send(&t("chat.message")).is_ok(),
+            "an accepted namespace"
+        );
+        for refused in ["task_delegate", "acme.quote"] {
+            let e = c.may_send(&t(refused)).expect_err(refused);
+            assert_eq!(e.code, ErrorCode::UnsupportedMsgType);
+            assert!(e.reason.starts_with("not sent: "), "{}", e.reason);
+        }
     }
 
     #[test]
