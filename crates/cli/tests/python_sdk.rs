@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod common;
-use common::spawn_run;
+use common::{Api, Node, connect};
 
 /// Node features whose SDK tests run in `cargo test` (see the module doc).
 const NODE_FEATURES: &[&str] = &[
@@ -29,10 +29,9 @@ const NODE_FEATURES: &[&str] = &[
     "inbox",
     "cards",
     "heartbeat",
+    "tasks",
 ];
 
-/// Time allowed for a node to start answering `/v1/health` with an address.
-const STARTUP: Duration = Duration::from_secs(30);
 /// Time allowed for one step (a request, a line from the example agent).
 const STEP: Duration = Duration::from_secs(15);
 /// Time allowed for the whole Python suite.
@@ -75,164 +74,59 @@ fn python() -> Command {
     cmd
 }
 
-/// A `peer run` process with its API address, token and identity, killed when dropped.
-struct Node {
-    name: &'static str,
-    dir: PathBuf,
-    log: PathBuf,
-    child: Child,
-    base: String,
-    token: String,
+/// A started node and its entity id.
+struct Started {
+    node: Node,
     entity_id: String,
-    listen_addr: String,
 }
 
-impl Node {
-    /// Starts a node in `root/name` and waits until `/v1/health` reports an address.
-    fn start(root: &Path, name: &'static str, http: &reqwest::blocking::Client) -> Self {
-        let dir = root.join(name);
-        let log = root.join(format!("{name}.stderr"));
-        let child = spawn_run(&dir, &log);
-        let mut node = Self {
-            name,
-            dir,
-            log,
-            child,
-            base: String::new(),
-            token: String::new(),
-            entity_id: String::new(),
-            listen_addr: String::new(),
-        };
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            node.check_running();
-            if let Ok(addr) = std::fs::read_to_string(node.dir.join("api.addr"))
-                && addr.ends_with('\n')
-            {
-                node.base = format!("http://{}", addr.trim());
-                break;
-            }
-            if Instant::now() > deadline {
-                node.fail("api.addr did not appear in time");
-            }
-            std::thread::sleep(POLL);
-        }
-        node.token = std::fs::read_to_string(node.dir.join("api-token"))
-            .unwrap_or_else(|e| node.fail(&format!("cannot read api-token: {e}")))
-            .trim()
-            .to_owned();
-        let health = loop {
-            node.check_running();
-            let answer = http.get(format!("{}/v1/health", node.base)).send();
-            if let Ok(resp) = answer
-                && resp.status().is_success()
-                && let Ok(health) = resp.json::<Value>()
-                && health["listen_addrs"]
-                    .as_array()
-                    .is_some_and(|a| !a.is_empty())
-            {
-                break health;
-            }
-            if Instant::now() > deadline {
-                node.fail("/v1/health did not report a listen address in time");
-            }
-            std::thread::sleep(POLL);
-        };
-        node.entity_id = health["entity_id"].as_str().unwrap_or_default().to_owned();
-        node.listen_addr = health["listen_addrs"][0]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        node
-    }
-
-    fn fail(&self, what: &str) -> ! {
-        let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
-        panic!(
-            "node {}: {what}\n--- stderr of node {} ---\n{stderr}",
-            self.name, self.name
-        )
-    }
-
-    fn check_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            self.fail(&format!("exited early with {status}"));
-        }
-    }
-
-    fn post(&self, http: &reqwest::blocking::Client, path: &str, body: &Value) -> Value {
-        let resp = http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .unwrap_or_else(|e| self.fail(&format!("POST {path}: {e}")));
-        let status = resp.status();
-        let text = resp.text().unwrap_or_default();
-        if !status.is_success() {
-            self.fail(&format!("POST {path} {body}: {status} {text}"));
-        }
-        serde_json::from_str(&text).unwrap_or_else(|e| self.fail(&format!("{text:?}: {e}")))
-    }
-
-    /// Connects to `other` and waits until `other` lists this node as connected.
-    fn connect(&self, other: &Node, http: &reqwest::blocking::Client) {
-        let peer = self.post(http, "/v1/peers", &json!({"addr": other.listen_addr}));
-        assert_eq!(peer["entity_id"], other.entity_id.as_str(), "{peer}");
-        let deadline = Instant::now() + STEP;
-        loop {
-            let peers: Value = http
-                .get(format!("{}/v1/peers", other.base))
-                .bearer_auth(&other.token)
-                .send()
-                .and_then(|r| r.json())
-                .unwrap_or_else(|e| other.fail(&format!("GET /v1/peers: {e}")));
-            let listed = peers.as_array().is_some_and(|ps| {
-                ps.iter()
-                    .any(|p| p["entity_id"] == self.entity_id.as_str() && p["connected"] == true)
-            });
-            if listed {
-                return;
-            }
-            if Instant::now() > deadline {
-                other.fail(&format!("{} never showed as connected: {peers}", self.name));
-            }
-            std::thread::sleep(POLL);
-        }
+impl Started {
+    fn new(root: &Path, name: &'static str) -> Self {
+        let node = Node::start(root, name, |_| {});
+        let (entity_id, _) = node.id_and_addr();
+        Self { node, entity_id }
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        _ = self.child.kill();
-        _ = self.child.wait();
-    }
-}
-
-/// Two connected nodes, A and B, in a temporary directory.
-fn two_nodes() -> (tempfile::TempDir, reqwest::blocking::Client, Node, Node) {
+/// Two nodes, A and B, in a temporary directory, A connected to B and B
+/// aware of it.
+fn two_nodes() -> (tempfile::TempDir, Started, Started) {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let http = reqwest::blocking::Client::builder()
-        .timeout(STEP)
-        .build()
-        .expect("HTTP client");
-    let a = Node::start(tmp.path(), "a", &http);
-    let b = Node::start(tmp.path(), "b", &http);
-    a.connect(&b, &http);
-    (tmp, http, a, b)
+    let a = Started::new(tmp.path(), "a");
+    let b = Started::new(tmp.path(), "b");
+    let (_, b_addr) = b.node.id_and_addr();
+    connect(&Api::new(&a.node), &b_addr, &b.entity_id);
+    let b_api = Api::new(&b.node);
+    let deadline = Instant::now() + STEP;
+    loop {
+        let peers = b_api.get("/v1/peers");
+        let listed = peers.as_array().is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p["entity_id"] == a.entity_id.as_str() && p["connected"] == true)
+        });
+        if listed {
+            break;
+        }
+        if Instant::now() > deadline {
+            b.node
+                .fail(&format!("a never showed as connected: {peers}"));
+        }
+        std::thread::sleep(POLL);
+    }
+    (tmp, a, b)
 }
 
 /// Runs the SDK's unittest suite with `features` enabled against A and B; fails
 /// with the suite's output if it fails.
-fn run_suite(features: &[&str], tmp: &Path, a: &Node, b: &Node) -> String {
+fn run_suite(features: &[&str], tmp: &Path, a: &Started, b: &Started) -> String {
     let out_path = tmp.join("python.out");
     let out = std::fs::File::create(&out_path).expect("create the output file");
     let err = out.try_clone().expect("clone the output file");
     let mut child = python()
         .args(["-m", "unittest", "discover", "-v"])
         .args(["-s", "sdk/python/tests", "-t", "sdk/python/tests"])
-        .env("PEER_TEST_DATA_DIR_A", &a.dir)
-        .env("PEER_TEST_DATA_DIR_B", &b.dir)
+        .env("PEER_TEST_DATA_DIR_A", &a.node.dir)
+        .env("PEER_TEST_DATA_DIR_B", &b.node.dir)
         .env("PEER_TEST_FEATURES", features.join(","))
         .env("PEER_TEST_REQUIRE_NODE", "1")
         .stdin(Stdio::null())
@@ -258,15 +152,15 @@ fn run_suite(features: &[&str], tmp: &Path, a: &Node, b: &Node) -> String {
         status.success(),
         "the Python SDK tests failed ({status}) with features {features:?}\n\
          --- python output ---\n{output}\n--- stderr of node a ---\n{}\n--- stderr of node b ---\n{}",
-        std::fs::read_to_string(&a.log).unwrap_or_default(),
-        std::fs::read_to_string(&b.log).unwrap_or_default(),
+        a.node.stderr(),
+        b.node.stderr(),
     );
     output
 }
 
 #[test]
 fn python_sdk_tests_pass_against_two_nodes() {
-    let (tmp, _http, a, b) = two_nodes();
+    let (tmp, a, b) = two_nodes();
     let output = run_suite(NODE_FEATURES, tmp.path(), &a, &b);
     // Every enabled feature's module ran (was not skipped).
     for feature in NODE_FEATURES {
@@ -359,11 +253,11 @@ impl Drop for Script {
 }
 
 /// Runs `examples/python/delegate.py` from A; answers its exit code and stdout.
-fn delegate(a: &Node, to: &Node, skill: &str, input: &Value) -> (i32, String) {
+fn delegate(a: &Started, to: &Started, skill: &str, input: &Value) -> (i32, String) {
     let out = python()
         .arg("examples/python/delegate.py")
         .arg("--data-dir")
-        .arg(&a.dir)
+        .arg(&a.node.dir)
         .args(["--to", &to.entity_id, "--skill", skill])
         .args(["--input", &input.to_string(), "--timeout", "15"])
         .output()
@@ -376,20 +270,19 @@ fn delegate(a: &Node, to: &Node, skill: &str, input: &Value) -> (i32, String) {
 
 #[test]
 fn python_example_agent_serves_on_a_real_node() {
-    let (_tmp, http, a, b) = two_nodes();
+    let (_tmp, a, b) = two_nodes();
     let mut agent = {
         let mut cmd = python();
         cmd.arg("examples/python/summarise_agent.py")
             .arg("--data-dir")
-            .arg(&b.dir);
+            .arg(&b.node.dir);
         Script::spawn(cmd)
     };
     let ready = agent.expect_line("ready: serving summarise");
     assert!(ready.contains(&b.entity_id), "{ready}");
 
     // Its event loop runs against the node now: it prints the messages it gets.
-    let sent = a.post(
-        &http,
+    let sent = Api::new(&a.node).post(
         "/v1/messages",
         &json!({"to": b.entity_id, "msg_type": "message", "payload": {"text": "hello, agent"}}),
     );

@@ -95,11 +95,16 @@ impl Node {
 
     /// Fails the test with `what` and everything the node wrote to stderr.
     pub fn fail(&self, what: &str) -> ! {
-        let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let stderr = self.stderr();
         panic!(
             "node {}: {what}\n--- stderr of node {} ---\n{stderr}",
             self.name, self.name
         )
+    }
+
+    /// Everything the node wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it.
