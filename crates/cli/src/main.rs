@@ -7,6 +7,8 @@ use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod devnet;
+
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use peer_node::libp2p::Multiaddr;
@@ -130,6 +132,18 @@ enum Command {
         /// Its id.
         task_id: String,
     },
+    /// Run a local network of N nodes on 127.0.0.1 until Ctrl-C: node0 is the
+    /// bootstrap the others dial; each has a data directory of its own under
+    /// one folder (printed), where the CLI finds its API.
+    Devnet {
+        /// How many nodes (1 to 64).
+        nodes: usize,
+        /// The folder for the nodes' data directories (default: a new one in
+        /// the temporary directory). Reused as is: the nodes keep their
+        /// identities and databases from a previous run there.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -220,6 +234,7 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
     let config = Config::load(cli.config.as_deref(), overrides(&cli))?;
     let dir = config.data_dir.clone();
     match &cli.command {
+        Command::Devnet { nodes, dir } => devnet::run(*nodes, dir.clone(), out),
         Command::Init => {
             let s = data_dir::init(&dir, peer_node::fresh_secrets)?;
             let verb = if s.created {
