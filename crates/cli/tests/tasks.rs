@@ -107,6 +107,11 @@ fn tasks_survive_sigkill_of_either_side() {
             &json!({"state": "working"}),
         );
         task_in(&api_a, &second, "working");
+        // A answers B only once the change is stored: from then on A keeps it.
+        wait_for("A to have stored the change", || {
+            let t = api_b.get(&format!("/v1/tasks/{second}"));
+            (t["peer_synced"] == true).then_some(())
+        });
         a.kill();
         // B completes it while A is gone: A cannot be told yet.
         let unsent = api_b.post(
