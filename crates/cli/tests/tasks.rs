@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod common;
-use common::{Api, Node, connect};
+use common::{Api, Node, connect, peer_command};
 
 /// Time allowed for something to show up on a node.
 const WAIT: Duration = Duration::from_secs(30);
@@ -141,4 +141,56 @@ fn tasks_survive_sigkill_of_either_side() {
     wait_for("B to see A was told", || {
         (api_b.get(&format!("/v1/tasks/{second}"))["peer_synced"] == true).then_some(())
     });
+
+    // The CLI: `peer delegate --wait` returns once B's agent has finished.
+    let (a_dir, b_id_cli) = (a.dir.clone(), b_id.clone());
+    let waiting = std::thread::spawn(move || {
+        peer_command(&a_dir)
+            .args([
+                "delegate",
+                &b_id_cli,
+                "summarise",
+                r#"{"text":"over the CLI"}"#,
+            ])
+            .args(["--wait", "--timeout", "30"])
+            .output()
+            .expect("run peer delegate")
+    });
+    let third = wait_for("B to get the CLI's task", || {
+        let tasks = api_b.get("/v1/tasks?role=assignee&state=submitted");
+        tasks["tasks"][0]["task_id"].as_str().map(str::to_owned)
+    });
+    api_b.post(
+        &format!("/v1/tasks/{third}/result"),
+        &json!({"output": {"summary": "the CLI"}}),
+    );
+    let out = waiting.join().expect("the CLI thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: Value = serde_json::from_slice(&out.stdout).expect("the task as JSON");
+    assert_eq!(
+        (&done["task_id"], &done["state"]),
+        (&json!(third), &json!("completed"))
+    );
+    assert_eq!(
+        a.cli(&["task", &third])["output"],
+        json!({"summary": "the CLI"})
+    );
+    let listed = b.cli(&["tasks", "--role", "assignee", "--state", "completed"]);
+    assert_eq!(
+        listed["tasks"].as_array().map(Vec::len),
+        Some(3),
+        "{listed}"
+    );
+    // A task that ends otherwise makes `--wait` exit 1, printing the task.
+    let out = peer_command(&a.dir)
+        .args(["delegate", &b_id, "translate", "{}", "--wait"])
+        .output()
+        .expect("run peer delegate");
+    assert_eq!(out.status.code(), Some(1));
+    let rejected: Value = serde_json::from_slice(&out.stdout).expect("the task as JSON");
+    assert_eq!(rejected["state"], "rejected", "{rejected}");
 }
