@@ -429,7 +429,7 @@ impl NodeHandle {
     ) -> Result<Delivered, NodeError> {
         let payload: Bytes = payload.into();
         if msg_type.namespace().is_some() {
-            self.check_send(to, msg_type.as_str()).await?;
+            self.check_send(to, msg_type.clone()).await?;
         }
         if msg_type.is_application() && payload.len() > self.chunk_size {
             return self.send_transfer(to, msg_type, payload).await;
@@ -535,13 +535,7 @@ impl NodeHandle {
     }
 
     /// Whether `peer`'s card, if known, lets this node send it `msg_type`.
-    async fn check_send(&self, peer: EntityId, msg_type: &str) -> Result<(), NodeError> {
-        let msg_type: MsgType =
-            msg_type
-                .parse()
-                .map_err(|e: peer_core::msg_type::ParseMsgTypeError| {
-                    NodeError::Invalid(e.to_string())
-                })?;
+    async fn check_send(&self, peer: EntityId, msg_type: MsgType) -> Result<(), NodeError> {
         self.builtin::<card::Cards>()
             .ask(|reply| card::Command::CheckSend {
                 peer,
@@ -560,7 +554,8 @@ impl NodeHandle {
     /// A peer whose card is known and does not list `task_delegate` (a node
     /// without tasks) is refused here, `UNSUPPORTED_MSG_TYPE`.
     pub async fn delegate(&self, task: NewTask) -> Result<Task, NodeError> {
-        self.check_send(task.to, tasks::DELEGATE).await?;
+        self.check_send(task.to, tasks::DELEGATE.parse().expect("a valid type"))
+            .await?;
         self.tasks()
             .ask(|reply| tasks::Command::Delegate { task, reply })
             .await?
