@@ -17,6 +17,7 @@ pub mod identity;
 pub mod inbound;
 pub mod msg_type;
 pub mod rate;
+pub mod registry;
 pub mod reorder;
 pub mod replay;
 pub mod seq_window;
