@@ -17,6 +17,7 @@ use crate::inbox::InboxConfig;
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
 use crate::services::card::CardConfig;
+use crate::services::discovery::DiscoveryConfig;
 use crate::services::heartbeat::HeartbeatConfig;
 use crate::services::tasks::TasksConfig;
 use crate::transfer::TransferConfig;
@@ -47,6 +48,8 @@ pub struct Config {
     pub card: CardConfig,
     /// Delegated tasks.
     pub tasks: TasksConfig,
+    /// The DHT registry, bootstrap and discovery.
+    pub discovery: DiscoveryConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -214,6 +217,7 @@ impl Default for Config {
             heartbeat: HeartbeatConfig::default(),
             card: CardConfig::default(),
             tasks: TasksConfig::default(),
+            discovery: DiscoveryConfig::default(),
         }
     }
 }
@@ -415,6 +419,7 @@ impl Config {
             .map_err(ConfigError::Invalid)?;
         self.heartbeat.validate().map_err(ConfigError::Invalid)?;
         self.tasks.validate().map_err(ConfigError::Invalid)?;
+        self.discovery.validate().map_err(ConfigError::Invalid)?;
         let p = &self.protocol;
         for (key, secs) in [
             ("timestamp_tolerance_secs", p.timestamp_tolerance_secs),

@@ -2,14 +2,17 @@
 //! Protocol decisions are made by the node actor, never here.
 
 pub mod codec;
+pub mod dht;
 pub mod ip_limits;
 
 use std::time::Duration;
 
+use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    PeerId, Swarm, SwarmBuilder, connection_limits, identify, identity, noise, ping,
-    request_response, tcp, yamux,
+    PeerId, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, identity, kad, mdns,
+    noise, ping, request_response, tcp, yamux,
 };
 use peer_core::{EntityId, PublicKey};
 
@@ -33,6 +36,13 @@ mod behaviour {
         pub ping: ping::Behaviour,
         /// `/peer-protocol/1.2.0`: envelopes.
         pub envelopes: request_response::Behaviour<codec::Codec>,
+        /// The DHT registry (off with `discovery.enabled = false`).
+        pub kad: Toggle<kad::Behaviour<MemoryStore>>,
+        /// Signed announces (off with `discovery.announce = false`).
+        pub gossipsub: Toggle<gossipsub::Behaviour>,
+        /// Peers on the local network (off with `discovery.mdns = false`, or
+        /// when the host has no multicast).
+        pub mdns: Toggle<mdns::tokio::Behaviour>,
     }
 }
 pub use behaviour::{Behaviour, BehaviourEvent};
@@ -85,6 +95,7 @@ pub fn build_swarm(
         .with_request_timeout(timeout)
         .with_max_concurrent_streams(net.max_concurrent_streams);
     let idle = Duration::from_secs(net.max_idle_secs);
+    let discovery = &config.discovery;
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -93,7 +104,8 @@ pub fn build_swarm(
             yamux::Config::default,
         )?
         .with_quic()
-        .with_behaviour(|key| Behaviour {
+        .with_behaviour(|key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(Behaviour {
             limits: connection_limits::Behaviour::new(limits),
             ip_limits: ip_limits::Behaviour::new(ip_limits),
             identify: identify::Behaviour::new(identify::Config::new(
@@ -106,6 +118,26 @@ pub fn build_swarm(
                 [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
                 rr_config,
             ),
+            kad: Toggle::from(
+                discovery
+                    .enabled
+                    .then(|| dht::kademlia(key.public().to_peer_id(), discovery)),
+            ),
+            gossipsub: Toggle::from(
+                (discovery.enabled && discovery.announce)
+                    .then(|| dht::gossipsub(key, discovery))
+                    .transpose()?,
+            ),
+            mdns: Toggle::from(
+                (discovery.enabled && discovery.mdns)
+                    .then(|| {
+                        mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())
+                            .inspect_err(|e| tracing::warn!(error = %e, "mDNS is off: cannot start it"))
+                            .ok()
+                    })
+                    .flatten(),
+            ),
+        })
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .with_connection_timeout(timeout)

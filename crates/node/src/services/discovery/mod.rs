@@ -1,0 +1,5 @@
+//! Discovery and the DHT registry.
+
+mod config;
+
+pub use config::DiscoveryConfig;
