@@ -37,13 +37,15 @@ impl Transport {
     }
 }
 
-/// Starts a node with `config` (its `data_dir` replaced by `dir`) and a fresh
-/// identity. Call it on a tokio runtime: the node's actor is spawned on it.
+/// Starts a node with `config` (its `data_dir` replaced by `dir`, mDNS off:
+/// benchmark nodes meet only whom they are told) and a fresh identity. Call
+/// it on a tokio runtime: the node's actor is spawned on it.
 pub fn start(dir: &Path, config: Config) -> Result<NodeHandle> {
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.to_path_buf(),
         ..config
     };
+    config.discovery.mdns = false;
     let secrets = data_dir::init(dir, peer_node::fresh_secrets)?;
     let store = Store::open(&dir.join(data_dir::DB_FILE))?;
     Ok(node::start(config, secrets.identity, store)?)

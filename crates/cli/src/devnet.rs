@@ -120,6 +120,9 @@ fn start(exe: &Path, root: &Path, i: usize, bootstrap: Option<&str>) -> Result<M
         "/ip4/127.0.0.1/tcp/0",
         "--api",
         "127.0.0.1:0",
+        // The nodes find each other through node0 and the DHT; mDNS would
+        // also bring in every other node on this host.
+        "--no-mdns",
     ]);
     if let Some(addr) = bootstrap {
         cmd.args(["--bootstrap", addr]);

@@ -46,9 +46,17 @@ enum Command {
         /// Address of the local API, e.g. 127.0.0.1:7401 (port 0: any free port).
         #[arg(long, value_name = "HOST:PORT")]
         api: Option<SocketAddr>,
-        /// Peer to dial at start (repeatable).
+        /// Bootstrap peer to join the network through (repeatable); the
+        /// variable PEER_BOOTSTRAP takes a list separated by commas.
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<Multiaddr>,
+        /// Run as a bootstrap node: serve the DHT for others, run no
+        /// application service (no messages, tasks or inbox).
+        #[arg(long)]
+        bootstrap_node: bool,
+        /// Do not look for peers on the local network with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Show the running node's health, addresses and counters.
     Status,
@@ -95,6 +103,16 @@ enum Command {
     Caps {
         /// The peer's entity id (64 hex digits).
         entity_id: String,
+    },
+    /// Find a peer by entity id, or the peers offering a capability, in the
+    /// DHT.
+    Find {
+        /// The peer's entity id (64 hex digits).
+        #[arg(required_unless_present = "capability", conflicts_with = "capability")]
+        entity_id: Option<String>,
+        /// A capability (a skill id of the cards).
+        #[arg(long)]
+        capability: Option<String>,
     },
     /// Hand a task to a peer: prints its id, or with --wait the task once it
     /// is finished (exit status 1 unless it completed).
@@ -166,8 +184,20 @@ fn overrides(cli: &Cli) -> toml::Table {
         listen,
         api,
         bootstrap,
+        bootstrap_node,
+        no_mdns,
     } = &cli.command
     {
+        let mut discovery = toml::Table::new();
+        if *bootstrap_node {
+            discovery.insert("bootstrap_node".into(), true.into());
+        }
+        if *no_mdns {
+            discovery.insert("mdns".into(), false.into());
+        }
+        if !discovery.is_empty() {
+            t.insert("discovery".into(), discovery.into());
+        }
         let mut network = toml::Table::new();
         let strings = |v: &[Multiaddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         if !listen.is_empty() {
@@ -186,6 +216,20 @@ fn overrides(cli: &Cli) -> toml::Table {
         }
     }
     t
+}
+
+/// `value` percent-encoded for a URL query (RFC 3986 unreserved characters
+/// kept).
+fn query_value(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn main() {
@@ -319,6 +363,18 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
         Command::Caps { entity_id } => {
             let c = Client::new(&dir, cli.api_url.as_deref())?;
             print_json(out, &c.get(&format!("/v1/peers/{entity_id}/card"))?)
+        }
+        Command::Find {
+            entity_id,
+            capability,
+        } => {
+            let c = Client::new(&dir, cli.api_url.as_deref())?;
+            let path = match (entity_id, capability) {
+                (Some(id), _) => format!("/v1/peers/{id}"),
+                (None, Some(cap)) => format!("/v1/discover?capability={}", query_value(cap)),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            print_json(out, &c.get(&path)?)
         }
         Command::Delegate {
             entity_id,

@@ -65,8 +65,7 @@ pub struct PeerRecord {
 impl PeerRecord {
     /// Ms since the Unix epoch at which it expires.
     pub fn expires_at(&self) -> u64 {
-        self.issued_at
-            .saturating_add(self.ttl.saturating_mul(1000))
+        self.issued_at.saturating_add(self.ttl.saturating_mul(1000))
     }
 
     /// Its Ed25519 key, if `public_key` is 64 hex digits.

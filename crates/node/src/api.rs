@@ -139,6 +139,9 @@ pub fn router(
         )
         .route("/v1/card", get(own_card).put(set_card))
         .route("/v1/peers/{entity_id}/card", get(peer_card))
+        .route("/v1/peers/{entity_id}", get(find_peer))
+        .route("/v1/discover", get(discover))
+        .route("/v1/discovery", get(discovery_stats))
         .route("/metrics", get(metrics))
         .route_layer(limited.clone())
         .route_layer(authorized.clone());
@@ -819,6 +822,43 @@ async fn peer_card(
             format!("no card of {peer} is known, and it is not connected to be asked"),
         )),
     }
+}
+
+/// `GET /v1/peers/{entity_id}`: the peer, looked up in the DHT if needed.
+async fn find_peer(
+    State(s): State<AppState>,
+    Path(entity_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let peer: EntityId = entity_id
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("entity_id: {e}")))?;
+    Ok(Json(json!(s.node.find(peer).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiscoverQuery {
+    capability: String,
+}
+
+/// `GET /v1/discover?capability=X`: the peers offering X.
+async fn discover(
+    State(s): State<AppState>,
+    Query(q): Query<DiscoverQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if q.capability.is_empty() || q.capability.len() > peer_core::registry::MAX_FIELD {
+        return Err(ApiError::bad_request(format!(
+            "capability must be 1 to {} bytes",
+            peer_core::registry::MAX_FIELD
+        )));
+    }
+    let peers = s.node.discover(q.capability.clone()).await?;
+    Ok(Json(json!({"capability": q.capability, "peers": peers})))
+}
+
+/// `GET /v1/discovery`: what discovery knows and did.
+async fn discovery_stats(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!(s.node.discovery_stats().await?)))
 }
 
 async fn agent_card(State(s): State<AppState>) -> Result<Response, ApiError> {

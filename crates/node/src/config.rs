@@ -329,6 +329,29 @@ impl NetworkConfig {
     }
 }
 
+/// `PEER_BOOTSTRAP` as a partial tree (`network.bootstrap`), empty if unset.
+fn bootstrap_from_env() -> Result<toml::Table, ConfigError> {
+    let mut t = toml::Table::new();
+    let Ok(list) = std::env::var("PEER_BOOTSTRAP") else {
+        return Ok(t);
+    };
+    let addrs = list
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .map(|m| toml::Value::String(m.to_string()))
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("PEER_BOOTSTRAP: {a:?} is not a multiaddr: {e}"))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut network = toml::Table::new();
+    network.insert("bootstrap".into(), toml::Value::Array(addrs));
+    t.insert("network".into(), network.into());
+    Ok(t)
+}
+
 /// `$HOME/.peer`, or `./.peer` without a home directory.
 fn default_data_dir() -> PathBuf {
     std::env::var_os("HOME")
@@ -357,10 +380,19 @@ pub enum ConfigError {
 impl Config {
     /// Loads defaults ← `file` (if given, it must exist; else `<data_dir>/config.toml`
     /// if present) ← `PEER_*` variables ← `overrides` (flags, as a partial TOML tree).
+    /// `PEER_BOOTSTRAP` is a list of bootstrap addresses separated by commas
+    /// or spaces (`network.bootstrap`).
     pub fn load(file: Option<&Path>, overrides: toml::Table) -> Result<Self, ConfigError> {
         let overrides = Serialized::defaults(overrides);
+        let bootstrap = Serialized::defaults(bootstrap_from_env()?);
+        let env = || {
+            Env::prefixed("PEER_")
+                .split("__")
+                .ignore(&["config", "bootstrap"])
+        };
         let base = Figment::from(Serialized::defaults(Config::default()))
-            .merge(Env::prefixed("PEER_").split("__").ignore(&["config"]))
+            .merge(env())
+            .merge(bootstrap.clone())
             .merge(overrides.clone());
         let file = match file {
             Some(f) => Some(f.to_path_buf()),
@@ -375,7 +407,8 @@ impl Config {
         if let Some(f) = file {
             fig = fig.merge(Toml::file_exact(f));
         }
-        fig.merge(Env::prefixed("PEER_").split("__").ignore(&["config"]))
+        fig.merge(env())
+            .merge(bootstrap)
             .merge(overrides)
             .extract::<Config>()
             .map_err(|e| ConfigError::Load(Box::new(e)))?

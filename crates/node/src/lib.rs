@@ -16,6 +16,7 @@ pub mod data_dir;
 pub mod inbox;
 pub mod json;
 pub mod net;
+pub mod network;
 pub mod node;
 mod outbox;
 pub mod ratelimit;

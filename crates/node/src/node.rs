@@ -33,7 +33,7 @@ use crate::services::card::{self, CardCell, CardContent, SignedCard};
 use crate::services::heartbeat::{self, Health, HealthView};
 pub use crate::services::tasks::task::NewTask;
 use crate::services::tasks::{self, task::Task};
-use crate::services::{handshake, messaging, ping, transfer};
+use crate::services::{discovery, handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
 use crate::store::{PeerRecord, Store, Writer};
 
@@ -205,6 +205,11 @@ pub struct PeerView {
     /// Its health, if the heartbeat service tracks it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthView>,
+    /// Whether discovery holds a verified record of it.
+    pub verified: bool,
+    /// Its capabilities, from its verified record.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// A change this node's agent makes to a task.
@@ -282,7 +287,9 @@ pub enum NodeError {
     #[error("{0}")]
     NotFound(String),
     /// No open connection to the entity.
-    #[error("not connected to {0}; connect to one of its addresses first (POST /v1/peers)")]
+    #[error(
+        "not connected to {0}, and no address or DHT record of it was found; connect to one of its addresses first (POST /v1/peers)"
+    )]
     NotConnected(EntityId),
     /// The request is not valid.
     #[error("{0}")]
@@ -356,9 +363,17 @@ impl NodeHandle {
         })
     }
 
-    fn builtin<S: Service>(&self) -> ServiceHandle<S> {
-        self.service::<S>()
-            .expect("the built-in services are registered by every builder")
+    /// A built-in service; a bootstrap node runs only some of them.
+    fn builtin<S: Service>(&self) -> Result<ServiceHandle<S>, NodeError> {
+        self.service::<S>().ok_or_else(|| {
+            NodeError::NotFound(format!(
+                "this node runs no {} service (a bootstrap node serves the DHT only)",
+                std::any::type_name::<S>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("such")
+            ))
+        })
     }
 
     /// This node's entity id.
@@ -446,7 +461,7 @@ impl NodeHandle {
                 self.max_envelope_size
             )));
         }
-        self.builtin::<messaging::Messaging>()
+        self.builtin::<messaging::Messaging>()?
             .ask(|reply| messaging::Command::Send {
                 to,
                 msg_type,
@@ -482,7 +497,7 @@ impl NodeHandle {
         })
         .await
         .map_err(|_| NodeError::Stopped)??;
-        self.builtin::<transfer::Transfers>()
+        self.builtin::<transfer::Transfers>()?
             .ask(|reply| transfer::Command::Send {
                 to,
                 manifest,
@@ -504,15 +519,47 @@ impl NodeHandle {
         let ids = records.iter().map(|r| r.entity_id).collect();
         let live = self.ask(|reply| Command::Live(ids, reply)).await?;
         let mut peers = peer_list(records, live);
+        let discovered = self
+            .builtin::<discovery::Discovery>()?
+            .ask(discovery::Command::Table)
+            .await?;
+        merge_discovered(&mut peers, discovered);
         let ids = peers.iter().map(|p| p.entity_id).collect();
         let mut health = self
-            .builtin::<heartbeat::Heartbeat>()
+            .builtin::<heartbeat::Heartbeat>()?
             .ask(|reply| heartbeat::Command::Health(ids, reply))
             .await?;
         for p in &mut peers {
             p.health = health.remove(&p.entity_id);
         }
         Ok(peers)
+    }
+
+    /// A peer by entity id: its verified record, looked up in the DHT if it
+    /// is not known (`NotFound` if no valid record is found).
+    pub async fn find(&self, entity: EntityId) -> Result<discovery::PeerInfo, NodeError> {
+        self.builtin::<discovery::Discovery>()?
+            .ask(|reply| discovery::Command::Find(entity, reply))
+            .await?
+    }
+
+    /// The peers offering `capability`: the DHT's providers of it, each
+    /// with a verified record that lists it, and the other peers known with
+    /// such a record.
+    pub async fn discover(
+        &self,
+        capability: String,
+    ) -> Result<Vec<discovery::PeerInfo>, NodeError> {
+        self.builtin::<discovery::Discovery>()?
+            .ask(|reply| discovery::Command::Discover(capability, reply))
+            .await?
+    }
+
+    /// What discovery knows and did.
+    pub async fn discovery_stats(&self) -> Result<discovery::DiscoveryStats, NodeError> {
+        self.builtin::<discovery::Discovery>()?
+            .ask(discovery::Command::Stats)
+            .await
     }
 
     /// Up to `limit` events waiting in the inbox after id `after`, oldest
@@ -536,7 +583,7 @@ impl NodeHandle {
 
     /// Whether `peer`'s card, if known, lets this node send it `msg_type`.
     async fn check_send(&self, peer: EntityId, msg_type: MsgType) -> Result<(), NodeError> {
-        self.builtin::<card::Cards>()
+        self.builtin::<card::Cards>()?
             .ask(|reply| card::Command::CheckSend {
                 peer,
                 msg_type,
@@ -545,7 +592,7 @@ impl NodeHandle {
             .await?
     }
 
-    fn tasks(&self) -> ServiceHandle<tasks::Tasks> {
+    fn tasks(&self) -> Result<ServiceHandle<tasks::Tasks>, NodeError> {
         self.builtin::<tasks::Tasks>()
     }
 
@@ -556,14 +603,14 @@ impl NodeHandle {
     pub async fn delegate(&self, task: NewTask) -> Result<Task, NodeError> {
         self.check_send(task.to, tasks::DELEGATE.parse().expect("a valid type"))
             .await?;
-        self.tasks()
+        self.tasks()?
             .ask(|reply| tasks::Command::Delegate { task, reply })
             .await?
     }
 
     /// One task, of either role.
     pub async fn task(&self, task_id: String) -> Result<Task, NodeError> {
-        self.tasks()
+        self.tasks()?
             .ask(|reply| tasks::Command::Get { task_id, reply })
             .await?
     }
@@ -575,7 +622,7 @@ impl NodeHandle {
         role: Option<tasks::task::Role>,
         state: Option<tasks::task::State>,
     ) -> Result<Vec<Task>, NodeError> {
-        self.tasks()
+        self.tasks()?
             .ask(|reply| tasks::Command::List { role, state, reply })
             .await
     }
@@ -584,7 +631,7 @@ impl NodeHandle {
     /// `Status` or `Complete` as its assignee. Answers the task once the
     /// change is stored; `INVALID_STATE` if the change is not allowed.
     pub async fn change_task(&self, change: TaskChange) -> Result<Task, NodeError> {
-        self.tasks()
+        self.tasks()?
             .ask(|reply| match change {
                 TaskChange::Cancel { task_id, message } => tasks::Command::Cancel {
                     task_id,
@@ -635,7 +682,7 @@ impl NodeHandle {
     /// restarts), then uses it and pushes it to every connected peer.
     /// Answers the card now in use.
     pub async fn set_card(&self, content: CardContent) -> Result<Arc<SignedCard>, NodeError> {
-        let cards = self.builtin::<card::Cards>();
+        let cards = self.builtin::<card::Cards>()?;
         let signed = cards
             .ask(|reply| card::Command::Sign { content, reply })
             .await??;
@@ -656,7 +703,7 @@ impl NodeHandle {
     /// A peer's verified card: the one cached, else asked of the peer if it
     /// is connected; `None` if there is none.
     pub async fn peer_card(&self, peer: EntityId) -> Result<Option<Arc<SignedCard>>, NodeError> {
-        self.builtin::<card::Cards>()
+        self.builtin::<card::Cards>()?
             .ask(|reply| card::Command::Peer { peer, reply })
             .await
     }
@@ -698,12 +745,43 @@ fn peer_list(records: Vec<PeerRecord>, live: Live) -> Vec<PeerView> {
                 connected: false,
                 last_seen_ms: r.last_seen_ms,
                 health: None,
+                verified: false,
+                capabilities: Vec::new(),
             },
         })
         .collect();
     out.extend(connected.into_values());
     out.sort_by_key(|p| (Reverse(p.last_seen_ms), p.entity_id));
     out
+}
+
+/// Adds what discovery knows to the peer list: whether each peer's record is
+/// verified and its capabilities, and the peers only discovery knows.
+fn merge_discovered(peers: &mut Vec<PeerView>, discovered: Vec<discovery::PeerInfo>) {
+    let mut by_id: HashMap<EntityId, discovery::PeerInfo> =
+        discovered.into_iter().map(|d| (d.entity_id, d)).collect();
+    for p in peers.iter_mut() {
+        if let Some(d) = by_id.remove(&p.entity_id) {
+            p.verified = d.verified;
+            p.capabilities = d.capabilities;
+        }
+    }
+    let mut rest: Vec<PeerView> = by_id
+        .into_values()
+        .map(|d| PeerView {
+            entity_id: d.entity_id,
+            peer_id: d.peer_id,
+            addrs: d.addresses,
+            connected: d.connected,
+            session: None,
+            last_seen_ms: 0,
+            health: None,
+            verified: d.verified,
+            capabilities: d.capabilities,
+        })
+        .collect();
+    rest.sort_by_key(|p| p.entity_id);
+    peers.extend(rest);
 }
 
 /// Why a node could not start.
@@ -763,9 +841,26 @@ impl std::fmt::Debug for Builder {
 
 impl Builder {
     /// A node with the built-in services (ping, handshake, messaging, chunked
-    /// transfer, heartbeat, capability cards) and the system clock.
+    /// transfer, heartbeat, capability cards; tasks and discovery are added
+    /// at start) and the system clock. In the bootstrap role
+    /// (`discovery.bootstrap_node`) only ping and heartbeat (and discovery):
+    /// the node serves the DHT and keeps no application state.
     pub fn new(config: Config, identity: Identity, store: Store) -> Self {
         let card = CardCell::default();
+        if config.discovery.bootstrap_node {
+            let heartbeat = heartbeat::Heartbeat::new(config.heartbeat.clone());
+            return Self {
+                config,
+                identity,
+                store,
+                clock: Arc::new(SystemClock),
+                services: Vec::new(),
+                types: HashMap::new(),
+                card,
+            }
+            .service(ping::Ping)
+            .service(heartbeat);
+        }
         let transfers = transfer::Transfers::new(config.transfer.clone(), card.clone());
         let messaging = messaging::Messaging::new(card.clone(), config.card.classes().collect());
         let cards = card::Cards::new(&config.card, card.clone());
@@ -809,9 +904,24 @@ impl Builder {
     /// ([`Config::check`]), two services own one message type, or the network
     /// cannot start.
     pub fn start(self) -> Result<NodeHandle, StartError> {
-        // The tasks service starts from what the database holds.
-        let tasks = tasks::Tasks::load(&self.store, self.config.tasks.clone(), self.card.clone())
+        // The tasks and discovery services start from what the database holds.
+        let discovery = discovery::Discovery::load(
+            &self.store,
+            self.config.discovery.clone(),
+            self.card.clone(),
+            self.clock.wall_ms(),
+        )
+        .map_err(|e| StartError(format!("cannot load the DHT records: {e}")))?;
+        let mut builder = self.service(discovery);
+        if !builder.config.discovery.bootstrap_node {
+            let tasks = tasks::Tasks::load(
+                &builder.store,
+                builder.config.tasks.clone(),
+                builder.card.clone(),
+            )
             .map_err(|e| StartError(format!("cannot load the tasks: {e}")))?;
+            builder = builder.service(tasks);
+        }
         let Self {
             config,
             identity,
@@ -820,7 +930,7 @@ impl Builder {
             services,
             types,
             card,
-        } = self.service(tasks);
+        } = builder;
         config.check().map_err(|e| StartError(e.to_string()))?;
         let routes = Routes::build(&services).map_err(StartError)?;
         let own = card::initial(&config, &identity, &store, routes.types(), clock.wall_ms())
@@ -969,6 +1079,8 @@ mod tests {
             session: None,
             last_seen_ms: seen,
             health: None,
+            verified: false,
+            capabilities: Vec::new(),
         };
         let session = SessionView {
             session_id: "s".into(),

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::actor::{Command, Queued, Shared};
 use crate::config::Config;
 use crate::inbox::{Delivery, StoreOp};
+use crate::network::{NetEvent, NetOp};
 use crate::node::{Event, NodeError};
 use crate::secure::{Released, Secure};
 use crate::stats::Stats;
@@ -332,6 +333,12 @@ pub trait Service: Send + 'static {
     fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>) {
         let _ = (cx, token, result);
     }
+
+    /// An event of the discovery protocols: a lookup's progress reaches the
+    /// service that started it, every other event every service.
+    fn on_network(&mut self, cx: &mut Context<'_>, event: &NetEvent) {
+        let _ = (cx, event);
+    }
 }
 
 /// A service with its command type erased, as the actor holds it.
@@ -346,6 +353,7 @@ pub(crate) trait Erased: Send {
     fn on_timeout(&mut self, cx: &mut Context<'_>);
     fn on_peer_event(&mut self, cx: &mut Context<'_>, event: PeerEvent);
     fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>);
+    fn on_network(&mut self, cx: &mut Context<'_>, event: &NetEvent);
 }
 
 impl<S: Service> Erased for S {
@@ -382,6 +390,9 @@ impl<S: Service> Erased for S {
     }
     fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>) {
         Service::on_persisted(self, cx, token, result);
+    }
+    fn on_network(&mut self, cx: &mut Context<'_>, event: &NetEvent) {
+        Service::on_network(self, cx, event);
     }
 }
 
@@ -553,6 +564,8 @@ pub(crate) struct Effects {
     /// service in the same delivery slot, and that service's answer is the
     /// chunk's.
     pub forward: Option<Inbound>,
+    /// What services asked of the discovery protocols, in order.
+    pub network: std::collections::VecDeque<(ServiceId, NetOp)>,
     /// Set while a service handles an envelope: the event it delivers,
     /// released with the envelope's answer (a sealed one's in its session's
     /// order).
@@ -608,6 +621,30 @@ impl Context<'_> {
     /// Whether a connection to `peer` is open.
     pub fn is_connected(&self, peer: &EntityId) -> bool {
         self.shared.by_entity.contains_key(peer)
+    }
+
+    /// The libp2p peer id of a connected peer.
+    pub fn peer_id(&self, peer: &EntityId) -> Option<libp2p::PeerId> {
+        self.shared.by_entity.get(peer).copied()
+    }
+
+    /// How many peers a connection is open to.
+    pub fn connected_peers(&self) -> usize {
+        self.shared.by_entity.len()
+    }
+
+    /// Asks the discovery protocols for something (see [`NetOp`]); done
+    /// once the service has returned.
+    pub fn network(&mut self, op: NetOp) {
+        self.effects.network.push_back((self.me, op));
+    }
+
+    /// Says that this service needs a connection to `peer` (it has
+    /// something to send): the discovery service finds and dials it.
+    pub fn want(&mut self, peer: EntityId) {
+        if !self.is_connected(&peer) {
+            self.effects.network.push_back((self.me, NetOp::Want(peer)));
+        }
     }
 
     /// Sends `payload` as a `msg_type` request to `to`: sealed in the session

@@ -204,6 +204,14 @@ async fn dial<B: NetworkBehaviour>(swarm: &mut Swarm<B>, addr: Multiaddr) -> Res
 }
 
 /// A fresh identity.
+/// The configuration of an attacker's swarm: the node's wire protocol and
+/// nothing of discovery (no DHT, no announces, no mDNS).
+fn attacker_config() -> peer_node::Config {
+    let mut config = peer_node::Config::default();
+    config.discovery.enabled = false;
+    config
+}
+
 fn fresh_identity() -> Identity {
     Identity::from_secret(&rand::random())
 }

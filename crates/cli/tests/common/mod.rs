@@ -27,12 +27,15 @@ pub fn peer_command(dir: &Path) -> Command {
     cmd
 }
 
-/// `peer run` on `dir` with free ports on 127.0.0.1; more flags and
-/// variables may be added.
+/// `peer run` on `dir` with free ports on 127.0.0.1, without mDNS (tests
+/// run side by side on one host); more flags and variables may be added.
 pub fn run_command(dir: &Path) -> Command {
     let mut cmd = peer_command(dir);
-    cmd.args(["run", "--listen", "/ip4/127.0.0.1/tcp/0"])
-        .args(["--api", "127.0.0.1:0"]);
+    cmd.args(["run", "--listen", "/ip4/127.0.0.1/tcp/0"]).args([
+        "--api",
+        "127.0.0.1:0",
+        "--no-mdns",
+    ]);
     cmd
 }
 

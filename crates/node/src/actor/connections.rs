@@ -16,6 +16,7 @@ use peer_core::EntityId;
 use super::{Actor, Reply};
 use crate::net;
 use crate::net::ip_limits::Group;
+use crate::network::NetEvent;
 use crate::node::{Event, Live, NodeError, PeerView};
 use crate::service::PeerEvent;
 use crate::store::PeerRecord;
@@ -177,6 +178,7 @@ impl Actor {
             .events
             .send(Event::PeerConnected { entity_id: entity });
         self.peer_event(PeerEvent::Connected(entity));
+        self.unpark(entity);
     }
 
     /// `entity` sent a request refused as misbehaviour; past
@@ -215,6 +217,12 @@ impl Actor {
         connection_id: ConnectionId,
         info: identify::Info,
     ) {
+        let kad = info.protocols.contains(&net::dht::KAD_PROTOCOL);
+        self.net_event(&NetEvent::Identified {
+            peer: peer_id,
+            listen_addrs: info.listen_addrs.clone(),
+            kad,
+        });
         let Some(c) = self.connections.peers.get_mut(&peer_id) else {
             return;
         };
@@ -226,7 +234,9 @@ impl Actor {
         if let Some(d) = self.connections.dials.remove(&connection_id)
             && let Some(c) = self.connections.peers.get(&peer_id)
         {
+            let entity = c.entity;
             _ = d.reply.send(Ok(self.peer_view(peer_id, c)));
+            self.net_event(&NetEvent::AgentConnected(entity));
         }
     }
 
@@ -277,6 +287,8 @@ impl Actor {
             session: self.shared.sessions.view(&c.entity, now, wall),
             last_seen_ms: c.last_seen_ms,
             health: None,
+            verified: false,
+            capabilities: Vec::new(),
         }
     }
 

@@ -14,6 +14,7 @@
 //! dial asks for, on the monotonic clock.
 
 mod connections;
+mod network;
 mod outbound;
 mod pipeline;
 
@@ -34,6 +35,7 @@ use crate::clock::{Clock, Monotonic};
 use crate::config::Config;
 use crate::inbox::{Committed, Delivery, Inbox};
 use crate::net::{Behaviour, BehaviourEvent};
+use crate::network::NetEvent;
 use crate::node::{Event, Live, NodeError, PeerView};
 use crate::ratelimit::Limits;
 use crate::secure::Secure;
@@ -46,6 +48,7 @@ use crate::store::Writer;
 pub(crate) use outbound::Queued;
 
 use connections::Connections;
+use network::Network;
 use outbound::Outbound;
 use pipeline::Pipeline;
 
@@ -156,6 +159,8 @@ struct Actor {
     pipeline: Pipeline,
     outbound: Outbound,
     connections: Connections,
+    /// Lookups in progress and messages waiting for a connection.
+    network: Network,
     writer: Writer,
     listen_addrs: Vec<Multiaddr>,
 }
@@ -189,6 +194,7 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
         ),
         outbound: Outbound::new(&config, identity.clone(), signed_tx, metrics.clone()),
         connections: Connections::new(config.network.max_pending_dials),
+        network: Network::new(&config),
         shared: Shared {
             sessions: Secure::new(config.security.clone(), identity.entity_id()),
             limits: Limits::new(&config.rate_limits),
@@ -271,6 +277,7 @@ impl Actor {
             .filter_map(|s| s.poll_timeout())
             .chain(self.shared.sessions.poll_timeout())
             .chain(self.connections.poll_timeout())
+            .chain(self.network.poll_timeout())
             .min()
     }
 
@@ -296,6 +303,7 @@ impl Actor {
             }
         }
         self.dial_timeouts(now);
+        self.parked_timeouts(now);
     }
 
     /// An event released from a reorder buffer goes to the agent.
@@ -339,6 +347,8 @@ impl Actor {
                 for (q, e) in std::mem::take(&mut self.effects.failed) {
                     self.outbound_failed(q, e);
                 }
+            } else if let Some((owner, op)) = self.effects.network.pop_front() {
+                self.apply(owner, op);
             } else if let Some(t) = self.effects.transfers.pop_front() {
                 self.transfer_for(t);
             } else if !self.effects.outcomes.is_empty() {
@@ -397,9 +407,11 @@ impl Actor {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
                 self.listen_addrs.push(address);
+                self.net_event(&NetEvent::ListenAddrs(self.listen_addrs.clone()));
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+                self.net_event(&NetEvent::ListenAddrs(self.listen_addrs.clone()));
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -415,15 +427,21 @@ impl Actor {
             } => self.on_closed(peer_id, connection_id, num_established),
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
+                peer_id,
                 error,
-                ..
-            } => self.dial_failed(connection_id, NodeError::Dial(error.to_string())),
+            } => {
+                self.dial_error(peer_id, error.to_string());
+                self.dial_failed(connection_id, NodeError::Dial(error.to_string()));
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Envelopes(e)) => self.on_envelopes(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 connection_id,
                 peer_id,
                 info,
             })) => self.on_identified(peer_id, connection_id, info),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => self.on_mdns(e),
             _ => {}
         }
     }

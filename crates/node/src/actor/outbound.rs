@@ -243,7 +243,12 @@ impl Actor {
         } = send;
         let to = queued.to;
         if !self.shared.by_entity.contains_key(&to) {
-            return self.outbound_failed(queued, NodeError::NotConnected(to));
+            return self.park(SendRequest {
+                queued,
+                msg_type,
+                payload,
+                metered,
+            });
         }
         if metered {
             let Some(ticket) = self.outbound.admission.admit(payload.len() as u64) else {

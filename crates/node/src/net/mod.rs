@@ -104,41 +104,48 @@ pub fn build_swarm(
             yamux::Config::default,
         )?
         .with_quic()
-        .with_behaviour(|key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-            Ok(Behaviour {
-            limits: connection_limits::Behaviour::new(limits),
-            ip_limits: ip_limits::Behaviour::new(ip_limits),
-            identify: identify::Behaviour::new(identify::Config::new(
-                "/peer-protocol/id/1.2.0".into(),
-                key.public(),
-            )),
-            ping: ping::Behaviour::default(),
-            envelopes: request_response::Behaviour::with_codec(
-                codec::Codec::new(inbound),
-                [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
-                rr_config,
-            ),
-            kad: Toggle::from(
-                discovery
-                    .enabled
-                    .then(|| dht::kademlia(key.public().to_peer_id(), discovery)),
-            ),
-            gossipsub: Toggle::from(
-                (discovery.enabled && discovery.announce)
-                    .then(|| dht::gossipsub(key, discovery))
-                    .transpose()?,
-            ),
-            mdns: Toggle::from(
-                (discovery.enabled && discovery.mdns)
-                    .then(|| {
-                        mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())
-                            .inspect_err(|e| tracing::warn!(error = %e, "mDNS is off: cannot start it"))
-                            .ok()
-                    })
-                    .flatten(),
-            ),
-        })
-        })?
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(Behaviour {
+                    limits: connection_limits::Behaviour::new(limits),
+                    ip_limits: ip_limits::Behaviour::new(ip_limits),
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/peer-protocol/id/1.2.0".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::default(),
+                    envelopes: request_response::Behaviour::with_codec(
+                        codec::Codec::new(inbound),
+                        [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
+                        rr_config,
+                    ),
+                    kad: Toggle::from(
+                        discovery
+                            .enabled
+                            .then(|| dht::kademlia(key.public().to_peer_id(), discovery)),
+                    ),
+                    gossipsub: Toggle::from(
+                        (discovery.enabled && discovery.announce)
+                            .then(|| dht::gossipsub(key, discovery))
+                            .transpose()?,
+                    ),
+                    mdns: Toggle::from(
+                        (discovery.enabled && discovery.mdns)
+                            .then(|| {
+                                mdns::tokio::Behaviour::new(
+                                    mdns::Config::default(),
+                                    key.public().to_peer_id(),
+                                )
+                                .inspect_err(
+                                    |e| tracing::warn!(error = %e, "mDNS is off: cannot start it"),
+                                )
+                                .ok()
+                            })
+                            .flatten(),
+                    ),
+                })
+            },
+        )?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .with_connection_timeout(timeout)
         .build();

@@ -56,6 +56,8 @@ pub async fn start_node_in(
         ..Config::default()
     };
     config.network.listen = vec![listen.parse().expect("addr")];
+    // Tests run side by side on one host: mDNS would connect them all.
+    config.discovery.mdns = false;
     tune(&mut config);
     let secrets = data_dir::init(dir.path(), peer_node::fresh_secrets).expect("init");
     let store = Store::open(&dir.path().join(data_dir::DB_FILE)).expect("store");
@@ -98,15 +100,17 @@ pub async fn reopen(
 }
 
 /// The configuration of a raw peer's swarm: it reads replies up to four
-/// times [`LIMIT`].
+/// times [`LIMIT`], and speaks no discovery protocol.
 fn raw_config() -> Config {
-    Config {
+    let mut config = Config {
         protocol: ProtocolConfig {
             max_envelope_size: 4 * LIMIT,
             ..ProtocolConfig::default()
         },
         ..Config::default()
-    }
+    };
+    config.discovery.enabled = false;
+    config
 }
 
 /// A peer that speaks the wire protocol directly, so it can send any bytes.

@@ -1,0 +1,211 @@
+//! Discovery and the DHT registry with real nodes in one process, on
+//! 127.0.0.1: joining through a bootstrap node, finding a peer by id and by
+//! capability with no connection beforehand, a message to an entity never
+//! connected, records kept across a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestNode, restart, start_node_with};
+use peer_node::Config;
+use peer_node::services::card::Skill;
+
+const TCP: &str = "/ip4/127.0.0.1/tcp/0";
+
+/// Short periods so that a test sees several rounds.
+fn fast(c: &mut Config) {
+    c.discovery.query_secs = 2;
+    c.discovery.random_walk_secs = 2;
+    c.discovery.query_timeout_secs = 5;
+}
+
+fn skill(id: &str) -> Skill {
+    Skill {
+        id: id.into(),
+        name: String::new(),
+        description: String::new(),
+        tags: Vec::new(),
+        input_modes: Vec::new(),
+        output_modes: Vec::new(),
+        examples: Vec::new(),
+    }
+}
+
+/// A node that joins through `bootstrap`, offering `skills`.
+async fn member(bootstrap: &TestNode, skills: &[&str]) -> TestNode {
+    let addr = bootstrap.addr.clone();
+    let skills: Vec<Skill> = skills.iter().map(|s| skill(s)).collect();
+    start_node_with(TCP, move |c| {
+        fast(c);
+        c.network.bootstrap = vec![addr];
+        c.card.name = Some("member".into());
+        c.card.skills = skills;
+    })
+    .await
+}
+
+/// Waits until `check` holds, up to `secs`.
+async fn until<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {secs} s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_joining_through_a_bootstrap_node_find_each_other_by_id_and_capability() {
+    let boot = start_node_with(TCP, |c| {
+        fast(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let a = member(&boot, &["code"]).await;
+    let b = member(&boot, &["code", "review"]).await;
+    let c = member(&boot, &["review"]).await;
+    let d = member(&boot, &[]).await;
+    let members = [&a, &b, &c, &d];
+
+    // Every member comes to know every other as verified and reached.
+    for m in members {
+        until(20, "every member offers the other three", || async {
+            let s = m.handle.discovery_stats().await.expect("stats");
+            s.offered >= 3
+        })
+        .await;
+    }
+
+    // The bootstrap node runs no application service.
+    let refused = boot
+        .handle
+        .send(
+            a.handle.entity_id(),
+            "message".parse().expect("type"),
+            b"{}".to_vec(),
+        )
+        .await
+        .expect_err("no messaging on a bootstrap node");
+    assert!(refused.to_string().contains("bootstrap"), "{refused}");
+
+    // By id: d's record, as d signed it.
+    let found = a.handle.find(d.handle.entity_id()).await.expect("found");
+    assert!(found.verified && found.reachable);
+    assert_eq!(found.entity_id, d.handle.entity_id());
+
+    // By capability: exactly those that offer it.
+    let code = d.handle.discover("code".into()).await.expect("discover");
+    let mut got: Vec<_> = code.iter().map(|p| p.entity_id).collect();
+    got.sort();
+    let mut want = vec![a.handle.entity_id(), b.handle.entity_id()];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(
+        d.handle
+            .discover("nothing".into())
+            .await
+            .expect("discover")
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_an_entity_never_connected_is_looked_up_dialled_and_delivered() {
+    let boot = start_node_with(TCP, |c| {
+        fast(c);
+        c.discovery.bootstrap_node = true;
+        // Only the DHT: no announces, no walks before the send.
+        c.discovery.announce = false;
+    })
+    .await;
+    // Kademlia's own queries connect a and b; idle connections close after
+    // a second, so the send finds none.
+    let quiet = |c: &mut Config| {
+        c.discovery.announce = false;
+        c.discovery.random_walk_secs = 3_600;
+        c.discovery.query_secs = 3_600;
+        c.network.max_idle_secs = 1;
+    };
+    let addr = boot.addr.clone();
+    let a = start_node_with(TCP, |c| {
+        quiet(c);
+        c.network.bootstrap = vec![addr.clone()];
+    })
+    .await;
+    let addr = boot.addr.clone();
+    let b = start_node_with(TCP, |c| {
+        quiet(c);
+        c.network.bootstrap = vec![addr];
+    })
+    .await;
+    let (ida, idb) = (a.handle.entity_id(), b.handle.entity_id());
+    // b's record reaches the DHT (the bootstrap node holds it).
+    until(20, "the bootstrap node holds b's record", || async {
+        boot.handle.find(idb).await.is_ok()
+    })
+    .await;
+    until(20, "a has no connection to b", || async {
+        let peers = a.handle.peers().await.expect("peers");
+        !peers.iter().any(|p| p.entity_id == idb && p.connected)
+    })
+    .await;
+    a.handle
+        .send(
+            idb,
+            "message".parse().expect("type"),
+            br#"{"hi":1}"#.to_vec(),
+        )
+        .await
+        .expect("looked up, dialled, delivered");
+    let mut events = b.handle.inbox(0, 10).await.expect("inbox");
+    let first = events.remove(0);
+    assert!(format!("{:?}", first.event).contains(&ida.to_string()));
+
+    // An entity nobody published: not connected, and not found.
+    let nobody = peer_core::Identity::from_secret(&[9; 32]).entity_id();
+    let e = a
+        .handle
+        .send(nobody, "message".parse().expect("type"), b"{}".to_vec())
+        .await
+        .expect_err("nobody");
+    assert!(matches!(e, peer_node::NodeError::NotConnected(_)), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_held_for_the_dht_survive_a_restart() {
+    let boot = start_node_with(TCP, |c| {
+        fast(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let a = member(&boot, &["code"]).await;
+    let ida = a.handle.entity_id();
+    until(20, "the bootstrap node holds a's record", || async {
+        boot.handle
+            .discovery_stats()
+            .await
+            .is_ok_and(|s| s.held_records >= 2)
+    })
+    .await;
+    drop(a);
+    let boot = restart(boot, TCP, |c| {
+        fast(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let s = boot.handle.discovery_stats().await.expect("stats");
+    assert!(s.held_records >= 2, "{s:?}");
+    // A newcomer joining through it finds a's record there, though a is gone.
+    let c = member(&boot, &[]).await;
+    until(20, "the newcomer finds a's record", || async {
+        c.handle.find(ida).await.is_ok_and(|p| p.verified)
+    })
+    .await;
+}
