@@ -1,15 +1,16 @@
 //! Discovery and the DHT registry with real nodes in one process, on
 //! 127.0.0.1: joining through a bootstrap node, finding a peer by id and by
 //! capability with no connection beforehand, a message to an entity never
-//! connected, records kept across a restart.
+//! connected, records kept across a restart, a capability added later
+//! found through the DHT alone, past a stale copy of the record.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{TestNode, restart, start_node_with};
+use common::{TestNode, reopen, restart, start_node_with};
 use peer_node::Config;
-use peer_node::services::card::Skill;
+use peer_node::services::card::{CardContent, Skill};
 
 const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 
@@ -206,6 +207,128 @@ async fn records_held_for_the_dht_survive_a_restart() {
     let c = member(&boot, &[]).await;
     until(20, "the newcomer finds a's record", || async {
         c.handle.find(ida).await.is_ok_and(|p| p.verified)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capability_added_after_the_record_was_learnt_is_found_through_the_dht_alone() {
+    // No announces: d learns a's newer record only by looking it up.
+    let dht_only = |c: &mut Config| {
+        fast(c);
+        c.discovery.announce = false;
+    };
+    let boot = start_node_with(TCP, |c| {
+        dht_only(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let join = |c: &mut Config| {
+        dht_only(c);
+        c.network.bootstrap = vec![boot.addr.clone()];
+    };
+    let a = start_node_with(TCP, join).await;
+    let d = start_node_with(TCP, join).await;
+    let ida = a.handle.entity_id();
+    until(20, "d holds a's record, which lists nothing", || async {
+        d.handle
+            .find(ida)
+            .await
+            .is_ok_and(|p| p.verified && p.capabilities.is_empty())
+    })
+    .await;
+    let content = CardContent {
+        name: "a".into(),
+        description: String::new(),
+        version: String::new(),
+        skills: vec![skill("code")],
+        accepts: Vec::new(),
+    };
+    a.handle.set_card(content).await.expect("card");
+    until(20, "a publishes a record that lists code", || async {
+        a.handle
+            .find(ida)
+            .await
+            .is_ok_and(|p| p.capabilities == ["code"])
+    })
+    .await;
+    // a provides code: d looks up the record of a provider whose record
+    // held does not list it, and does not stop at a copy of that one.
+    until(20, "d finds a offering code", || async {
+        d.handle
+            .discover("code".into())
+            .await
+            .is_ok_and(|found| found.iter().any(|p| p.entity_id == ida))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_goes_past_a_stale_copy_of_the_record_held() {
+    let dht_only = |c: &mut Config| {
+        fast(c);
+        c.discovery.announce = false;
+    };
+    let boot = start_node_with(TCP, |c| {
+        dht_only(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let join = |c: &mut Config| {
+        dht_only(c);
+        c.network.bootstrap = vec![boot.addr.clone()];
+    };
+    let a = start_node_with(TCP, join).await;
+    let d = start_node_with(TCP, join).await;
+    let ida = a.handle.entity_id();
+    // a publishes twice after joining; then not again for an hour.
+    let seq = || async {
+        let own = a.handle.find(ida).await.ok()?;
+        own.record?["record"]["seq"].as_u64()
+    };
+    until(20, "a publishes", || async { seq().await.is_some() }).await;
+    let first = seq().await;
+    until(20, "a publishes again after joining", || async {
+        seq().await != first
+    })
+    .await;
+    until(
+        20,
+        "d holds the records of a and the bootstrap node",
+        || async {
+            d.handle
+                .discovery_stats()
+                .await
+                .is_ok_and(|s| s.held_records >= 2)
+        },
+    )
+    .await;
+    // While d is down, a offers code: d's copy of a's record goes stale.
+    let TestNode { handle, dir, .. } = d;
+    drop(handle);
+    let content = CardContent {
+        name: "a".into(),
+        description: String::new(),
+        version: String::new(),
+        skills: vec![skill("code")],
+        accepts: Vec::new(),
+    };
+    a.handle.set_card(content).await.expect("card");
+    until(20, "the bootstrap node holds a's new record", || async {
+        boot.handle
+            .discover("code".into())
+            .await
+            .is_ok_and(|found| found.iter().any(|p| p.entity_id == ida))
+    })
+    .await;
+    // Back, d holds the old copy for the DHT; a lookup finds it first (in
+    // its own store) and goes on to the newer one.
+    let d = reopen(dir, TCP, join).await;
+    until(20, "d finds a offering code", || async {
+        d.handle
+            .discover("code".into())
+            .await
+            .is_ok_and(|found| found.iter().any(|p| p.entity_id == ida))
     })
     .await;
 }

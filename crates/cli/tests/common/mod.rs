@@ -30,12 +30,15 @@ pub fn peer_command(dir: &Path) -> Command {
 /// `peer run` on `dir` with free ports on 127.0.0.1, without mDNS (tests
 /// run side by side on one host); more flags and variables may be added.
 pub fn run_command(dir: &Path) -> Command {
+    run_command_on(dir, "/ip4/127.0.0.1/tcp/0")
+}
+
+/// `peer run` on `dir` listening for peers on `listen` only, its API on a
+/// free port of 127.0.0.1, without mDNS.
+pub fn run_command_on(dir: &Path, listen: &str) -> Command {
     let mut cmd = peer_command(dir);
-    cmd.args(["run", "--listen", "/ip4/127.0.0.1/tcp/0"]).args([
-        "--api",
-        "127.0.0.1:0",
-        "--no-mdns",
-    ]);
+    cmd.args(["run", "--listen", listen])
+        .args(["--api", "127.0.0.1:0", "--no-mdns"]);
     cmd
 }
 
@@ -69,31 +72,53 @@ impl Node {
     /// what `configure` adds (flags, variables), and waits until its API is
     /// up (it has written `api.addr`).
     pub fn start(root: &Path, name: &'static str, configure: impl FnOnce(&mut Command)) -> Self {
+        let mut node = Self::spawn(root, name, configure);
+        node.wait_ready();
+        node
+    }
+
+    /// Starts `peer run` as [`Node::start`] does, without waiting for its
+    /// API (many nodes come up side by side; [`Node::wait_ready`] waits).
+    pub fn spawn(root: &Path, name: &'static str, configure: impl FnOnce(&mut Command)) -> Self {
+        Self::spawn_on(root, name, "/ip4/127.0.0.1/tcp/0", configure)
+    }
+
+    /// Starts `peer run` as [`Node::spawn`] does, listening for peers on
+    /// `listen` only (a node restarted on its former address).
+    pub fn spawn_on(
+        root: &Path,
+        name: &'static str,
+        listen: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let dir = root.join(name);
         let log = root.join(format!("{name}.stderr"));
         // A killed node leaves its api.addr behind; the new one writes its own.
         _ = std::fs::remove_file(dir.join("api.addr"));
-        let mut cmd = run_command(&dir);
+        let mut cmd = run_command_on(&dir, listen);
         configure(&mut cmd);
         let child = spawn_logged(cmd, &log);
-        let mut node = Self {
+        Self {
             name,
             dir,
             log,
             child,
-        };
+        }
+    }
+
+    /// Waits until the node's API is up (it has written `api.addr`).
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + STARTUP;
         // The file is written in one go; the newline shows it is complete.
-        while !std::fs::read_to_string(node.dir.join("api.addr")).is_ok_and(|t| t.ends_with('\n')) {
-            if let Ok(Some(status)) = node.child.try_wait() {
-                node.fail(&format!("exited early with {status}"));
+        while !std::fs::read_to_string(self.dir.join("api.addr")).is_ok_and(|t| t.ends_with('\n')) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.fail(&format!("exited early with {status}"));
             }
             if Instant::now() > deadline {
-                node.fail(&format!("its API did not come up within {STARTUP:?}"));
+                self.fail(&format!("its API did not come up within {STARTUP:?}"));
             }
             std::thread::sleep(POLL);
         }
-        node
     }
 
     /// Fails the test with `what` and everything the node wrote to stderr.
@@ -206,6 +231,12 @@ impl<'a> Api<'a> {
     /// `GET path`; its JSON answer, which must be a 200.
     pub fn get(&self, path: &str) -> Value {
         self.call(self.http.get(format!("{}{path}", self.base)), path)
+    }
+
+    /// `PUT path` with `body`; its JSON answer, which must be a 200.
+    pub fn put(&self, path: &str, body: &Value) -> Value {
+        let req = self.http.put(format!("{}{path}", self.base)).json(body);
+        self.call(req, path)
     }
 
     /// `POST path` with `body`; its JSON answer, which must be a 200.

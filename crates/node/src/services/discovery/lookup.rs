@@ -152,6 +152,14 @@ impl Lookups {
         }
     }
 
+    /// The capability a providers lookup is for.
+    pub fn capability_of(&self, token: u64) -> Option<String> {
+        match self.kinds.get(&token) {
+            Some(Kind::Providers { capability, .. }) => Some(capability.clone()),
+            _ => None,
+        }
+    }
+
     /// Whether `token` is a walk.
     pub fn is_walk(&self, token: u64) -> bool {
         matches!(self.kinds.get(&token), Some(Kind::Walk))
@@ -257,6 +265,7 @@ mod tests {
         let mut l = Lookups::new(8);
         let (tx, _rx) = oneshot::channel();
         let p = l.providers("code", Some(tx)).expect("new");
+        assert_eq!(l.capability_of(p).as_deref(), Some("code"));
         assert!(l.add_pending(p, id(1)));
         assert!(!l.add_pending(p, id(1)));
         assert!(l.add_pending(p, id(2)));
