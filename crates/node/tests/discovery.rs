@@ -209,3 +209,35 @@ async fn records_held_for_the_dht_survive_a_restart() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_agent_connected_to_is_dialled_again_when_it_comes_back() {
+    let quick = |c: &mut Config| {
+        c.discovery.reconnect_min_ms = 100;
+        c.discovery.reconnect_max_ms = 400;
+    };
+    let a = start_node_with(TCP, quick).await;
+    let b = start_node_with(TCP, quick).await;
+    let idb = b.handle.entity_id();
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    // b goes away; a keeps dialling it (and fails) until it is back on its
+    // address.
+    let addr = b.addr.to_string();
+    let dir = b.dir;
+    drop(b.handle);
+    until(10, "a sees b gone", || async {
+        let peers = a.handle.peers().await.expect("peers");
+        !peers.iter().any(|p| p.entity_id == idb && p.connected)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = common::start_node_in(dir, &addr, quick, |b| b).await;
+    until(10, "a dialled b again", || async {
+        let peers = a.handle.peers().await.expect("peers");
+        peers.iter().any(|p| p.entity_id == idb && p.connected)
+    })
+    .await;
+    let s = a.handle.discovery_stats().await.expect("stats");
+    assert!(s.redials >= 1, "{s:?}");
+    drop(b);
+}
