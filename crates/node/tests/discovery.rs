@@ -148,7 +148,7 @@ async fn a_message_to_an_entity_never_connected_is_looked_up_dialled_and_deliver
     let (ida, idb) = (a.handle.entity_id(), b.handle.entity_id());
     // b's record reaches the DHT (the bootstrap node holds it).
     until(20, "the bootstrap node holds b's record", || async {
-        boot.handle.find(idb).await.is_ok()
+        boot.handle.find(idb).await.is_ok_and(|p| p.verified)
     })
     .await;
     until(20, "a has no connection to b", || async {
@@ -240,4 +240,50 @@ async fn a_peer_the_agent_connected_to_is_dialled_again_when_it_comes_back() {
     let s = a.handle.discovery_stats().await.expect("stats");
     assert!(s.redials >= 1, "{s:?}");
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_expire_after_t_expire_unless_republished_every_t_refresh() {
+    // tExpire 3 s: a record not republished is gone after it; one
+    // republished every second (tRefresh 1 s) stays.
+    let short = |refresh: u64| {
+        move |c: &mut Config| {
+            fast(c);
+            c.discovery.expire_secs = 3;
+            c.discovery.refresh_secs = refresh;
+        }
+    };
+    let boot = start_node_with(TCP, |c| {
+        short(3_600)(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let join = |refresh: u64| {
+        let addr = boot.addr.clone();
+        start_node_with(TCP, move |c| {
+            short(refresh)(c);
+            c.network.bootstrap = vec![addr];
+        })
+    };
+    let stale = join(3_600).await;
+    let fresh = join(1).await;
+    let (ids, idf) = (stale.handle.entity_id(), fresh.handle.entity_id());
+    until(10, "the bootstrap node holds both records", || async {
+        let verified = |p: peer_node::services::discovery::PeerInfo| p.verified;
+        boot.handle.find(ids).await.is_ok_and(verified)
+            && boot.handle.find(idf).await.is_ok_and(verified)
+    })
+    .await;
+    let first = boot.handle.find(idf).await.expect("fresh").record;
+    // (Its node republishes once 10 s after joining, then not for an hour.)
+    until(30, "the record not republished expires", || async {
+        !boot.handle.find(ids).await.is_ok_and(|p| p.verified)
+    })
+    .await;
+    let now = boot
+        .handle
+        .find(idf)
+        .await
+        .expect("republished, still there");
+    assert_ne!(now.record, first, "re-signed with a new sequence");
 }

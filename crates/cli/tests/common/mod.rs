@@ -18,13 +18,18 @@ const POLL: Duration = Duration::from_millis(25);
 /// A `peer` command on `dir`, unaffected by the caller's `PEER_*` variables.
 pub fn peer_command(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_peer"));
+    without_peer_variables(&mut cmd);
+    cmd.arg("--data-dir").arg(dir);
+    cmd
+}
+
+/// Keeps the caller's `PEER_*` variables from `cmd`.
+pub fn without_peer_variables(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PEER_") {
             cmd.env_remove(key);
         }
     }
-    cmd.arg("--data-dir").arg(dir);
-    cmd
 }
 
 /// `peer run` on `dir` with free ports on 127.0.0.1, without mDNS (tests
@@ -69,12 +74,18 @@ impl Node {
     /// what `configure` adds (flags, variables), and waits until its API is
     /// up (it has written `api.addr`).
     pub fn start(root: &Path, name: &'static str, configure: impl FnOnce(&mut Command)) -> Self {
+        let mut cmd = run_command(&root.join(name));
+        configure(&mut cmd);
+        Self::start_command(root, name, cmd)
+    }
+
+    /// Starts `cmd`, a `peer run` on `root/name` made by the caller, and
+    /// waits until its API is up.
+    pub fn start_command(root: &Path, name: &'static str, cmd: Command) -> Self {
         let dir = root.join(name);
         let log = root.join(format!("{name}.stderr"));
         // A killed node leaves its api.addr behind; the new one writes its own.
         _ = std::fs::remove_file(dir.join("api.addr"));
-        let mut cmd = run_command(&dir);
-        configure(&mut cmd);
         let child = spawn_logged(cmd, &log);
         let mut node = Self {
             name,

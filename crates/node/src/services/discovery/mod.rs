@@ -45,7 +45,8 @@ use crate::store::{Store, StoreError};
 
 /// After this many failed redials the peer's record is looked up again.
 const REFRESH_AFTER_FAILURES: u32 = 2;
-/// How often expired records are swept, ms.
+/// How often expired records are swept at most, ms (more often when
+/// tExpire is short).
 const SWEEP_MS: u64 = 60_000;
 /// Wait after a change of addresses before publishing, ms (they come one
 /// by one at start).
@@ -585,8 +586,12 @@ impl Discovery {
     fn then(&mut self, cx: &mut Context<'_>, entity: EntityId, found: bool, then: Then) {
         match then {
             Then::Agent(reply) => {
-                let info = self.info(entity).filter(|i| i.verified).ok_or_else(|| {
-                    NodeError::NotFound(format!("no record of {entity} was found in the DHT"))
+                // A peer known without a record (mDNS, a connection) is shown
+                // unverified.
+                let info = self.info(entity).ok_or_else(|| {
+                    NodeError::NotFound(format!(
+                        "{entity} is not known and no record of it was found in the DHT"
+                    ))
                 });
                 _ = reply.send(info);
             }
@@ -713,7 +718,7 @@ impl Discovery {
             }
         }
         if self.sweep_at <= now {
-            self.sweep_at = now + SWEEP_MS;
+            self.sweep_at = now + SWEEP_MS.min(self.config.expire_secs * 500).max(100);
             self.sweep(cx);
         }
         for entity in self.table.due(now) {
