@@ -288,3 +288,35 @@ async fn records_expire_after_t_expire_unless_republished_every_t_refresh() {
         .expect("republished, still there");
     assert_ne!(now.record, first, "re-signed with a new sequence");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_peer_is_dialled_at_start_and_kept_beside_the_dht() {
+    let quick = |c: &mut Config| {
+        c.discovery.reconnect_min_ms = 100;
+        c.discovery.reconnect_max_ms = 400;
+    };
+    let b = start_node_with(TCP, quick).await;
+    let idb = b.handle.entity_id();
+    let static_b = format!("{}/p2p/{}", b.addr, b.handle.peer_id());
+    let a = start_node_with(TCP, |c| {
+        quick(c);
+        c.discovery.static_peers = vec![static_b.parse().expect("addr")];
+    })
+    .await;
+    let connected = || async {
+        let peers = a.handle.peers().await.expect("peers");
+        peers.iter().any(|p| p.entity_id == idb && p.connected)
+    };
+    until(10, "a dialled its static peer at start", connected).await;
+    let (addr, dir) = (b.addr.to_string(), b.dir);
+    drop(b.handle);
+    until(10, "a sees b gone", || async { !connected().await }).await;
+    let b = common::start_node_in(dir, &addr, quick, |b| b).await;
+    until(10, "a dialled its static peer again", connected).await;
+    drop(b);
+    // An address without the peer id is refused at start.
+    let mut config = Config::default();
+    config.discovery.static_peers = vec!["/ip4/127.0.0.1/tcp/1".parse().expect("addr")];
+    let e = config.check().expect_err("no /p2p/");
+    assert!(e.to_string().contains("/p2p/"), "{e}");
+}
