@@ -361,6 +361,16 @@ async fn bad_records_sent_to_a_node_to_hold_are_refused_and_the_genuine_one_kept
         .await;
     }
 
+    // Nor can the older record be planted under a key of Alice's the
+    // victim does not hold yet (her capability-index key).
+    let what = "store:stale";
+    let before = refused(&victim, what).await;
+    let cap_key = registry::capability_key(&alice.entity_id(), "code");
+    mallory
+        .put_to_victim(cap_key, record(&alice, 1, |_| {}).value)
+        .await;
+    until(10, what, || async { refused(&victim, what).await > before }).await;
+
     let s = victim.handle.discovery_stats().await.expect("stats");
     assert_eq!((s.stored, s.held_records), (1, 1), "{s:?}");
     // Asked for Alice, the victim answers with her genuine record.

@@ -437,12 +437,24 @@ impl Discovery {
     fn on_inbound_record(&mut self, cx: &mut Context<'_>, record: &Record) {
         let now = cx.wall_ms();
         let key = record.key.to_vec();
-        let signed = match registry::verify_value(&record.value, now, self.config.record_limits())
-            .and_then(|s| registry::check_key(&key, &s.record).map(|()| s))
-        {
+        // Checked against the entity's newest record this node believes
+        // too, so an older one cannot be planted under a key not held yet.
+        let signed = match self.check(&key, &record.value, now) {
             Ok(s) => s,
             Err(e) => return self.refuse("store", &e),
         };
+        // And against the entity's record held under its own key.
+        let own_key = registry::peer_key(&signed.record.entity_id);
+        if let Some(h) = self.held.get(&own_key)
+            && key != own_key
+            && signed.record.seq < h.seq
+        {
+            let e = RecordError::Stale {
+                got: signed.record.seq,
+                held: h.seq,
+            };
+            return self.refuse("store", &e);
+        }
         let digest: [u8; 32] = Sha256::digest(&signed.value).into();
         match self.held.get(&key) {
             Some(h) if h.digest == digest => return,
