@@ -680,7 +680,12 @@ impl Discovery {
                     Some("no address of it answered".into()),
                 ));
             }
-            None if failures == REFRESH_AFTER_FAILURES => {
+            None if failures == REFRESH_AFTER_FAILURES
+                && self
+                    .table
+                    .get(&entity)
+                    .is_some_and(|k| k.keep == table::Keep::Yes) =>
+            {
                 self.look_up(cx, entity, Then::Dial);
             }
             None => {}
