@@ -1,7 +1,8 @@
 //! Discovery and the DHT registry with real nodes in one process, on
 //! 127.0.0.1: joining through a bootstrap node, finding a peer by id and by
 //! capability with no connection beforehand, a message to an entity never
-//! connected, records kept across a restart.
+//! connected, records kept across a restart, a capability added later
+//! found through the DHT alone.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use common::{TestNode, restart, start_node_with};
 use peer_node::Config;
-use peer_node::services::card::Skill;
+use peer_node::services::card::{CardContent, Skill};
 
 const TCP: &str = "/ip4/127.0.0.1/tcp/0";
 
@@ -319,4 +320,56 @@ async fn a_static_peer_is_dialled_at_start_and_kept_beside_the_dht() {
     config.discovery.static_peers = vec!["/ip4/127.0.0.1/tcp/1".parse().expect("addr")];
     let e = config.check().expect_err("no /p2p/");
     assert!(e.to_string().contains("/p2p/"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capability_added_after_the_record_was_learnt_is_found_through_the_dht_alone() {
+    // No announces: d learns a's newer record only by looking it up.
+    let dht_only = |c: &mut Config| {
+        fast(c);
+        c.discovery.announce = false;
+    };
+    let boot = start_node_with(TCP, |c| {
+        dht_only(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let join = |c: &mut Config| {
+        dht_only(c);
+        c.network.bootstrap = vec![boot.addr.clone()];
+    };
+    let a = start_node_with(TCP, join).await;
+    let d = start_node_with(TCP, join).await;
+    let ida = a.handle.entity_id();
+    until(20, "d holds a's record, which lists nothing", || async {
+        d.handle
+            .find(ida)
+            .await
+            .is_ok_and(|p| p.verified && p.capabilities.is_empty())
+    })
+    .await;
+    let content = CardContent {
+        name: "a".into(),
+        description: String::new(),
+        version: String::new(),
+        skills: vec![skill("code")],
+        accepts: Vec::new(),
+    };
+    a.handle.set_card(content).await.expect("card");
+    until(20, "a publishes a record that lists code", || async {
+        a.handle
+            .find(ida)
+            .await
+            .is_ok_and(|p| p.capabilities == ["code"])
+    })
+    .await;
+    // a provides code: d looks up the record of a provider whose record
+    // held does not list it, and does not stop at a copy of that one.
+    until(20, "d finds a offering code", || async {
+        d.handle
+            .discover("code".into())
+            .await
+            .is_ok_and(|found| found.iter().any(|p| p.entity_id == ida))
+    })
+    .await;
 }

@@ -152,6 +152,14 @@ impl Lookups {
         }
     }
 
+    /// The capability a providers lookup is for.
+    pub fn capability_of(&self, token: u64) -> Option<String> {
+        match self.kinds.get(&token) {
+            Some(Kind::Providers { capability, .. }) => Some(capability.clone()),
+            _ => None,
+        }
+    }
+
     /// Whether `token` is a walk.
     pub fn is_walk(&self, token: u64) -> bool {
         matches!(self.kinds.get(&token), Some(Kind::Walk))

@@ -537,9 +537,19 @@ impl Discovery {
                 };
                 match self.check(&record.key.to_vec(), &record.value, cx.wall_ms()) {
                     Ok(signed) if signed.record.entity_id == entity => {
+                        // A copy of the record held: the lookup goes on, a
+                        // newer one may come (the peer moved, or changed
+                        // its capabilities).
+                        let held = self
+                            .table
+                            .get(&entity)
+                            .and_then(|k| k.record.as_ref())
+                            .is_some_and(|h| h.record.seq >= signed.record.seq);
                         self.learn(cx, signed, Source::Dht);
                         self.lookups.found(token);
-                        cx.network(NetOp::Finish(token));
+                        if !held {
+                            cx.network(NetOp::Finish(token));
+                        }
                     }
                     Ok(_) => self.refuse("lookup", &RecordError::WrongKey),
                     Err(e) => self.refuse("lookup", &e),
@@ -547,11 +557,18 @@ impl Discovery {
             }
             Found::Providers(peers) => {
                 let entities: Vec<EntityId> = peers.iter().filter_map(net::entity_of).collect();
+                let capability = self.lookups.capability_of(token).unwrap_or_default();
                 for entity in entities {
                     if entity == cx.local() {
                         continue;
                     }
-                    let fresh = self.table.get(&entity).is_some_and(|k| k.record.is_some());
+                    // A provider whose record held does not list the
+                    // capability has a newer one.
+                    let fresh = self
+                        .table
+                        .get(&entity)
+                        .and_then(|k| k.record.as_ref())
+                        .is_some_and(|r| r.record.offers(&capability));
                     if !fresh && self.lookups.add_pending(token, entity) {
                         self.look_up(cx, entity, Then::Parent(token));
                     }
