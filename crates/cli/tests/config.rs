@@ -74,3 +74,29 @@ fn a_bad_value_is_an_error_that_names_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MAX_ENVELOPE_SIZE"), "{err}");
 }
+
+#[test]
+fn peer_bootstrap_lists_bootstrap_addresses_and_a_bad_one_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = "/ip4/192.0.2.1/tcp/7400";
+    let b = "/ip4/192.0.2.2/tcp/7400";
+    let shown = show(dir.path(), &[("PEER_BOOTSTRAP", &format!("{a}, {b}"))], &[]);
+    let flat: String = shown.split_whitespace().collect();
+    assert!(
+        flat.contains(&format!("bootstrap=[\"{a}\",\"{b}\",]")),
+        "{shown}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_peer"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["config", "show"])
+        .env("PEER_BOOTSTRAP", "not-an-address")
+        .output()
+        .expect("run peer");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PEER_BOOTSTRAP") && err.contains("not-an-address"),
+        "{err}"
+    );
+}

@@ -847,25 +847,16 @@ impl Builder {
     /// the node serves the DHT and keeps no application state.
     pub fn new(config: Config, identity: Identity, store: Store) -> Self {
         let card = CardCell::default();
-        if config.discovery.bootstrap_node {
-            let heartbeat = heartbeat::Heartbeat::new(config.heartbeat.clone());
-            return Self {
-                config,
-                identity,
-                store,
-                clock: Arc::new(SystemClock),
-                services: Vec::new(),
-                types: HashMap::new(),
-                card,
-            }
-            .service(ping::Ping)
-            .service(heartbeat);
-        }
-        let transfers = transfer::Transfers::new(config.transfer.clone(), card.clone());
-        let messaging = messaging::Messaging::new(card.clone(), config.card.classes().collect());
-        let cards = card::Cards::new(&config.card, card.clone());
         let heartbeat = heartbeat::Heartbeat::new(config.heartbeat.clone());
-        Self {
+        let bootstrap_node = config.discovery.bootstrap_node;
+        let app = (!bootstrap_node).then(|| {
+            (
+                messaging::Messaging::new(card.clone(), config.card.classes().collect()),
+                transfer::Transfers::new(config.transfer.clone(), card.clone()),
+                card::Cards::new(&config.card, card.clone()),
+            )
+        });
+        let builder = Self {
             config,
             identity,
             store,
@@ -874,12 +865,16 @@ impl Builder {
             types: HashMap::new(),
             card,
         }
-        .service(ping::Ping)
-        .service(handshake::Handshake)
-        .service(messaging)
-        .service(transfers)
-        .service(heartbeat)
-        .service(cards)
+        .service(ping::Ping);
+        match app {
+            None => builder.service(heartbeat),
+            Some((messaging, transfers, cards)) => builder
+                .service(handshake::Handshake)
+                .service(messaging)
+                .service(transfers)
+                .service(heartbeat)
+                .service(cards),
+        }
     }
 
     /// Adds a service; [`NodeHandle::service`] reaches it by its type. A

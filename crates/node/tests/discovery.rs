@@ -2,7 +2,8 @@
 //! 127.0.0.1: joining through a bootstrap node, finding a peer by id and by
 //! capability with no connection beforehand, a message to an entity never
 //! connected, records kept across a restart, a capability added later
-//! found through the DHT alone, past a stale copy of the record.
+//! found through the DHT alone, past a stale copy of the record; a peer
+//! the agent connected to and a static peer dialled again.
 
 mod common;
 
@@ -75,11 +76,12 @@ async fn nodes_joining_through_a_bootstrap_node_find_each_other_by_id_and_capabi
     let d = member(&boot, &[]).await;
     let members = [&a, &b, &c, &d];
 
-    // Every member comes to know every other as verified and reached.
+    // Every member comes to know every other node (the bootstrap node too)
+    // as verified and reached.
     for m in members {
-        until(20, "every member offers the other three", || async {
+        until(20, "every member offers the four other nodes", || async {
             let s = m.handle.discovery_stats().await.expect("stats");
-            s.offered >= 3
+            s.offered >= 4
         })
         .await;
     }
@@ -149,7 +151,7 @@ async fn a_message_to_an_entity_never_connected_is_looked_up_dialled_and_deliver
     let (ida, idb) = (a.handle.entity_id(), b.handle.entity_id());
     // b's record reaches the DHT (the bootstrap node holds it).
     until(20, "the bootstrap node holds b's record", || async {
-        boot.handle.find(idb).await.is_ok()
+        boot.handle.find(idb).await.is_ok_and(|p| p.verified)
     })
     .await;
     until(20, "a has no connection to b", || async {
@@ -209,6 +211,116 @@ async fn records_held_for_the_dht_survive_a_restart() {
         c.handle.find(ida).await.is_ok_and(|p| p.verified)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_agent_connected_to_is_dialled_again_when_it_comes_back() {
+    let quick = |c: &mut Config| {
+        c.discovery.reconnect_min_ms = 100;
+        c.discovery.reconnect_max_ms = 400;
+    };
+    let a = start_node_with(TCP, quick).await;
+    let b = start_node_with(TCP, quick).await;
+    let idb = b.handle.entity_id();
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    // b goes away; a keeps dialling it (and fails) until it is back on its
+    // address.
+    let addr = b.addr.to_string();
+    let dir = b.dir;
+    drop(b.handle);
+    until(10, "a sees b gone", || async {
+        let peers = a.handle.peers().await.expect("peers");
+        !peers.iter().any(|p| p.entity_id == idb && p.connected)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = common::start_node_in(dir, &addr, quick, |b| b).await;
+    until(10, "a dialled b again", || async {
+        let peers = a.handle.peers().await.expect("peers");
+        peers.iter().any(|p| p.entity_id == idb && p.connected)
+    })
+    .await;
+    let s = a.handle.discovery_stats().await.expect("stats");
+    assert!(s.redials >= 1, "{s:?}");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_expire_after_t_expire_unless_republished_every_t_refresh() {
+    // tExpire 3 s: a record not republished is gone after it; one
+    // republished every second (tRefresh 1 s) stays.
+    let short = |refresh: u64| {
+        move |c: &mut Config| {
+            fast(c);
+            c.discovery.expire_secs = 3;
+            c.discovery.refresh_secs = refresh;
+        }
+    };
+    let boot = start_node_with(TCP, |c| {
+        short(3_600)(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let join = |refresh: u64| {
+        let addr = boot.addr.clone();
+        start_node_with(TCP, move |c| {
+            short(refresh)(c);
+            c.network.bootstrap = vec![addr];
+        })
+    };
+    let stale = join(3_600).await;
+    let fresh = join(1).await;
+    let (ids, idf) = (stale.handle.entity_id(), fresh.handle.entity_id());
+    until(10, "the bootstrap node holds both records", || async {
+        let verified = |p: peer_node::services::discovery::PeerInfo| p.verified;
+        boot.handle.find(ids).await.is_ok_and(verified)
+            && boot.handle.find(idf).await.is_ok_and(verified)
+    })
+    .await;
+    let first = boot.handle.find(idf).await.expect("fresh").record;
+    // (Its node republishes once 10 s after joining, then not for an hour.)
+    until(30, "the record not republished expires", || async {
+        !boot.handle.find(ids).await.is_ok_and(|p| p.verified)
+    })
+    .await;
+    let now = boot
+        .handle
+        .find(idf)
+        .await
+        .expect("republished, still there");
+    assert_ne!(now.record, first, "re-signed with a new sequence");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_peer_is_dialled_at_start_and_kept_beside_the_dht() {
+    let quick = |c: &mut Config| {
+        c.discovery.reconnect_min_ms = 100;
+        c.discovery.reconnect_max_ms = 400;
+    };
+    let b = start_node_with(TCP, quick).await;
+    let idb = b.handle.entity_id();
+    let static_b = format!("{}/p2p/{}", b.addr, b.handle.peer_id());
+    let a = start_node_with(TCP, |c| {
+        quick(c);
+        c.discovery.static_peers = vec![static_b.parse().expect("addr")];
+    })
+    .await;
+    let connected = || async {
+        let peers = a.handle.peers().await.expect("peers");
+        peers.iter().any(|p| p.entity_id == idb && p.connected)
+    };
+    until(10, "a dialled its static peer at start", connected).await;
+    let (addr, dir) = (b.addr.to_string(), b.dir);
+    drop(b.handle);
+    until(10, "a sees b gone", || async { !connected().await }).await;
+    let b = common::start_node_in(dir, &addr, quick, |b| b).await;
+    until(10, "a dialled its static peer again", connected).await;
+    drop(b);
+    // An address without the peer id is refused at start.
+    let mut config = Config::default();
+    config.discovery.static_peers = vec!["/ip4/127.0.0.1/tcp/1".parse().expect("addr")];
+    let e = config.check().expect_err("no /p2p/");
+    assert!(e.to_string().contains("/p2p/"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,13 +18,18 @@ const POLL: Duration = Duration::from_millis(25);
 /// A `peer` command on `dir`, unaffected by the caller's `PEER_*` variables.
 pub fn peer_command(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_peer"));
+    without_peer_variables(&mut cmd);
+    cmd.arg("--data-dir").arg(dir);
+    cmd
+}
+
+/// Keeps the caller's `PEER_*` variables from `cmd`.
+pub fn without_peer_variables(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PEER_") {
             cmd.env_remove(key);
         }
     }
-    cmd.arg("--data-dir").arg(dir);
-    cmd
 }
 
 /// `peer run` on `dir` with free ports on 127.0.0.1, without mDNS (tests
@@ -77,6 +82,14 @@ impl Node {
         node
     }
 
+    /// Starts `cmd`, a `peer run` on `root/name` made by the caller, and
+    /// waits until its API is up.
+    pub fn start_command(root: &Path, name: &'static str, cmd: Command) -> Self {
+        let mut node = Self::spawn_command(root, name, cmd);
+        node.wait_ready();
+        node
+    }
+
     /// Starts `peer run` as [`Node::start`] does, without waiting for its
     /// API (many nodes come up side by side; [`Node::wait_ready`] waits).
     pub fn spawn(root: &Path, name: &'static str, configure: impl FnOnce(&mut Command)) -> Self {
@@ -91,12 +104,13 @@ impl Node {
         listen: &str,
         configure: impl FnOnce(&mut Command),
     ) -> Self {
-        let dir = root.join(name);
-        let log = root.join(format!("{name}.stderr"));
-        // A killed node leaves its api.addr behind; the new one writes its own.
-        _ = std::fs::remove_file(dir.join("api.addr"));
-        let mut cmd = run_command_on(&dir, listen);
+        let mut cmd = run_command_on(&root.join(name), listen);
         configure(&mut cmd);
+        Self::spawn_command(root, name, cmd)
+    }
+
+    /// Starts `cmd` without waiting for its API.
+    fn spawn_command(root: &Path, name: &'static str, cmd: Command) -> Self {
         let child = spawn_logged(cmd, &log);
         Self {
             name,

@@ -14,8 +14,9 @@ pub struct DiscoveryConfig {
     /// DHT and relays announces for others and runs no application service
     /// (no messages, tasks or inbox) (default false).
     pub bootstrap_node: bool,
-    /// Peers kept connected beside the DHT (the hybrid mode's static list):
-    /// dialled at start and again whenever their connection is lost.
+    /// Peers kept connected beside the DHT (the hybrid mode's static list),
+    /// each address ending in `/p2p/<peer id>`: dialled at start and again
+    /// whenever their connection is lost.
     pub static_peers: Vec<Multiaddr>,
     /// Kademlia's k: the replication factor and bucket size (default 20).
     pub k: usize,
@@ -124,6 +125,15 @@ impl DiscoveryConfig {
             return Err(format!(
                 "discovery.max_record_bytes must be at least 512 (a record with one address), not {}",
                 self.max_record_bytes
+            ));
+        }
+        if let Some(a) = self
+            .static_peers
+            .iter()
+            .find(|a| !matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))))
+        {
+            return Err(format!(
+                "discovery.static_peers: {a} must end in /p2p/<peer id> (the peer to keep connected)"
             ));
         }
         if self.reconnect_max_ms < self.reconnect_min_ms {

@@ -45,7 +45,8 @@ use crate::store::{Store, StoreError};
 
 /// After this many failed redials the peer's record is looked up again.
 const REFRESH_AFTER_FAILURES: u32 = 2;
-/// How often expired records are swept, ms.
+/// How often expired records are swept at most, ms (more often when
+/// tExpire is short).
 const SWEEP_MS: u64 = 60_000;
 /// Wait after a change of addresses before publishing, ms (they come one
 /// by one at start).
@@ -123,6 +124,24 @@ struct Held {
     digest: [u8; 32],
 }
 
+impl Held {
+    fn of(signed: &Signed) -> Self {
+        Self {
+            seq: signed.record.seq,
+            expires_at: signed.record.expires_at(),
+            digest: Sha256::digest(&signed.value).into(),
+        }
+    }
+}
+
+/// Stores a checked record in Kademlia's store, to expire with the record.
+fn store_in_kademlia(cx: &mut Context<'_>, key: Vec<u8>, signed: &Signed, now: u64) {
+    let mut record = Record::new(key, signed.value.clone());
+    let left = signed.record.expires_at().saturating_sub(now);
+    record.expires = Some(std::time::Instant::now() + ms(left));
+    cx.network(NetOp::Store(record));
+}
+
 /// The discovery service.
 pub struct Discovery {
     config: DiscoveryConfig,
@@ -167,13 +186,17 @@ impl Discovery {
         now: u64,
     ) -> Result<Self, StoreError> {
         let limits = config.record_limits();
-        let loaded = store::load(store)?
+        let loaded: Vec<(Vec<u8>, Signed)> = store::load(store)?
             .into_iter()
             .filter_map(|(key, value)| {
                 let signed = registry::verify_value(&value, now, limits).ok()?;
                 registry::check_key(&key, &signed.record).ok()?;
                 Some((key, signed))
             })
+            .collect();
+        let held = loaded
+            .iter()
+            .map(|(key, signed)| (key.clone(), Held::of(signed)))
             .collect();
         let backoff = Backoff {
             min_ms: config.reconnect_min_ms,
@@ -184,7 +207,7 @@ impl Discovery {
             lookups: Lookups::new(config.max_lookups),
             config,
             card,
-            held: HashMap::new(),
+            held,
             loaded,
             own: None,
             provided: Vec::new(),
@@ -334,14 +357,7 @@ impl Discovery {
     fn publish(&mut self, cx: &mut Context<'_>) {
         let identity: Arc<Identity> = cx.identity();
         let now = cx.wall_ms();
-        let mut capabilities: Vec<String> = self
-            .card
-            .get()
-            .map(|c| c.card().skills.iter().map(|s| s.id.clone()).collect())
-            .unwrap_or_default();
-        capabilities.sort();
-        capabilities.dedup();
-        capabilities.truncate(registry::MAX_CAPABILITIES);
+        let capabilities = self.capabilities();
         let addresses: Vec<String> = self
             .listen
             .iter()
@@ -398,29 +414,47 @@ impl Discovery {
         }
     }
 
-    /// Whether the card's capabilities differ from the published ones.
-    fn capabilities_changed(&self) -> bool {
-        let mut now: Vec<String> = self
+    /// The capabilities to publish: the card's skill ids, sorted, at most
+    /// [`registry::MAX_CAPABILITIES`].
+    fn capabilities(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
             .card
             .get()
             .map(|c| c.card().skills.iter().map(|s| s.id.clone()).collect())
             .unwrap_or_default();
-        now.sort();
-        now.dedup();
-        now.truncate(registry::MAX_CAPABILITIES);
-        self.own.is_some() && now != self.provided
+        ids.sort();
+        ids.dedup();
+        ids.truncate(registry::MAX_CAPABILITIES);
+        ids
+    }
+
+    /// Whether the card's capabilities differ from the published ones.
+    fn capabilities_changed(&self) -> bool {
+        self.own.is_some() && self.capabilities() != self.provided
     }
 
     /// A peer asks this node to hold a record.
     fn on_inbound_record(&mut self, cx: &mut Context<'_>, record: &Record) {
         let now = cx.wall_ms();
         let key = record.key.to_vec();
-        let signed = match registry::verify_value(&record.value, now, self.config.record_limits())
-            .and_then(|s| registry::check_key(&key, &s.record).map(|()| s))
-        {
+        // Checked against the entity's newest record this node believes
+        // too, so an older one cannot be planted under a key not held yet.
+        let signed = match self.check(&key, &record.value, now) {
             Ok(s) => s,
             Err(e) => return self.refuse("store", &e),
         };
+        // And against the entity's record held under its own key.
+        let own_key = registry::peer_key(&signed.record.entity_id);
+        if let Some(h) = self.held.get(&own_key)
+            && key != own_key
+            && signed.record.seq < h.seq
+        {
+            let e = RecordError::Stale {
+                got: signed.record.seq,
+                held: h.seq,
+            };
+            return self.refuse("store", &e);
+        }
         let digest: [u8; 32] = Sha256::digest(&signed.value).into();
         match self.held.get(&key) {
             Some(h) if h.digest == digest => return,
@@ -437,24 +471,17 @@ impl Discovery {
             }
             _ => {}
         }
-        self.hold(cx, key, signed, now);
+        let (k, v) = (key.clone(), signed.value.clone());
+        cx.persist(Box::new(move |txn| store::put(txn, &k, &v)), None);
+        self.hold(cx, key, &signed, now);
         self.stats.stored += 1;
     }
 
-    /// Stores a checked record in Kademlia and the database.
-    fn hold(&mut self, cx: &mut Context<'_>, key: Vec<u8>, signed: Signed, now: u64) {
-        let expires_at = signed.record.expires_at();
-        let held = Held {
-            seq: signed.record.seq,
-            expires_at,
-            digest: Sha256::digest(&signed.value).into(),
-        };
-        let mut record = Record::new(key.clone(), signed.value.clone());
-        record.expires = Some(std::time::Instant::now() + ms(expires_at.saturating_sub(now)));
-        cx.network(NetOp::Store(record));
-        let (k, v) = (key.clone(), signed.value.clone());
-        cx.persist(Box::new(move |txn| store::put(txn, &k, &v)), None);
-        self.held.insert(key, held);
+    /// Stores a checked record in Kademlia, expiring with it, and remembers
+    /// it held.
+    fn hold(&mut self, cx: &mut Context<'_>, key: Vec<u8>, signed: &Signed, now: u64) {
+        store_in_kademlia(cx, key.clone(), signed, now);
+        self.held.insert(key, Held::of(signed));
     }
 
     /// A peer asks this node to hold a provider entry: kept within the
@@ -602,8 +629,12 @@ impl Discovery {
     fn then(&mut self, cx: &mut Context<'_>, entity: EntityId, found: bool, then: Then) {
         match then {
             Then::Agent(reply) => {
-                let info = self.info(entity).filter(|i| i.verified).ok_or_else(|| {
-                    NodeError::NotFound(format!("no record of {entity} was found in the DHT"))
+                // A peer known without a record (mDNS, a connection) is shown
+                // unverified.
+                let info = self.info(entity).ok_or_else(|| {
+                    NodeError::NotFound(format!(
+                        "{entity} is not known and no record of it was found in the DHT"
+                    ))
                 });
                 _ = reply.send(info);
             }
@@ -666,7 +697,12 @@ impl Discovery {
                     Some("no address of it answered".into()),
                 ));
             }
-            None if failures == REFRESH_AFTER_FAILURES => {
+            None if failures == REFRESH_AFTER_FAILURES
+                && self
+                    .table
+                    .get(&entity)
+                    .is_some_and(|k| k.keep == table::Keep::Yes) =>
+            {
                 self.look_up(cx, entity, Then::Dial);
             }
             None => {}
@@ -730,7 +766,7 @@ impl Discovery {
             }
         }
         if self.sweep_at <= now {
-            self.sweep_at = now + SWEEP_MS;
+            self.sweep_at = now + SWEEP_MS.min(self.config.expire_secs * 500).max(100);
             self.sweep(cx);
         }
         for entity in self.table.due(now) {
@@ -745,16 +781,7 @@ impl Discovery {
         self.started = true;
         let now = cx.wall_ms();
         for (key, signed) in std::mem::take(&mut self.loaded) {
-            let held = Held {
-                seq: signed.record.seq,
-                expires_at: signed.record.expires_at(),
-                digest: Sha256::digest(&signed.value).into(),
-            };
-            let mut record = Record::new(key.clone(), signed.value.clone());
-            record.expires =
-                Some(std::time::Instant::now() + ms(held.expires_at.saturating_sub(now)));
-            cx.network(NetOp::Store(record));
-            self.held.insert(key, held);
+            store_in_kademlia(cx, key, &signed, now);
         }
         for addr in self.config.static_peers.clone() {
             let Some(peer) = addr.iter().find_map(|p| match p {

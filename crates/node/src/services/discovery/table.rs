@@ -96,8 +96,13 @@ impl Known {
         }
     }
 
+    /// Adds addresses, newest first, without their `/p2p/` suffix (the
+    /// peer id is known).
     fn add_addrs(&mut self, addrs: impl IntoIterator<Item = Multiaddr>) {
-        for a in addrs {
+        for mut a in addrs {
+            if matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                a.pop();
+            }
             if !self.addrs.contains(&a) {
                 if self.addrs.len() == MAX_ADDRS {
                     self.addrs.pop();

@@ -338,7 +338,12 @@ impl Tasks {
         let Some(task) = self.tasks.get(task_id) else {
             return;
         };
-        if task.peer_synced || self.in_flight.contains(task_id) || !cx.is_connected(&task.peer) {
+        if task.peer_synced || self.in_flight.contains(task_id) {
+            return;
+        }
+        if !cx.is_connected(&task.peer) {
+            // Discovery finds and dials it; the change goes once it connects.
+            cx.want(task.peer);
             return;
         }
         let (msg_type, payload) = match (task.role, task.state) {
