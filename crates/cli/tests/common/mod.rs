@@ -111,6 +111,10 @@ impl Node {
 
     /// Starts `cmd` without waiting for its API.
     fn spawn_command(root: &Path, name: &'static str, cmd: Command) -> Self {
+        let dir = root.join(name);
+        let log = root.join(format!("{name}.stderr"));
+        // A killed node leaves its api.addr behind; the new one writes its own.
+        _ = std::fs::remove_file(dir.join("api.addr"));
         let child = spawn_logged(cmd, &log);
         Self {
             name,
