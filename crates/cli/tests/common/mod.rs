@@ -177,12 +177,21 @@ impl Node {
         serde_json::from_str(&stdout).expect("JSON output")
     }
 
-    /// Its entity id and first listen address.
+    /// Its entity id and first listen address (the API may answer a moment
+    /// before the node listens: asked again until it does).
     pub fn id_and_addr(&self) -> (String, String) {
-        let status = self.cli(&["status"]);
-        let id = status["entity_id"].as_str().expect("entity_id").to_owned();
-        let addr = status["listen_addrs"][0].as_str().expect("addr").to_owned();
-        (id, addr)
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let status = self.cli(&["status"]);
+            let id = status["entity_id"].as_str().expect("entity_id").to_owned();
+            if let Some(addr) = status["listen_addrs"][0].as_str() {
+                return (id, addr.to_owned());
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("no listen address within {STARTUP:?}"));
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// The base URL of its API (`http://host:port`) and its API token.
