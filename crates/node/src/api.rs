@@ -214,6 +214,7 @@ impl From<NodeError> for ApiError {
         let message = e.to_string();
         let retry_after_ms = match &e {
             NodeError::Rejected { retry_after_ms, .. } => *retry_after_ms,
+            NodeError::CircuitOpen(open) => Some(open.retry_after_ms),
             _ => None,
         };
         let (status, code) = match e {
@@ -239,6 +240,7 @@ impl From<NodeError> for ApiError {
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()),
             NodeError::Dial(_) => (StatusCode::BAD_GATEWAY, "DIAL_FAILED".into()),
             NodeError::Transport(_) => (StatusCode::GATEWAY_TIMEOUT, "DELIVERY_FAILED".into()),
+            NodeError::CircuitOpen(_) => (StatusCode::SERVICE_UNAVAILABLE, "CIRCUIT_OPEN".into()),
             NodeError::Busy(_) | NodeError::TooManyTransfers { .. } | NodeError::Stopped => {
                 (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE".into())
             }

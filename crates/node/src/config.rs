@@ -14,6 +14,7 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
 use crate::inbox::InboxConfig;
+use crate::pool::PoolConfig;
 use crate::ratelimit::RateLimitConfig;
 use crate::secure::SecurityConfig;
 use crate::services::card::CardConfig;
@@ -50,6 +51,8 @@ pub struct Config {
     pub tasks: TasksConfig,
     /// The DHT registry, bootstrap and discovery.
     pub discovery: DiscoveryConfig,
+    /// The connection pool's circuit breakers.
+    pub pool: PoolConfig,
 }
 
 /// Peer-to-peer networking settings.
@@ -218,6 +221,7 @@ impl Default for Config {
             card: CardConfig::default(),
             tasks: TasksConfig::default(),
             discovery: DiscoveryConfig::default(),
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -453,6 +457,7 @@ impl Config {
         self.heartbeat.validate().map_err(ConfigError::Invalid)?;
         self.tasks.validate().map_err(ConfigError::Invalid)?;
         self.discovery.validate().map_err(ConfigError::Invalid)?;
+        self.pool.validate().map_err(ConfigError::Invalid)?;
         let p = &self.protocol;
         for (key, secs) in [
             ("timestamp_tolerance_secs", p.timestamp_tolerance_secs),

@@ -19,6 +19,7 @@ pub mod net;
 pub mod network;
 pub mod node;
 mod outbox;
+pub mod pool;
 pub mod ratelimit;
 pub mod secure;
 pub mod service;

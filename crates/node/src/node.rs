@@ -300,6 +300,10 @@ pub enum NodeError {
     /// The peer did not answer in time, or the connection broke.
     #[error("delivery failed: {0}")]
     Transport(String),
+    /// The peer's circuit breaker is open: its last calls failed, and no
+    /// send or dial to it is tried until it lets trial calls through.
+    #[error("{0}; retry later")]
+    CircuitOpen(crate::pool::behaviour::CircuitOpen),
     /// Too many requests are in flight; retry later.
     #[error("too many messages in flight ({0}); retry later")]
     Busy(usize),
@@ -962,7 +966,11 @@ impl Builder {
             events.clone(),
         )
         .map_err(|e| StartError(format!("cannot open the inbox: {e}")))?;
-        let metrics = Metrics::new(writer.counters(), inbox.counters());
+        let metrics = Metrics::new(
+            writer.counters(),
+            inbox.counters(),
+            swarm.behaviour().pool.counters(),
+        );
         let handle = NodeHandle {
             tx,
             max_envelope_size: config.protocol.max_envelope_size,

@@ -35,6 +35,8 @@ pub struct StatsView {
     pub peers: BTreeMap<String, PeerCounters>,
     /// Peers beyond `max_stats_peers`, counted together.
     pub other: PeerCounters,
+    /// Dials and circuit breakers.
+    pub pool: crate::pool::PoolView,
 }
 
 /// The code under which refusals with an error code this node does not know
@@ -77,7 +79,11 @@ pub struct Metrics {
 impl Metrics {
     /// A fresh registry of the node's metrics, serving the database
     /// writer's `store` counters too.
-    pub(crate) fn new(store: &StoreCounters, inbox: &InboxCounters) -> Self {
+    pub(crate) fn new(
+        store: &StoreCounters,
+        inbox: &InboxCounters,
+        pool: &crate::pool::Counters,
+    ) -> Self {
         let mut registry = Registry::with_prefix("peer");
         let sent = Counter::default();
         let received = Counter::default();
@@ -168,6 +174,36 @@ impl Metrics {
             "Messages refused INBOX_FULL",
             inbox.refused.clone(),
         );
+        for (name, help, counter) in [
+            ("pool_dials", "Dials started", &pool.dials),
+            (
+                "pool_dial_failures",
+                "Dials that failed",
+                &pool.dial_failures,
+            ),
+            (
+                "pool_dials_refused",
+                "Dials not started: the peer's circuit breaker was open",
+                &pool.dials_refused,
+            ),
+            (
+                "pool_sends_refused",
+                "Sends failed at once with CIRCUIT_OPEN",
+                &pool.sends_refused,
+            ),
+            (
+                "pool_send_failures",
+                "Sends that got no answer (timeout, or the connection broke)",
+                &pool.send_failures,
+            ),
+            (
+                "pool_breaker_trips",
+                "Times a peer's circuit breaker opened",
+                &pool.trips,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
         let heartbeat = HeartbeatMetrics::register(&mut registry);
         Self {
             registry: Arc::new(registry),
@@ -293,7 +329,7 @@ impl Stats {
         self.metrics.rate_senders.set(n(rate_senders));
     }
 
-    /// The counters as served by `/v1/stats`.
+    /// The counters as served by `/v1/stats` (the actor adds the pool's).
     pub fn view(&self) -> StatsView {
         StatsView {
             peers: self
@@ -302,6 +338,7 @@ impl Stats {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
             other: self.other.clone(),
+            pool: crate::pool::PoolView::default(),
         }
     }
 }
@@ -314,7 +351,11 @@ mod tests {
     fn peers_beyond_the_bound_share_the_other_row() {
         let mut s = Stats::new(
             2,
-            Metrics::new(&StoreCounters::default(), &Default::default()),
+            Metrics::new(
+                &StoreCounters::default(),
+                &Default::default(),
+                &Default::default(),
+            ),
         );
         for b in 0..5u8 {
             s.received(EntityId([b; 32]));
@@ -333,7 +374,11 @@ mod tests {
     fn codes_we_do_not_know_share_one_label() {
         let mut s = Stats::new(
             1,
-            Metrics::new(&StoreCounters::default(), &Default::default()),
+            Metrics::new(
+                &StoreCounters::default(),
+                &Default::default(),
+                &Default::default(),
+            ),
         );
         let peer = EntityId([1; 32]);
         s.refused(peer, "RATE_LIMITED");

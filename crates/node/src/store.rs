@@ -473,7 +473,8 @@ mod tests {
         }
         let counters = writer.counters().clone();
         assert_eq!(counters.dropped.get(), 1);
-        let text = crate::stats::Metrics::new(&counters, &Default::default()).encode();
+        let text = crate::stats::Metrics::new(&counters, &Default::default(), &Default::default())
+            .encode();
         assert!(text.contains("peer_store_dropped_total 1"), "{text}");
         assert!(text.contains("peer_store_commits_total 0"), "{text}");
         drop(writer);

@@ -393,7 +393,11 @@ impl Actor {
             Command::Connect(addr, reply) => self.dial(addr, reply),
             Command::Live(ids, reply) => _ = reply.send(self.live(ids)),
             Command::ListenAddrs(reply) => _ = reply.send(self.listen_addrs.clone()),
-            Command::Stats(reply) => _ = reply.send(self.shared.stats.view()),
+            Command::Stats(reply) => {
+                let mut view = self.shared.stats.view();
+                view.pool = self.swarm.behaviour_mut().pool.view();
+                _ = reply.send(view);
+            }
             Command::Service(id, command) => {
                 if id.0 < self.services.len() {
                     self.call(id, |s, cx| s.on_command(cx, command));

@@ -242,6 +242,11 @@ impl Actor {
             metered,
         } = send;
         let to = queued.to;
+        // A service's send is a call the peer's breaker may refuse; a
+        // handshake step is part of one already let through.
+        if metered && let Err(open) = self.swarm.behaviour_mut().pool.allow_send(to) {
+            return self.outbound_failed(queued, NodeError::CircuitOpen(open));
+        }
         if !self.shared.by_entity.contains_key(&to) {
             return self.park(SendRequest {
                 queued,
@@ -432,6 +437,7 @@ impl Actor {
             return;
         };
         let to = f.queued.to;
+        self.swarm.behaviour_mut().pool.success(to);
         let result = match response {
             Response::Accepted => Ok(Reply::Accepted),
             Response::Reply(bytes) => check_reply(to, &bytes).and_then(read_reply),
@@ -467,6 +473,7 @@ impl Actor {
                 request_id, error, ..
             } => {
                 if let Some(f) = self.outbound.in_flight.remove(&request_id) {
+                    self.swarm.behaviour_mut().pool.failure(f.queued.to);
                     self.stream_done(f.peer);
                     self.outbound_failed(f.queued, NodeError::Transport(error.to_string()));
                 }

@@ -30,6 +30,8 @@ mod behaviour {
         pub limits: connection_limits::Behaviour,
         /// Bounds on inbound connections per IPv4 address or IPv6 /64.
         pub ip_limits: ip_limits::Behaviour,
+        /// Circuit breakers: no dial to a peer whose breaker is open.
+        pub pool: crate::pool::behaviour::Behaviour,
         /// Exchanges listen addresses and protocol lists.
         pub identify: identify::Behaviour,
         /// Liveness and round-trip time.
@@ -109,6 +111,7 @@ pub fn build_swarm(
                 Ok(Behaviour {
                     limits: connection_limits::Behaviour::new(limits),
                     ip_limits: ip_limits::Behaviour::new(ip_limits),
+                    pool: crate::pool::behaviour::Behaviour::new(&config.pool),
                     identify: identify::Behaviour::new(identify::Config::new(
                         "/peer-protocol/id/1.2.0".into(),
                         key.public(),

@@ -1,0 +1,203 @@
+//! The pool's libp2p behaviour: every dial to a known peer, whoever starts it
+//! (the agent, discovery, Kademlia, a parked send), passes its circuit breaker
+//! in `handle_pending_outbound_connection`, so an open breaker stops the dial
+//! before any address is tried; the dial's outcome is the breaker's call
+//! outcome. The actor reaches the same breakers through
+//! [`Behaviour::allow_send`], [`Behaviour::success`] and
+//! [`Behaviour::failure`] for requests on a connection. Time is read here, at
+//! the edge; the breakers themselves take it as a number.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use libp2p::core::Endpoint;
+use libp2p::core::transport::PortUse;
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm, NetworkBehaviour, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+};
+use libp2p::{Multiaddr, PeerId};
+use peer_core::EntityId;
+
+use super::breaker::Refused;
+use super::{Breakers, Counters, Dial, PoolConfig, PoolView};
+use crate::clock::Monotonic;
+use crate::net::entity_of;
+
+/// A dial refused because the peer's breaker is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitOpen {
+    /// The peer.
+    pub entity_id: EntityId,
+    /// Ms until it lets trial calls through.
+    pub retry_after_ms: u64,
+}
+
+impl fmt::Display for CircuitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "circuit open for {}: its last calls failed; no dial for {} ms",
+            self.entity_id, self.retry_after_ms
+        )
+    }
+}
+
+impl std::error::Error for CircuitOpen {}
+
+/// The breakers, and the dials whose outcome they wait for.
+pub struct Behaviour {
+    breakers: Breakers,
+    clock: Monotonic,
+    dialing: HashMap<ConnectionId, EntityId>,
+}
+
+impl Behaviour {
+    /// No peer remembered yet.
+    pub fn new(config: &PoolConfig) -> Self {
+        Self {
+            breakers: Breakers::new(config),
+            clock: Monotonic::new(Instant::now()),
+            dialing: HashMap::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.ms(Instant::now())
+    }
+
+    /// Asks to send a request to `peer`; refused (and counted) while its
+    /// breaker is open. An allowed send's outcome must be reported.
+    pub fn allow_send(&mut self, peer: EntityId) -> Result<(), CircuitOpen> {
+        let now = self.now_ms();
+        self.breakers
+            .allow(peer, now)
+            .map_err(|Refused { retry_after_ms }| {
+                self.breakers.count_send_refused();
+                CircuitOpen {
+                    entity_id: peer,
+                    retry_after_ms,
+                }
+            })
+    }
+
+    /// A request to `peer` was answered (even with a refusal).
+    pub fn success(&mut self, peer: EntityId) {
+        let now = self.now_ms();
+        self.breakers.success(peer, now);
+    }
+
+    /// A request to `peer` got no answer: timeout, or the connection broke.
+    pub fn failure(&mut self, peer: EntityId) {
+        self.breakers.counters().send_failures.inc();
+        let now = self.now_ms();
+        self.breakers.failure(peer, now);
+    }
+
+    /// The counters, for `/metrics`.
+    pub fn counters(&self) -> &Counters {
+        self.breakers.counters()
+    }
+
+    /// The pool's part of `/v1/stats`.
+    pub fn view(&mut self) -> PoolView {
+        let now = self.now_ms();
+        PoolView {
+            totals: self.breakers.counters().totals(),
+            open_breakers: self.breakers.open(now),
+            breakers: self.breakers.peers(now),
+        }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        id: ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        if let Some(entity) = peer.as_ref().and_then(entity_of) {
+            let now = self.now_ms();
+            if let Err(Refused { retry_after_ms }) = self.breakers.allow(entity, now) {
+                self.breakers.count_dial(Dial::Refused);
+                return Err(ConnectionDenied::new(CircuitOpen {
+                    entity_id: entity,
+                    retry_after_ms,
+                }));
+            }
+            self.dialing.insert(id, entity);
+        }
+        self.breakers.count_dial(Dial::Started);
+        Ok(Vec::new())
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(e) => {
+                if let Some(entity) = self.dialing.remove(&e.connection_id) {
+                    self.success(entity);
+                }
+            }
+            FromSwarm::DialFailure(DialFailure {
+                connection_id,
+                error,
+                ..
+            }) => {
+                let entity = self.dialing.remove(&connection_id);
+                // Denied: refused by this node's own limits (or by the
+                // breaker itself, never counted as started), not the peer.
+                if matches!(error, DialError::Denied { .. }) {
+                    return;
+                }
+                self.breakers.count_dial(Dial::Failed);
+                if let Some(entity) = entity {
+                    let now = self.now_ms();
+                    self.breakers.failure(entity, now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Infallible, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}

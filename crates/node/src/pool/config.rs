@@ -1,0 +1,90 @@
+//! Connection pool settings (`[pool]`). The connection limits themselves
+//! (`network.max_connections_per_peer`, `network.max_idle_secs`,
+//! `network.connection_timeout_secs`) stay in `[network]`, where libp2p
+//! applies them.
+
+use serde::{Deserialize, Serialize};
+
+use super::breaker::Settings;
+
+/// Connection pool settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Consecutive failed calls (dials, sends without an answer) that open a
+    /// peer's circuit breaker (default 5; at least 1).
+    pub breaker_failures: u32,
+    /// Milliseconds an open breaker refuses calls before it lets trial calls
+    /// through (default 30,000; at least 1).
+    pub breaker_open_ms: u64,
+    /// Trial calls a half-open breaker lets through; as many successes close
+    /// it, a failure opens it again (default 3; at least 1).
+    pub breaker_trials: u32,
+    /// Most peers whose breaker is remembered (one with failures counted or
+    /// not closed); beyond it the one whose last call ended longest ago is
+    /// forgotten, closed again (default 4,096; at least 1).
+    pub max_peers: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        let s = Settings::default();
+        Self {
+            breaker_failures: s.failures,
+            breaker_open_ms: s.open_ms,
+            breaker_trials: s.trials,
+            max_peers: 4_096,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.breaker_failures == 0
+            || self.breaker_open_ms == 0
+            || self.breaker_trials == 0
+            || self.max_peers == 0
+        {
+            return Err(
+                "pool.breaker_failures, pool.breaker_open_ms, pool.breaker_trials and pool.max_peers must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The breaker's settings.
+    pub fn breaker(&self) -> Settings {
+        Settings {
+            failures: self.breaker_failures,
+            open_ms: self.breaker_open_ms,
+            trials: self.breaker_trials,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_follow_the_protocol_parameters_and_zero_is_refused() {
+        let c = PoolConfig::default();
+        assert_eq!(
+            (c.breaker_failures, c.breaker_open_ms, c.breaker_trials),
+            (5, 30_000, 3)
+        );
+        c.validate().expect("valid");
+        for tune in [
+            |c: &mut PoolConfig| c.breaker_failures = 0,
+            |c: &mut PoolConfig| c.breaker_open_ms = 0,
+            |c: &mut PoolConfig| c.breaker_trials = 0,
+            |c: &mut PoolConfig| c.max_peers = 0,
+        ] {
+            let mut c = PoolConfig::default();
+            tune(&mut c);
+            assert!(c.validate().expect_err("zero").starts_with("pool."));
+        }
+    }
+}
