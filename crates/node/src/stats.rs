@@ -175,6 +175,31 @@ impl Metrics {
             inbox.refused.clone(),
         );
         for (name, help, counter) in [
+            (
+                "pool_acquisitions",
+                "Sends that needed a connection to their peer",
+                &pool.acquisitions,
+            ),
+            (
+                "pool_reuses",
+                "Sends that found a connection to their peer open",
+                &pool.reuses,
+            ),
+            (
+                "pool_validations",
+                "Keep-alive pings answered",
+                &pool.validations,
+            ),
+            (
+                "pool_validation_failures",
+                "Keep-alive pings failed or not answered in time",
+                &pool.validation_failures,
+            ),
+            (
+                "pool_evictions",
+                "Connections closed because their validation failed",
+                &pool.evictions,
+            ),
             ("pool_dials", "Dials started", &pool.dials),
             (
                 "pool_dial_failures",
@@ -204,6 +229,11 @@ impl Metrics {
         ] {
             registry.register(name, help, counter.clone());
         }
+        registry.register(
+            "pool_request_seconds",
+            "Requests to peers, from sending to the answer",
+            pool.latency.clone(),
+        );
         let heartbeat = HeartbeatMetrics::register(&mut registry);
         Self {
             registry: Arc::new(registry),

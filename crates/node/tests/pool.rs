@@ -1,11 +1,15 @@
-//! The connection pool's circuit breaker between real nodes: B stops, A's
-//! calls to it fail until its breaker opens after `pool.breaker_failures`;
-//! while open, sends fail at once with `CIRCUIT_OPEN` and no dial to B starts
-//! (counted); B back on its address, the breaker lets trial calls through
-//! and closes.
+//! The connection pool between real nodes: 1,000 messages on one connection;
+//! an idle connection closed after `network.max_idle_secs`; a connection that
+//! died silently caught by the keep-alive validation and replaced; and the
+//! circuit breaker: B stops, A's calls to it fail until its breaker opens
+//! after `pool.breaker_failures`; while open, sends fail at once with
+//! `CIRCUIT_OPEN` and no dial to B starts (counted); B back on its address,
+//! the breaker lets trial calls through and closes.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestNode, reopen, start_node_with, wait_connected};
@@ -13,6 +17,9 @@ use peer_core::EntityId;
 use peer_node::NodeError;
 use peer_node::node::NodeHandle;
 use peer_node::pool::PoolView;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 
 const LISTEN: &str = "/ip4/127.0.0.1/tcp/0";
 const OPEN_MS: u64 = 2_000;
@@ -126,4 +133,146 @@ async fn the_breaker_opens_after_five_failures_stops_dials_and_closes_through_ha
     );
     assert_eq!(closed.totals.trips, 1, "{closed:?}");
     drop(b);
+}
+
+#[tokio::test]
+async fn a_thousand_messages_reuse_one_connection() {
+    let quiet = |c: &mut peer_node::Config| {
+        c.discovery.enabled = false;
+        c.rate_limits.enabled = false;
+    };
+    let a = start_node_with(LISTEN, quiet).await;
+    let b = start_node_with(LISTEN, quiet).await;
+    let b_id = b.handle.entity_id();
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    let sends = (0..1000).map(|_| send(&a, b_id));
+    for result in futures::future::join_all(sends).await {
+        result.expect("delivered");
+    }
+    let p = pool(&a.handle).await.totals;
+    assert!(p.dials <= 3, "{p:?}");
+    // Handshake steps need a connection too: at least the 1,000 messages.
+    assert!(p.acquisitions >= 1000, "{p:?}");
+    let ratio = p.reuses as f64 / p.acquisitions as f64;
+    assert!(ratio >= 0.99, "reuse ratio {ratio}: {p:?}");
+    let answered = common::metric(&a.handle, "peer_pool_request_seconds_count");
+    assert!(answered >= 1000.0, "latency histogram: {answered}");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_time() {
+    let idle = |c: &mut peer_node::Config| {
+        c.discovery.enabled = false;
+        c.heartbeat.interval_ms = 3_600_000;
+        c.network.max_idle_secs = 1;
+    };
+    let a = start_node_with(LISTEN, idle).await;
+    let b = start_node_with(LISTEN, idle).await;
+    let b_id = b.handle.entity_id();
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    send(&a, b_id).await.expect("delivered");
+    let t = Instant::now();
+    common::wait_disconnected(&a.handle, b_id).await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // A new connection carries the next message (with discovery off, the
+    // agent dials; with it on, discovery would redial B, a peer it keeps).
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    send(&a, b_id).await.expect("delivered on a new connection");
+    assert_eq!(pool(&a.handle).await.totals.dials, 2);
+}
+
+/// A TCP relay from a local port to `to` that can stop carrying bytes while
+/// keeping both sockets open: a connection that dies silently.
+async fn black_hole_relay(to: std::net::SocketAddr) -> (u16, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut2 = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = TcpStream::connect(to).await.expect("connect");
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            tokio::spawn(pump(ri, wo, cut2.clone()));
+            tokio::spawn(pump(ro, wi, cut2.clone()));
+        }
+    });
+    (port, cut)
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        if cut.load(Ordering::Relaxed) {
+            continue; // swallowed: the socket stays open, nothing arrives
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_died_silently_is_evicted_by_validation_and_replaced() {
+    let tune = |c: &mut peer_node::Config| {
+        c.pool.keep_alive_secs = 1;
+        c.network.connection_timeout_secs = 1;
+        c.heartbeat.interval_ms = 3_600_000;
+        // Discovery would open a second, direct connection (its reachability
+        // check), which the relay's death would not touch.
+        c.discovery.enabled = false;
+    };
+    let a = start_node_with(LISTEN, tune).await;
+    let b = start_node_with(LISTEN, tune).await;
+    let b_id = b.handle.entity_id();
+    let b_tcp = b
+        .addr
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("tcp port");
+    let (port, cut) = black_hole_relay(([127, 0, 0, 1], b_tcp).into()).await;
+    let via: libp2p::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr");
+    a.handle
+        .connect(via)
+        .await
+        .expect("connect through the relay");
+    send(&a, b_id).await.expect("delivered");
+
+    cut.store(true, Ordering::Relaxed);
+    // libp2p's ping forgives the first failure; the second ping opens a new
+    // stream, whose negotiation times out after 10 s: about 2 × 1 s + 1 s + 10 s.
+    let t = Instant::now();
+    while a
+        .handle
+        .peers()
+        .await
+        .expect("peers")
+        .iter()
+        .any(|p| p.entity_id == b_id && p.connected)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never evicted: {:?}",
+            pool(&a.handle).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = pool(&a.handle).await.totals;
+    assert!(p.validation_failures >= 1 && p.evictions >= 1, "{p:?}");
+
+    // A new connection, at the address B announced, carries the next message.
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    send(&a, b_id).await.expect("delivered on a new connection");
+    let p = pool(&a.handle).await.totals;
+    assert!(p.validations >= 1, "{p:?}");
 }

@@ -3,7 +3,8 @@
 //! with a share of the nodes gone.
 //!
 //! The nodes start and listen, join one batch at a time through the seeds
-//! (node 0 first), and each publishes its record. Then `--lookups` lookups,
+//! (node 0 first), and each publishes its record (those not stored on a
+//! majority of the k closest publish once more). Then `--lookups` lookups,
 //! `--concurrency` at a time, each from a random node of a random other
 //! node's record; then `--gone` of the nodes leave at once (`--departure`)
 //! and, with no time to repair, the same number of lookups of the records of
@@ -181,7 +182,8 @@ async fn run(args: Args, runtimes: Vec<tokio::runtime::Handle>) -> Result<()> {
     let n = census.nodes as f64;
     println!(
         "built: joined in {:.1} s ({} bootstraps complete, {} timed out; {} more run by Kademlia \
-         itself), published in {:.1} s ({} reached a majority of the k closest, {} did not); \
+         itself), published in {:.1} s ({} reached a majority of the k closest, {} of them the \
+         second time; {} did not); \
          per node: {:.1} records held, {:.1} connections, {:.1} routing entries, {:.0} requests \
          answered; records refused {}",
         built.join_time.as_secs_f64(),
@@ -190,6 +192,7 @@ async fn run(args: Args, runtimes: Vec<tokio::runtime::Handle>) -> Result<()> {
         census.own_bootstraps,
         built.publish_time.as_secs_f64(),
         built.published.ok,
+        built.published.retried,
         built.published.failed,
         census.records as f64 / n,
         census.connections as f64 / n,

@@ -119,9 +119,11 @@ pub struct Census {
 /// The outcome of every node's publication of its record.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Published {
-    /// Publications that reached a majority of the k closest nodes.
+    /// Records that reached a majority of the k closest nodes.
     pub ok: usize,
-    /// Those that did not.
+    /// Of them, those that needed a second publication.
+    pub retried: usize,
+    /// Those that did not, even the second time.
     pub failed: usize,
 }
 
@@ -282,29 +284,41 @@ impl Network {
         answer.await.context("node task ended")
     }
 
-    /// Has every node still in the network publish its record, `batch` at a time.
+    /// Has every node still in the network publish its record, `batch` at a
+    /// time, and those whose publication did not reach a majority of the k
+    /// closest publish once more (as a node republishes 10 s after its first
+    /// publication).
     ///
     /// # Errors
     /// If a node task has ended.
     pub async fn publish(&self, batch: usize) -> Result<Published> {
-        let mut published = Published::default();
         let alive: Vec<usize> = (0..self.len()).filter(|&i| self.is_alive(i)).collect();
-        for chunk in alive.chunks(batch.max(1)) {
+        let failed = self.publish_some(&alive, batch).await?;
+        let still = self.publish_some(&failed, batch).await?;
+        Ok(Published {
+            ok: alive.len() - still.len(),
+            retried: failed.len(),
+            failed: still.len(),
+        })
+    }
+
+    /// Has nodes `which` publish their records; answers those that failed.
+    async fn publish_some(&self, which: &[usize], batch: usize) -> Result<Vec<usize>> {
+        let mut failed = Vec::new();
+        for chunk in which.chunks(batch.max(1)) {
             let mut running = FuturesUnordered::new();
             for &i in chunk {
                 let (done, answer) = oneshot::channel();
                 self.send(i, Command::Publish { done })?;
-                running.push(answer);
+                running.push(async move { (i, answer.await) });
             }
-            while let Some(ok) = running.next().await {
-                if ok.context("node task ended")? {
-                    published.ok += 1;
-                } else {
-                    published.failed += 1;
+            while let Some((i, ok)) = running.next().await {
+                if !ok.context("node task ended")? {
+                    failed.push(i);
                 }
             }
         }
-        Ok(published)
+        Ok(failed)
     }
 
     /// Node `from` looks up node `target`'s peer record.

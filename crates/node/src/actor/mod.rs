@@ -446,6 +446,12 @@ impl Actor {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => self.on_mdns(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => {
+                if let Some(dead) = self.swarm.behaviour_mut().pool.validated(&e) {
+                    tracing::debug!(peer = %e.peer, "keep-alive ping failed: connection closed");
+                    self.swarm.close_connection(dead);
+                }
+            }
             _ => {}
         }
     }

@@ -114,6 +114,7 @@ struct InFlight {
     queued: Queued,
     peer: PeerId,
     session: Option<SessionId>,
+    sent: std::time::Instant,
 }
 
 /// The outbound path's state.
@@ -247,7 +248,9 @@ impl Actor {
         if metered && let Err(open) = self.swarm.behaviour_mut().pool.allow_send(to) {
             return self.outbound_failed(queued, NodeError::CircuitOpen(open));
         }
-        if !self.shared.by_entity.contains_key(&to) {
+        let connected = self.shared.by_entity.contains_key(&to);
+        self.swarm.behaviour_mut().pool.acquire(connected);
+        if !connected {
             return self.park(SendRequest {
                 queued,
                 msg_type,
@@ -405,6 +408,7 @@ impl Actor {
                 queued: ready.queued,
                 peer,
                 session: ready.session,
+                sent: self.shared.clock.now(),
             },
         );
     }
@@ -437,7 +441,8 @@ impl Actor {
             return;
         };
         let to = f.queued.to;
-        self.swarm.behaviour_mut().pool.success(to);
+        let latency = self.shared.clock.now().saturating_duration_since(f.sent);
+        self.swarm.behaviour_mut().pool.answered(to, latency);
         let result = match response {
             Response::Accepted => Ok(Reply::Accepted),
             Response::Reply(bytes) => check_reply(to, &bytes).and_then(read_reply),

@@ -34,7 +34,7 @@ mod behaviour {
         pub pool: crate::pool::behaviour::Behaviour,
         /// Exchanges listen addresses and protocol lists.
         pub identify: identify::Behaviour,
-        /// Liveness and round-trip time.
+        /// Liveness: the pool's keep-alive validation of each connection.
         pub ping: ping::Behaviour,
         /// `/peer-protocol/1.2.0`: envelopes.
         pub envelopes: request_response::Behaviour<codec::Codec>,
@@ -116,7 +116,11 @@ pub fn build_swarm(
                         "/peer-protocol/id/1.2.0".into(),
                         key.public(),
                     )),
-                    ping: ping::Behaviour::default(),
+                    ping: ping::Behaviour::new(
+                        ping::Config::new()
+                            .with_interval(Duration::from_secs(config.pool.keep_alive_secs))
+                            .with_timeout(timeout),
+                    ),
                     envelopes: request_response::Behaviour::with_codec(
                         codec::Codec::new(inbound),
                         [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],

@@ -3,7 +3,7 @@
 //! in `handle_pending_outbound_connection`, so an open breaker stops the dial
 //! before any address is tried; the dial's outcome is the breaker's call
 //! outcome. The actor reaches the same breakers through
-//! [`Behaviour::allow_send`], [`Behaviour::success`] and
+//! [`Behaviour::allow_send`], [`Behaviour::answered`] and
 //! [`Behaviour::failure`] for requests on a connection. Time is read here, at
 //! the edge; the breakers themselves take it as a number.
 
@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libp2p::core::Endpoint;
 use libp2p::core::transport::PortUse;
@@ -19,7 +19,7 @@ use libp2p::swarm::{
     ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm, NetworkBehaviour, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId, ping};
 use peer_core::EntityId;
 
 use super::breaker::Refused;
@@ -84,10 +84,44 @@ impl Behaviour {
             })
     }
 
-    /// A request to `peer` was answered (even with a refusal).
-    pub fn success(&mut self, peer: EntityId) {
+    /// A send needs a connection to its peer: `reused` if one is open (else
+    /// it waits for a dial).
+    pub fn acquire(&mut self, reused: bool) {
+        let c = self.breakers.counters();
+        c.acquisitions.inc();
+        if reused {
+            c.reuses.inc();
+        }
+    }
+
+    /// A request to `peer` was answered (even with a refusal) `latency` after
+    /// it was sent.
+    pub fn answered(&mut self, peer: EntityId, latency: Duration) {
+        self.breakers
+            .counters()
+            .latency
+            .observe(latency.as_secs_f64());
         let now = self.now_ms();
         self.breakers.success(peer, now);
+    }
+
+    /// The outcome of a keep-alive ping (libp2p's ping, every
+    /// `pool.keep_alive_secs` on each connection): the connection to close
+    /// when it failed, since a connection that no longer answers would take
+    /// every request sent on it down with it.
+    pub fn validated(&mut self, event: &ping::Event) -> Option<ConnectionId> {
+        let c = self.breakers.counters();
+        match event.result {
+            Ok(_) => {
+                c.validations.inc();
+                None
+            }
+            Err(_) => {
+                c.validation_failures.inc();
+                c.evictions.inc();
+                Some(event.connection)
+            }
+        }
     }
 
     /// A request to `peer` got no answer: timeout, or the connection broke.
@@ -164,7 +198,8 @@ impl NetworkBehaviour for Behaviour {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
                 if let Some(entity) = self.dialing.remove(&e.connection_id) {
-                    self.success(entity);
+                    let now = self.now_ms();
+                    self.breakers.success(entity, now);
                 }
             }
             FromSwarm::DialFailure(DialFailure {

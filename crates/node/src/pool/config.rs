@@ -20,6 +20,11 @@ pub struct PoolConfig {
     /// Trial calls a half-open breaker lets through; as many successes close
     /// it, a failure opens it again (default 3; at least 1).
     pub breaker_trials: u32,
+    /// Seconds between two validations of a connection: a ping on it, which
+    /// must be answered within `network.connection_timeout_secs` or the
+    /// connection is closed (evicted) and the next send dials again
+    /// (default 30; at least 1).
+    pub keep_alive_secs: u64,
     /// Most peers whose breaker is remembered (one with failures counted or
     /// not closed); beyond it the one whose last call ended longest ago is
     /// forgotten, closed again (default 4,096; at least 1).
@@ -33,6 +38,7 @@ impl Default for PoolConfig {
             breaker_failures: s.failures,
             breaker_open_ms: s.open_ms,
             breaker_trials: s.trials,
+            keep_alive_secs: 30,
             max_peers: 4_096,
         }
     }
@@ -44,10 +50,11 @@ impl PoolConfig {
         if self.breaker_failures == 0
             || self.breaker_open_ms == 0
             || self.breaker_trials == 0
+            || self.keep_alive_secs == 0
             || self.max_peers == 0
         {
             return Err(
-                "pool.breaker_failures, pool.breaker_open_ms, pool.breaker_trials and pool.max_peers must be at least 1"
+                "pool.breaker_failures, pool.breaker_open_ms, pool.breaker_trials, pool.keep_alive_secs and pool.max_peers must be at least 1"
                     .into(),
             );
         }
@@ -80,6 +87,7 @@ mod tests {
             |c: &mut PoolConfig| c.breaker_failures = 0,
             |c: &mut PoolConfig| c.breaker_open_ms = 0,
             |c: &mut PoolConfig| c.breaker_trials = 0,
+            |c: &mut PoolConfig| c.keep_alive_secs = 0,
             |c: &mut PoolConfig| c.max_peers = 0,
         ] {
             let mut c = PoolConfig::default();

@@ -1,7 +1,19 @@
-//! The connection pool's policy beside libp2p's own limits: a circuit
-//! breaker per peer ([`breaker`]), kept in a bounded table ([`Breakers`]) and
-//! applied to every dial by a libp2p behaviour ([`behaviour`]) and to every
-//! send by the actor.
+//! The connection pool: the lifecycle of connections per peer, on libp2p's
+//! own mechanisms where they fit, and the policy they lack.
+//!
+//! - acquire: a send takes the open connection to its peer (requests are
+//!   streams multiplexed on it; at most `network.max_connections_per_peer`
+//!   connections per peer), or waits while one is dialled (counted:
+//!   acquisitions, reuses);
+//! - validate: libp2p's ping on every connection every
+//!   `pool.keep_alive_secs`, answered within `network.connection_timeout_secs`;
+//! - use and release: a request-response stream, closed with its answer;
+//! - evict: a connection whose validation failed is closed here; one idle for
+//!   `network.max_idle_secs` is closed by libp2p's idle timeout.
+//!
+//! Beside it, a circuit breaker per peer ([`breaker`]), kept in a bounded
+//! table ([`Breakers`]) and applied to every dial by a libp2p behaviour
+//! ([`behaviour`]) and to every service send by the actor.
 //!
 //! A call is a dial (its outcome: the connection is established, or the dial
 //! fails) or a request on a connection (an answer, even a refusal, is a
@@ -17,14 +29,22 @@ use std::collections::HashMap;
 
 use peer_core::EntityId;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 
 use breaker::{Breaker, Refused, Settings};
 pub use config::PoolConfig;
 
-/// The pool's counters, served on `/metrics` (`peer_pool_*_total`).
-#[derive(Debug, Clone, Default)]
+/// The pool's counters, served on `/metrics` (`peer_pool_*`).
+#[derive(Debug, Clone)]
 pub struct Counters {
+    pub(crate) acquisitions: Counter,
+    pub(crate) reuses: Counter,
+    pub(crate) validations: Counter,
+    pub(crate) validation_failures: Counter,
+    pub(crate) evictions: Counter,
+    /// Request latency, send to answer (seconds; 100 µs to ~52 s).
+    pub(crate) latency: Histogram,
     pub(crate) dials: Counter,
     pub(crate) dial_failures: Counter,
     pub(crate) dials_refused: Counter,
@@ -33,10 +53,34 @@ pub struct Counters {
     pub(crate) trips: Counter,
 }
 
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            acquisitions: Counter::default(),
+            reuses: Counter::default(),
+            validations: Counter::default(),
+            validation_failures: Counter::default(),
+            evictions: Counter::default(),
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            dials: Counter::default(),
+            dial_failures: Counter::default(),
+            dials_refused: Counter::default(),
+            sends_refused: Counter::default(),
+            send_failures: Counter::default(),
+            trips: Counter::default(),
+        }
+    }
+}
+
 impl Counters {
     /// Their values now.
     pub fn totals(&self) -> Totals {
         Totals {
+            acquisitions: self.acquisitions.get(),
+            reuses: self.reuses.get(),
+            validations: self.validations.get(),
+            validation_failures: self.validation_failures.get(),
+            evictions: self.evictions.get(),
             dials: self.dials.get(),
             dial_failures: self.dial_failures.get(),
             dials_refused: self.dials_refused.get(),
@@ -63,6 +107,16 @@ pub struct PoolView {
 /// Totals over every peer since the node started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Totals {
+    /// Sends that needed a connection to their peer.
+    pub acquisitions: u64,
+    /// Of them, those that found one open (the others waited for a dial).
+    pub reuses: u64,
+    /// Keep-alive pings answered.
+    pub validations: u64,
+    /// Keep-alive pings that failed or were not answered in time.
+    pub validation_failures: u64,
+    /// Connections closed because their validation failed.
+    pub evictions: u64,
     /// Dials started.
     pub dials: u64,
     /// Of them, those that failed.
