@@ -218,6 +218,9 @@ async fn a_peer_the_agent_connected_to_is_dialled_again_when_it_comes_back() {
     let quick = |c: &mut Config| {
         c.discovery.reconnect_min_ms = 100;
         c.discovery.reconnect_max_ms = 400;
+        // Five failed redials open b's circuit breaker, which then holds
+        // further dials for this long (30 s by default).
+        c.pool.breaker_open_ms = 1_000;
     };
     let a = start_node_with(TCP, quick).await;
     let b = start_node_with(TCP, quick).await;

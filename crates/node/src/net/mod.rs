@@ -153,7 +153,14 @@ pub fn build_swarm(
                 })
             },
         )?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(idle)
+                // Propose a stream's protocol and send on it at once instead of
+                // waiting a round trip for the answer (every request opens a
+                // stream). The peers a node speaks to run the same protocols;
+                // one that does not refuses the stream, as it would have.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .with_connection_timeout(timeout)
         .build();
     Ok(swarm)
