@@ -230,6 +230,11 @@ impl Metrics {
             registry.register(name, help, counter.clone());
         }
         registry.register(
+            "pool_breakers_tripped",
+            "Peers whose circuit breaker is open or half-open",
+            pool.tripped.clone(),
+        );
+        registry.register(
             "pool_request_seconds",
             "Requests to peers, from sending to the answer",
             pool.latency.clone(),

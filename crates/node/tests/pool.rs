@@ -78,6 +78,7 @@ async fn the_breaker_opens_after_five_failures_stops_dials_and_closes_through_ha
     let open = pool(&a.handle).await;
     assert_eq!(open.totals.trips, 1, "{open:?}");
     assert_eq!(open.open_breakers, 1, "{open:?}");
+    assert_eq!(common::metric(&a.handle, "peer_pool_breakers_tripped"), 1.0);
     assert_eq!(open.breakers[0].state, "open");
     assert!(
         open.totals.dial_failures + open.totals.send_failures >= 5,
@@ -132,6 +133,7 @@ async fn the_breaker_opens_after_five_failures_stops_dials_and_closes_through_ha
         "closed and forgotten: {closed:?}"
     );
     assert_eq!(closed.totals.trips, 1, "{closed:?}");
+    assert_eq!(common::metric(&a.handle, "peer_pool_breakers_tripped"), 0.0);
     drop(b);
 }
 

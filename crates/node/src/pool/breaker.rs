@@ -116,6 +116,11 @@ impl Breaker {
         self.trips
     }
 
+    /// Whether it is closed (not open or half-open), as of its last change.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed { .. })
+    }
+
     /// Whether it is closed with no failure counted: it holds nothing worth
     /// keeping.
     pub fn is_idle(&self) -> bool {

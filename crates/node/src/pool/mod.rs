@@ -29,6 +29,7 @@ use std::collections::HashMap;
 
 use peer_core::EntityId;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 
@@ -51,6 +52,8 @@ pub struct Counters {
     pub(crate) sends_refused: Counter,
     pub(crate) send_failures: Counter,
     pub(crate) trips: Counter,
+    /// Peers whose breaker is open or half-open.
+    pub(crate) tripped: Gauge,
 }
 
 impl Default for Counters {
@@ -68,6 +71,7 @@ impl Default for Counters {
             sends_refused: Counter::default(),
             send_failures: Counter::default(),
             trips: Counter::default(),
+            tripped: Gauge::default(),
         }
     }
 }
@@ -187,11 +191,14 @@ impl Breakers {
     /// A call to `peer` succeeded.
     pub fn success(&mut self, peer: EntityId, now_ms: u64) {
         if let Some(e) = self.peers.get_mut(&peer) {
+            let was_closed = e.breaker.is_closed();
             e.breaker.success(now_ms);
             e.touched_ms = now_ms;
+            let closed = e.breaker.is_closed();
             if e.breaker.is_idle() {
                 self.peers.remove(&peer);
             }
+            self.count_tripped(was_closed, closed);
         }
     }
 
@@ -205,10 +212,21 @@ impl Breakers {
             breaker: Breaker::new(settings),
             touched_ms: now_ms,
         });
-        let trips = e.breaker.trips();
+        let (trips, was_closed) = (e.breaker.trips(), e.breaker.is_closed());
         e.breaker.failure(now_ms);
         e.touched_ms = now_ms;
+        let closed = e.breaker.is_closed();
         self.counters.trips.inc_by(e.breaker.trips() - trips);
+        self.count_tripped(was_closed, closed);
+    }
+
+    /// Keeps the `tripped` gauge: a breaker went from closed or not to closed or not.
+    fn count_tripped(&self, was_closed: bool, closed: bool) {
+        match (was_closed, closed) {
+            (true, false) => _ = self.counters.tripped.inc(),
+            (false, true) => _ = self.counters.tripped.dec(),
+            _ => {}
+        }
     }
 
     /// Counts a dial started, failed or refused.
@@ -274,8 +292,9 @@ impl Breakers {
             .iter()
             .min_by_key(|(_, e)| e.touched_ms)
             .map(|(id, _)| *id)
+            && let Some(e) = self.peers.remove(&oldest)
         {
-            self.peers.remove(&oldest);
+            self.count_tripped(e.breaker.is_closed(), true);
         }
     }
 }
@@ -319,6 +338,7 @@ mod tests {
         assert!(b.allow(entity(1), 10).is_err());
         assert!(b.allow(entity(2), 10).is_ok());
         assert_eq!(b.counters().totals().trips, 1);
+        assert_eq!(b.counters().tripped.get(), 1);
         assert_eq!(b.open(10), 1);
         let p = &b.peers(10)[0];
         assert_eq!((p.state, p.retry_after_ms), ("open", Some(29_994)));
@@ -338,6 +358,7 @@ mod tests {
         let ids: Vec<_> = b.peers(20).into_iter().map(|p| p.entity_id).collect();
         assert_eq!(ids.len(), 2);
         assert!(!ids.contains(&entity(1)), "touched longest ago");
+        assert_eq!(b.counters().tripped.get(), 0, "the open one was forgotten");
         assert!(b.allow(entity(1), 21).is_ok(), "forgotten: closed again");
     }
 }
