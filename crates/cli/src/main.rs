@@ -60,6 +60,9 @@ enum Command {
     },
     /// Show the running node's health, addresses and counters.
     Status,
+    /// Show the message counters per peer and the connection pool's (dials,
+    /// reuses, validations, circuit breakers).
+    Stats,
     /// List connected and remembered peers.
     Peers,
     /// Connect to a peer.
@@ -310,6 +313,10 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             health["stats"] = c.get("/v1/stats")?;
             print_json(out, &health)
         }
+        Command::Stats => print_json(
+            out,
+            &Client::new(&dir, cli.api_url.as_deref())?.get("/v1/stats")?,
+        ),
         Command::Peers => print_json(
             out,
             &Client::new(&dir, cli.api_url.as_deref())?.get("/v1/peers")?,

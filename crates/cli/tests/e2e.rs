@@ -539,6 +539,12 @@ async fn three_nodes_exchange_messages_through_api_and_cli() {
         .unwrap_or_else(|| panic!("no peer_messages_received_total in {metrics}"));
     assert_eq!(received_total, total.to_string(), "{metrics}");
 
+    // `peer stats`: the pool's counters; every message found its connection open.
+    let stats = a.cli(&["stats"]).await;
+    let pool = &stats["pool"];
+    assert!(pool["acquisitions"].as_u64() >= Some(1), "{stats}");
+    assert_eq!(pool["open_breakers"], 0, "{stats}");
+
     let peers = a.cli(&["peers"]).await;
     for other in [&b, &c] {
         let p = find_peer(&peers, &other.entity_id)
