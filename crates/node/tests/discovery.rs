@@ -299,6 +299,8 @@ async fn a_static_peer_is_dialled_at_start_and_kept_beside_the_dht() {
     let quick = |c: &mut Config| {
         c.discovery.reconnect_min_ms = 100;
         c.discovery.reconnect_max_ms = 400;
+        // As in the test above: five failed redials open the breaker.
+        c.pool.breaker_open_ms = 1_000;
     };
     let b = start_node_with(TCP, quick).await;
     let idb = b.handle.entity_id();
