@@ -22,6 +22,34 @@ fn fast(c: &mut Config) {
     c.discovery.query_timeout_secs = 5;
 }
 
+/// Discovery without announces: records are learnt through the DHT only.
+fn dht_only(c: &mut Config) {
+    fast(c);
+    c.discovery.announce = false;
+}
+
+/// A DHT-only member joining through `boot`.
+fn joining(boot: &TestNode) -> impl FnOnce(&mut Config) + use<> {
+    let addr = boot.addr.clone();
+    move |c| {
+        dht_only(c);
+        c.network.bootstrap = vec![addr];
+    }
+}
+
+/// A bootstrap node and two DHT-only members, a and d, joined through it:
+/// what one learns of the other's record it learns through the DHT.
+async fn dht_only_pair() -> (TestNode, TestNode, TestNode) {
+    let boot = start_node_with(TCP, |c| {
+        dht_only(c);
+        c.discovery.bootstrap_node = true;
+    })
+    .await;
+    let a = start_node_with(TCP, joining(&boot)).await;
+    let d = start_node_with(TCP, joining(&boot)).await;
+    (boot, a, d)
+}
+
 fn skill(id: &str) -> Skill {
     Skill {
         id: id.into(),
@@ -331,21 +359,7 @@ async fn a_static_peer_is_dialled_at_start_and_kept_beside_the_dht() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capability_added_after_the_record_was_learnt_is_found_through_the_dht_alone() {
     // No announces: d learns a's newer record only by looking it up.
-    let dht_only = |c: &mut Config| {
-        fast(c);
-        c.discovery.announce = false;
-    };
-    let boot = start_node_with(TCP, |c| {
-        dht_only(c);
-        c.discovery.bootstrap_node = true;
-    })
-    .await;
-    let join = |c: &mut Config| {
-        dht_only(c);
-        c.network.bootstrap = vec![boot.addr.clone()];
-    };
-    let a = start_node_with(TCP, join).await;
-    let d = start_node_with(TCP, join).await;
+    let (_boot, a, d) = dht_only_pair().await;
     let ida = a.handle.entity_id();
     until(20, "d holds a's record, which lists nothing", || async {
         d.handle
@@ -382,21 +396,7 @@ async fn a_capability_added_after_the_record_was_learnt_is_found_through_the_dht
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_goes_past_a_stale_copy_of_the_record_held() {
-    let dht_only = |c: &mut Config| {
-        fast(c);
-        c.discovery.announce = false;
-    };
-    let boot = start_node_with(TCP, |c| {
-        dht_only(c);
-        c.discovery.bootstrap_node = true;
-    })
-    .await;
-    let join = |c: &mut Config| {
-        dht_only(c);
-        c.network.bootstrap = vec![boot.addr.clone()];
-    };
-    let a = start_node_with(TCP, join).await;
-    let d = start_node_with(TCP, join).await;
+    let (boot, a, d) = dht_only_pair().await;
     let ida = a.handle.entity_id();
     // a publishes twice after joining; then not again for an hour.
     let seq = || async {
@@ -440,7 +440,7 @@ async fn a_lookup_goes_past_a_stale_copy_of_the_record_held() {
     .await;
     // Back, d holds the old copy for the DHT; a lookup finds it first (in
     // its own store) and goes on to the newer one.
-    let d = reopen(dir, TCP, join).await;
+    let d = reopen(dir, TCP, joining(&boot)).await;
     until(20, "d finds a offering code", || async {
         d.handle
             .discover("code".into())
