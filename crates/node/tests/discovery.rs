@@ -75,6 +75,26 @@ async fn member(bootstrap: &TestNode, skills: &[&str]) -> TestNode {
     .await
 }
 
+/// Replaces `node`'s card by one that offers the skill "code".
+async fn offer_code(node: &TestNode) {
+    let content = CardContent {
+        name: "a".into(),
+        description: String::new(),
+        version: String::new(),
+        skills: vec![skill("code")],
+        accepts: Vec::new(),
+    };
+    node.handle.set_card(content).await.expect("card");
+}
+
+/// Whether a capability lookup of "code" by `node` answers `offerer`.
+async fn finds_code_at(node: &TestNode, offerer: peer_core::EntityId) -> bool {
+    node.handle
+        .discover("code".into())
+        .await
+        .is_ok_and(|found| found.iter().any(|p| p.entity_id == offerer))
+}
+
 /// Waits until `check` holds, up to `secs`.
 async fn until<F, Fut>(secs: u64, what: &str, mut check: F)
 where
@@ -368,14 +388,7 @@ async fn a_capability_added_after_the_record_was_learnt_is_found_through_the_dht
             .is_ok_and(|p| p.verified && p.capabilities.is_empty())
     })
     .await;
-    let content = CardContent {
-        name: "a".into(),
-        description: String::new(),
-        version: String::new(),
-        skills: vec![skill("code")],
-        accepts: Vec::new(),
-    };
-    a.handle.set_card(content).await.expect("card");
+    offer_code(&a).await;
     until(20, "a publishes a record that lists code", || async {
         a.handle
             .find(ida)
@@ -386,10 +399,7 @@ async fn a_capability_added_after_the_record_was_learnt_is_found_through_the_dht
     // a provides code: d looks up the record of a provider whose record
     // held does not list it, and does not stop at a copy of that one.
     until(20, "d finds a offering code", || async {
-        d.handle
-            .discover("code".into())
-            .await
-            .is_ok_and(|found| found.iter().any(|p| p.entity_id == ida))
+        finds_code_at(&d, ida).await
     })
     .await;
 }
@@ -423,29 +433,16 @@ async fn a_lookup_goes_past_a_stale_copy_of_the_record_held() {
     // While d is down, a offers code: d's copy of a's record goes stale.
     let TestNode { handle, dir, .. } = d;
     drop(handle);
-    let content = CardContent {
-        name: "a".into(),
-        description: String::new(),
-        version: String::new(),
-        skills: vec![skill("code")],
-        accepts: Vec::new(),
-    };
-    a.handle.set_card(content).await.expect("card");
+    offer_code(&a).await;
     until(20, "the bootstrap node holds a's new record", || async {
-        boot.handle
-            .discover("code".into())
-            .await
-            .is_ok_and(|found| found.iter().any(|p| p.entity_id == ida))
+        finds_code_at(&boot, ida).await
     })
     .await;
     // Back, d holds the old copy for the DHT; a lookup finds it first (in
     // its own store) and goes on to the newer one.
     let d = reopen(dir, TCP, joining(&boot)).await;
     until(20, "d finds a offering code", || async {
-        d.handle
-            .discover("code".into())
-            .await
-            .is_ok_and(|found| found.iter().any(|p| p.entity_id == ida))
+        finds_code_at(&d, ida).await
     })
     .await;
 }
