@@ -78,6 +78,22 @@ fn envelope(c: &mut Criterion) {
     });
     g.bench_function("verify", |b| b.iter(|| black_box(&env).verify()));
     g.finish();
+
+    // Batches of one peer's envelopes (as a node verifies them), per envelope.
+    let v = Acceptor::new(to, inbound::Config::default()).verifier();
+    let from = id.entity_id();
+    let mut g = c.benchmark_group("envelope/verify_batch");
+    for n in [1u64, 8, 32, 64] {
+        let frames: Vec<Vec<u8>> = (0..n).map(|i| draft(to, i).sign(&id).encode()).collect();
+        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        let ok = v.verify_many_from(NOW, &from, &refs, rand::rng());
+        assert!(ok.iter().all(Result::is_ok), "setup: the batch verifies");
+        g.throughput(Throughput::Elements(n));
+        g.bench_function(n.to_string(), |b| {
+            b.iter(|| v.verify_many_from(NOW, black_box(&from), black_box(&refs), rand::rng()))
+        });
+    }
+    g.finish();
 }
 
 fn acceptor(c: &mut Criterion) {

@@ -3,7 +3,7 @@
 
 use crate::envelope::{Envelope, EnvelopeError, MessageId};
 use crate::error::{ErrorCode, Rejection};
-use crate::identity::EntityId;
+use crate::identity::{EntityId, Signed, verify_batch};
 use crate::replay::{self, ReplayGuard};
 
 /// Inbound checks' settings.
@@ -97,16 +97,7 @@ impl Verifier {
         bytes: &[u8],
     ) -> Result<Envelope, Refusal> {
         let env = self.decode(bytes)?;
-        if env.sender_id != *peer {
-            return Err(Refusal::new(
-                ErrorCode::WrongSender,
-                format!(
-                    "sender_id {} is not the peer of this connection ({peer}); an envelope sent on behalf of another entity must be forwarded, not sent bare",
-                    env.sender_id
-                ),
-                Some(env.message_id),
-            ));
-        }
+        self.check_sender(&env, peer)?;
         self.check(now_ms, env)
     }
 
@@ -125,8 +116,76 @@ impl Verifier {
         })
     }
 
+    /// Runs [`Verifier::verify_from`] on each of `frames` from `peer`, with
+    /// their signatures checked as one batch (random coefficients from
+    /// `rng`). The answers are exactly those `verify_from` gives one by one.
+    pub fn verify_many_from(
+        &self,
+        now_ms: u64,
+        peer: &EntityId,
+        frames: &[&[u8]],
+        rng: impl rand_core::CryptoRng,
+    ) -> Vec<Result<Envelope, Refusal>> {
+        let mut results: Vec<Result<Envelope, Refusal>> = frames
+            .iter()
+            .map(|bytes| {
+                let env = self.decode(bytes)?;
+                self.check_sender(&env, peer)?;
+                self.check_unsigned(now_ms, env)
+            })
+            .collect();
+        let signed: Vec<(usize, Vec<u8>)> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().ok().map(|e| (i, e.signed_bytes())))
+            .collect();
+        let items: Vec<Signed<'_>> = signed
+            .iter()
+            .map(|(i, msg)| {
+                let env = results[*i].as_ref().expect("only envelopes are signed");
+                Signed {
+                    key: &env.sender_key,
+                    msg,
+                    signature: &env.signature,
+                }
+            })
+            .collect();
+        let valid = verify_batch(&items, rng);
+        for ((i, _), valid) in signed.iter().zip(valid) {
+            if !valid {
+                let id = results[*i].as_ref().ok().map(|e| e.message_id);
+                results[*i] = Err(bad_signature(id));
+            }
+        }
+        results
+    }
+
+    /// Check 3's last part: the envelope's sender is the connection's peer.
+    fn check_sender(&self, env: &Envelope, peer: &EntityId) -> Result<(), Refusal> {
+        if env.sender_id == *peer {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorCode::WrongSender,
+            format!(
+                "sender_id {} is not the peer of this connection ({peer}); an envelope sent on behalf of another entity must be forwarded, not sent bare",
+                env.sender_id
+            ),
+            Some(env.message_id),
+        ))
+    }
+
     /// Checks 4–6: timestamp, key binding, signature.
     fn check(&self, now_ms: u64, env: Envelope) -> Result<Envelope, Refusal> {
+        let env = self.check_unsigned(now_ms, env)?;
+        if !env.signature_is_valid() {
+            return Err(bad_signature(Some(env.message_id)));
+        }
+        Ok(env)
+    }
+
+    /// Checks 4–5: timestamp, key binding.
+    fn check_unsigned(&self, now_ms: u64, env: Envelope) -> Result<Envelope, Refusal> {
         let id = Some(env.message_id);
         replay::check_tolerance(self.tolerance_ms, now_ms, env.timestamp_ms).map_err(
             |rejection| Refusal {
@@ -141,15 +200,17 @@ impl Verifier {
                 id,
             ));
         }
-        if !env.signature_is_valid() {
-            return Err(Refusal::new(
-                ErrorCode::InvalidSignature,
-                "signature does not verify under sender_public_key",
-                id,
-            ));
-        }
         Ok(env)
     }
+}
+
+/// Check 6's refusal.
+fn bad_signature(id: Option<MessageId>) -> Refusal {
+    Refusal::new(
+        ErrorCode::InvalidSignature,
+        "signature does not verify under sender_public_key",
+        id,
+    )
 }
 
 /// The stateful inbound checks, run on envelopes the [`Verifier`] passed:
@@ -249,6 +310,47 @@ mod tests {
 
     fn code(r: Result<Envelope, Refusal>) -> ErrorCode {
         r.expect_err("rejected").rejection.code
+    }
+
+    #[test]
+    fn a_batch_gets_the_answers_of_one_by_one_checks() {
+        let (me, them, acc) = setup();
+        let v = acc.verifier();
+        let to = Some(me.entity_id());
+        let good = |n| draft(to, NOW, n).sign(&them).encode();
+        let mut tampered = good(3);
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let frames: Vec<Vec<u8>> = vec![
+            good(1),
+            good(2),
+            tampered,
+            draft(to, NOW - 3_600_000, 4).sign(&them).encode(),
+            draft(to, NOW, 5).sign(&me).encode(),
+            b"garbage".to_vec(),
+            good(6),
+        ];
+        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        let peer = them.entity_id();
+        let batch = v.verify_many_from(NOW, &peer, &refs, rand::rng());
+        let one_by_one: Vec<_> = refs.iter().map(|f| v.verify_from(NOW, &peer, f)).collect();
+        assert_eq!(batch, one_by_one);
+        let codes: Vec<Option<ErrorCode>> = batch
+            .iter()
+            .map(|r| r.as_ref().err().map(|e| e.rejection.code))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                None,
+                None,
+                Some(ErrorCode::InvalidSignature),
+                Some(ErrorCode::ReplayDetected),
+                Some(ErrorCode::WrongSender),
+                Some(ErrorCode::MalformedMessage),
+                None,
+            ]
+        );
     }
 
     #[test]
