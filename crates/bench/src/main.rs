@@ -71,6 +71,9 @@ enum Agent {
 enum Mode {
     Throughput,
     Latency,
+    /// `--messages` frames, each the size of a sealed envelope carrying
+    /// `--payload-bytes`, over a bare libp2p stream (no nodes).
+    Bare,
 }
 
 fn start(dir: &std::path::Path, args: &Args) -> Result<NodeHandle> {
@@ -124,7 +127,44 @@ fn main() -> Result<()> {
     rt.block_on(run(args))
 }
 
+/// The encoded size of a sealed envelope carrying `payload` bytes: the
+/// ciphertext is the payload and a 16-byte tag.
+fn sealed_envelope_len(payload: usize) -> usize {
+    let id = peer_core::Identity::from_secret(&[1; 32]);
+    peer_core::Draft {
+        msg_type: "message".parse().expect("valid type"),
+        message_id: peer_core::MessageId::from_random([2; 16]),
+        recipient_id: Some(id.entity_id()),
+        session_id: Some(peer_core::SessionId([3; 16])),
+        sequence_num: 1,
+        timestamp_ms: 0,
+        nonce: [4; 16],
+        payload: vec![0; payload + 16],
+    }
+    .sign(&id)
+    .encode()
+    .len()
+}
+
+async fn bare(args: &Args) -> Result<()> {
+    let frame = sealed_envelope_len(pace::payload(args.payload_bytes).len());
+    let secs = peer_bench::bare::run(args.transport, args.messages, frame, args.in_flight).await?;
+    println!(
+        "mode=Bare transport={:?} frame={frame}B in_flight={} threads={}",
+        args.transport, args.in_flight, args.threads
+    );
+    println!(
+        "frames={} seconds={secs:.2} rate={:.0} frames/s",
+        args.messages,
+        args.messages as f64 / secs
+    );
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<()> {
+    if let Mode::Bare = args.mode {
+        return bare(&args).await;
+    }
     let tmp = tempfile::tempdir()?;
     let sender = start(&tmp.path().join("a"), &args)?;
     let receiver = start(&tmp.path().join("b"), &args)?;
@@ -165,6 +205,7 @@ async fn run(args: Args) -> Result<()> {
             tally
         }
         Mode::Latency => pace::at_rate(args.rate, args.seconds, send).await?,
+        Mode::Bare => unreachable!("handled above"),
     };
     let secs = started.elapsed().as_secs_f64();
     let ok = tally.delivered();

@@ -937,7 +937,8 @@ impl Builder {
         card.set(Arc::new(own));
         let key = net::keypair(identity.secret_bytes());
         let peer_id = key.public().to_peer_id();
-        let mut swarm = net::build_swarm(key, &config).map_err(|e| StartError(error_chain(&*e)))?;
+        let (mut swarm, inbound) =
+            net::build_swarm(key, &config).map_err(|e| StartError(error_chain(&*e)))?;
         for addr in &config.network.listen {
             swarm
                 .listen_on(addr.clone())
@@ -988,6 +989,7 @@ impl Builder {
         };
         let parts = actor::Parts {
             swarm,
+            inbound,
             config: Arc::new(config),
             identity,
             writer,

@@ -222,6 +222,11 @@ impl Metrics {
                 &pool.send_failures,
             ),
             (
+                "pool_streams_opened",
+                "Long-lived envelope streams opened to peers",
+                &pool.streams_opened,
+            ),
+            (
                 "pool_breaker_trips",
                 "Times a peer's circuit breaker opened",
                 &pool.trips,

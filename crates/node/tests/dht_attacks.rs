@@ -181,7 +181,7 @@ impl Mallory {
         // One connection, to the victim: her own Kademlia would otherwise
         // dial the peers the victim names in its answers.
         config.network.max_connections = 1;
-        let mut swarm =
+        let (mut swarm, _) =
             net::build_swarm(net::keypair(identity.secret_bytes()), &config).expect("swarm");
         if listen {
             swarm.listen_on(TCP.parse().expect("addr")).expect("listen");

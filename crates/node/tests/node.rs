@@ -270,9 +270,10 @@ async fn a_flooding_peer_is_rate_limited_while_another_keeps_flowing() {
             Err(NodeError::Rejected {
                 code,
                 retry_after_ms,
+                reason,
                 ..
             }) => {
-                assert_eq!(code, "RATE_LIMITED");
+                assert_eq!(code, "RATE_LIMITED", "{reason}");
                 assert!(
                     retry_after_ms.is_some_and(|ms| ms > 0 && ms <= 2_000),
                     "{retry_after_ms:?}"

@@ -159,6 +159,11 @@ async fn a_thousand_messages_reuse_one_connection() {
     assert!(ratio >= 0.99, "reuse ratio {ratio}: {p:?}");
     let answered = common::metric(&a.handle, "peer_pool_request_seconds_count");
     assert!(answered >= 1000.0, "latency histogram: {answered}");
+    // B lists the long-lived streams, so the messages share one (or a few),
+    // not a stream each.
+    assert!((1..=3).contains(&p.streams_opened), "{p:?}");
+    let streams = common::metric(&a.handle, "peer_pool_streams_opened_total");
+    assert_eq!(streams, p.streams_opened as f64);
 }
 
 #[tokio::test]

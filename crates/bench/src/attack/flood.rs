@@ -163,7 +163,7 @@ impl Flood {
         frames: Frames,
     ) -> Result<Self> {
         let key = net::keypair(identity.secret_bytes());
-        let mut swarm = net::build_swarm(key, &super::attacker_config())
+        let (mut swarm, _) = net::build_swarm(key, &super::attacker_config())
             .map_err(|e| anyhow::anyhow!("attacker swarm: {e}"))?;
         let commits = metric(&target.node, COMMITS);
         let peer = dial(&mut swarm, target.tcp.clone())

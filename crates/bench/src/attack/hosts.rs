@@ -67,7 +67,8 @@ impl Host {
         let identity = fresh_identity();
         let key = net::keypair(identity.secret_bytes());
         let setup = |e: &dyn std::fmt::Display| Refused::new("setup", e);
-        let mut swarm = net::build_swarm(key, &super::attacker_config()).map_err(|e| setup(&e))?;
+        let (mut swarm, _) =
+            net::build_swarm(key, &super::attacker_config()).map_err(|e| setup(&e))?;
         let listen = Transport::Quic.listen(ATTACKER_IP).map_err(|e| setup(&e))?;
         swarm.listen_on(listen).map_err(|e| setup(&e))?;
         loop {

@@ -223,6 +223,7 @@ impl Actor {
             listen_addrs: info.listen_addrs.clone(),
             kad,
         });
+        self.outbound.links.identified(peer_id, &info.protocols);
         let Some(c) = self.connections.peers.get_mut(&peer_id) else {
             return;
         };
@@ -263,6 +264,7 @@ impl Actor {
         };
         self.shared.by_entity.remove(&c.entity);
         self.pipeline.peer_gone(&peer_id);
+        self.outbound.links.disconnected(&peer_id);
         let now = self.now_ms();
         self.shared.sessions.set_connected(now, c.entity, false);
         self.shared.limits.disconnected(c.entity);

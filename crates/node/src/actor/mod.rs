@@ -34,7 +34,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::clock::{Clock, Monotonic};
 use crate::config::Config;
 use crate::inbox::{Committed, Delivery, Inbox};
-use crate::net::{Behaviour, BehaviourEvent};
+use crate::net::{Behaviour, BehaviourEvent, link};
 use crate::network::NetEvent;
 use crate::node::{Event, Live, NodeError, PeerView};
 use crate::ratelimit::Limits;
@@ -133,6 +133,8 @@ impl Shared {
 /// What the node starts with.
 pub(crate) struct Parts {
     pub swarm: Swarm<Behaviour>,
+    /// The root codec of inbound envelopes, for the long-lived streams.
+    pub inbound: crate::net::codec::Codec,
     pub config: Arc<Config>,
     pub identity: Identity,
     pub writer: Writer,
@@ -169,8 +171,10 @@ struct Actor {
 pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
     let (verified_tx, verified_rx) = mpsc::channel(TASK_QUEUE);
     let (signed_tx, signed_rx) = mpsc::channel(TASK_QUEUE);
+    let (link_tx, link_rx) = mpsc::channel(TASK_QUEUE);
     let Parts {
         swarm,
+        inbound,
         config,
         identity,
         writer,
@@ -184,6 +188,19 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
     } = parts;
     let identity = Arc::new(identity);
     let mono = Monotonic::new(clock.now());
+    let links = link::Links::start(
+        swarm.behaviour().streams.new_control(),
+        inbound,
+        link::Settings {
+            timeout: config.connection_timeout(),
+            idle: std::time::Duration::from_secs(config.network.max_idle_secs),
+            max_size: config.protocol.max_envelope_size,
+            max_unanswered: config.network.max_concurrent_streams,
+            max_inbound_per_peer: config.network.max_connections_per_peer as usize,
+        },
+        link_tx,
+        swarm.behaviour().pool.counters().streams_opened(),
+    );
     let acceptor = Acceptor::started_at(identity.entity_id(), config.inbound(), clock.wall_ms());
     let actor = Actor {
         pipeline: Pipeline::new(
@@ -192,7 +209,7 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
             clock.clone(),
             config.network.max_verifying_per_peer,
         ),
-        outbound: Outbound::new(&config, identity.clone(), signed_tx, metrics.clone()),
+        outbound: Outbound::new(&config, identity.clone(), signed_tx, metrics.clone(), links),
         connections: Connections::new(config.network.max_pending_dials),
         network: Network::new(&config),
         shared: Shared {
@@ -217,7 +234,7 @@ pub(crate) fn spawn(parts: Parts, commands: mpsc::Receiver<Command>) {
         writer,
         listen_addrs: Vec::new(),
     };
-    tokio::spawn(actor.run(commands, verified_rx, signed_rx, committed));
+    tokio::spawn(actor.run(commands, verified_rx, signed_rx, link_rx, committed));
 }
 
 impl Actor {
@@ -226,6 +243,7 @@ impl Actor {
         mut commands: mpsc::Receiver<Command>,
         mut verified: mpsc::Receiver<pipeline::Verified>,
         mut signed: mpsc::Receiver<outbound::Signed>,
+        mut links: mpsc::Receiver<link::Event>,
         mut committed: mpsc::Receiver<Committed>,
     ) {
         let sleep = tokio::time::sleep(std::time::Duration::ZERO);
@@ -249,6 +267,7 @@ impl Actor {
                 },
                 Some(v) = verified.recv() => self.on_verified(v),
                 Some(s) = signed.recv() => self.on_signed(s),
+                Some(e) = links.recv() => self.on_link(e),
                 Some(c) = committed.recv() => self.on_committed(c),
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
                 () = &mut sleep, if armed.is_some() => {

@@ -18,13 +18,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use libp2p::PeerId;
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId};
 use peer_core::{Draft, EntityId, Envelope, Identity, MessageId, MsgType, SessionId};
 use tokio::sync::mpsc;
 
 use super::Actor;
 use crate::config::Config;
 use crate::net::codec::{Frame, Request, Response};
+use crate::net::{Channel, link};
 use crate::node::NodeError;
 use crate::outbox::{Admit, InSequence, Outbox};
 use crate::secure::{SealedParts, Send as Sealing};
@@ -97,7 +98,7 @@ pub(crate) enum Signed {
     /// A reply to an inbound request; `_frame` holds the request's share of
     /// the inbound budget until the reply is handed to the swarm.
     Response {
-        channel: ResponseChannel<Response>,
+        channel: Channel,
         bytes: Vec<u8>,
         _frame: Option<Frame>,
     },
@@ -108,6 +109,13 @@ struct Ready {
     queued: Queued,
     session: Option<SessionId>,
     bytes: Vec<u8>,
+}
+
+/// A request on the wire: on its own stream, or on its peer's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Sent {
+    Single(OutboundRequestId),
+    Link(u64),
 }
 
 struct InFlight {
@@ -125,7 +133,10 @@ pub(crate) struct Outbound {
     /// were sealed; an entry lives while one is being signed or held.
     sealed: HashMap<EntityId, InSequence<Ready>>,
     next_ticket: u64,
-    in_flight: HashMap<OutboundRequestId, InFlight>,
+    in_flight: HashMap<Sent, InFlight>,
+    /// Long-lived streams, to the peers that speak them.
+    pub links: link::Links,
+    next_link_request: u64,
     signer: Signer,
 }
 
@@ -156,6 +167,7 @@ impl Outbound {
         identity: Arc<Identity>,
         tx: mpsc::Sender<Signed>,
         metrics: Metrics,
+        links: link::Links,
     ) -> Self {
         let net = &config.network;
         Self {
@@ -169,6 +181,8 @@ impl Outbound {
             sealed: HashMap::new(),
             next_ticket: 0,
             in_flight: HashMap::new(),
+            links,
+            next_link_request: 0,
             signer: Signer {
                 identity,
                 tx,
@@ -376,12 +390,7 @@ impl Actor {
                 }
             }
             Signed::Response { channel, bytes, .. } => {
-                // The channel is closed if the peer gave up; nothing to do then.
-                _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .envelopes
-                    .send_response(channel, Response::Reply(bytes));
+                channel.answer(&mut self.swarm, Response::Reply(bytes));
             }
         }
     }
@@ -396,12 +405,23 @@ impl Actor {
         }
     }
 
+    /// Sends on the peer's link if it speaks the long-lived streams, else on
+    /// a stream of its own.
     fn dispatch_request(&mut self, peer: PeerId, ready: Ready) {
-        let req = self
-            .swarm
-            .behaviour_mut()
-            .envelopes
-            .send_request(&peer, Request::Envelope(Frame::outbound(ready.bytes)));
+        let out = &mut self.outbound;
+        let req = if out.links.speaks(&peer) {
+            let id = out.next_link_request;
+            out.next_link_request += 1;
+            out.links.send(peer, id, ready.bytes);
+            Sent::Link(id)
+        } else {
+            Sent::Single(
+                self.swarm
+                    .behaviour_mut()
+                    .envelopes
+                    .send_request(&peer, Request::Envelope(Frame::outbound(ready.bytes))),
+            )
+        };
         self.outbound.in_flight.insert(
             req,
             InFlight {
@@ -436,7 +456,7 @@ impl Actor {
     }
 
     /// The peer's answer to one of our requests.
-    pub(super) fn on_response(&mut self, req: OutboundRequestId, response: Response) {
+    fn on_response(&mut self, req: Sent, response: Response) {
         let Some(f) = self.outbound.in_flight.remove(&req) else {
             return;
         };
@@ -468,25 +488,41 @@ impl Actor {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
-                } => self.on_request(peer, request, channel),
+                } => self.on_request(peer, request, Channel::Single(channel)),
                 request_response::Message::Response {
                     request_id,
                     response,
-                } => self.on_response(request_id, response),
+                } => self.on_response(Sent::Single(request_id), response),
             },
             request_response::Event::OutboundFailure {
                 request_id, error, ..
-            } => {
-                if let Some(f) = self.outbound.in_flight.remove(&request_id) {
-                    self.swarm.behaviour_mut().pool.failure(f.queued.to);
-                    self.stream_done(f.peer);
-                    self.outbound_failed(f.queued, NodeError::Transport(error.to_string()));
-                }
-            }
+            } => self.request_failed(Sent::Single(request_id), error.to_string()),
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "inbound request failed");
             }
             request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// What a link tells: a request on it, or the end of one of ours.
+    pub(super) fn on_link(&mut self, event: link::Event) {
+        match event {
+            link::Event::Request {
+                peer,
+                request,
+                channel,
+            } => self.on_request(peer, request, Channel::Link(channel)),
+            link::Event::Response { id, response } => self.on_response(Sent::Link(id), response),
+            link::Event::Failure { id, error } => self.request_failed(Sent::Link(id), error),
+        }
+    }
+
+    /// Our request `req` got no answer: a failure of its peer.
+    fn request_failed(&mut self, req: Sent, error: String) {
+        if let Some(f) = self.outbound.in_flight.remove(&req) {
+            self.swarm.behaviour_mut().pool.failure(f.queued.to);
+            self.stream_done(f.peer);
+            self.outbound_failed(f.queued, NodeError::Transport(error));
         }
     }
 

@@ -24,7 +24,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use libp2p::request_response::ResponseChannel;
 use peer_core::inbound::{Acceptor, Refusal};
 use peer_core::rate::Class;
 use peer_core::{EntityId, Envelope, ErrorCode, MessageId, Rejection};
@@ -34,25 +33,33 @@ use super::Actor;
 use super::outbound::{Signed, draft};
 use crate::clock::Clock;
 use crate::inbox::{AckId, Committed};
-use crate::net;
 use crate::net::codec::{self, Frame, Request, Response};
+use crate::net::{self, Channel};
 use crate::secure::Slot;
 use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Sealing, ServiceId};
 
-/// An inbound request after the stateless checks, back from its task.
+/// Most requests of one peer verified as one batch.
+const MAX_BATCH: usize = 64;
+
+/// One request after the stateless checks.
+struct Checked {
+    result: Result<Envelope, Refusal>,
+    frame: Option<Frame>,
+    channel: Channel,
+}
+
+/// A batch of one peer's requests after the stateless checks, back from its task.
 pub(crate) struct Verified {
     peer: PeerId,
     entity: EntityId,
-    result: Result<Envelope, Refusal>,
-    frame: Option<Frame>,
-    channel: ResponseChannel<Response>,
+    checked: Vec<Checked>,
 }
 
 /// One peer's requests in verification, and those waiting their turn.
 #[derive(Default)]
 struct Verifying {
     running: usize,
-    waiting: VecDeque<(Request, ResponseChannel<Response>)>,
+    waiting: VecDeque<(Request, Channel)>,
 }
 
 /// The pipeline's own state.
@@ -60,11 +67,14 @@ pub(crate) struct Pipeline {
     acceptor: Acceptor,
     verified_tx: mpsc::Sender<Verified>,
     clock: Arc<dyn Clock>,
-    /// At most `network.max_verifying_per_peer` of a peer's requests are
-    /// verified at once; the rest wait in arrival order. So a peer with
-    /// hundreds of requests open puts at most that many signature checks
-    /// ahead of another peer's, however fast it sends. The waiting ones are
-    /// bounded by the request streams a connection may open.
+    /// At most `network.max_verifying_per_peer` batches of a peer's requests
+    /// are verified at once, each of at most [`MAX_BATCH`]; the rest wait in
+    /// arrival order and go together in the next batch. So a peer with
+    /// hundreds of requests open puts a bounded number of signature checks
+    /// ahead of another peer's, however fast it sends, and its signatures
+    /// are checked in batches when they arrive faster than they are checked.
+    /// The waiting ones are bounded by the requests its connections and
+    /// streams may have unanswered.
     verifying: HashMap<PeerId, Verifying>,
     max_verifying: usize,
     /// Answers that wait for their event to be stored. Bounded by the inbound
@@ -78,7 +88,7 @@ struct Pending {
     entity: EntityId,
     message_id: Option<MessageId>,
     answer: Answer,
-    channel: ResponseChannel<Response>,
+    channel: Channel,
     frame: Option<Frame>,
 }
 
@@ -127,28 +137,39 @@ fn refused(r: impl Into<Refused>) -> Answer {
 impl Actor {
     /// Step 1, on a task of its own so that signature checks run in parallel
     /// on every core; the result comes back to [`Actor::on_verified`].
-    pub(super) fn on_request(
-        &mut self,
-        peer: PeerId,
-        request: Request,
-        channel: ResponseChannel<Response>,
-    ) {
+    pub(super) fn on_request(&mut self, peer: PeerId, request: Request, channel: Channel) {
         // Peers without an Ed25519 key are disconnected when they connect.
         if net::entity_of(&peer).is_none() {
             return;
         }
+        self.pipeline
+            .verifying
+            .entry(peer)
+            .or_default()
+            .waiting
+            .push_back((request, channel));
+        self.verify_next(peer);
+    }
+
+    /// Starts verifying `peer`'s waiting requests as one batch, if the peer
+    /// has a batch slot free.
+    fn verify_next(&mut self, peer: PeerId) {
         let p = &mut self.pipeline;
-        let v = p.verifying.entry(peer).or_default();
-        if v.running >= p.max_verifying {
-            v.waiting.push_back((request, channel));
+        let Some(v) = p.verifying.get_mut(&peer) else {
+            return;
+        };
+        if v.running >= p.max_verifying || v.waiting.is_empty() {
             return;
         }
         v.running += 1;
-        self.verify(peer, request, channel);
+        let n = v.waiting.len().min(MAX_BATCH);
+        let batch: Vec<(Request, Channel)> = v.waiting.drain(..n).collect();
+        self.verify(peer, batch);
     }
 
-    /// Verifies one request of `peer` (an Ed25519 peer) on a task of its own.
-    fn verify(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+    /// Verifies a batch of `peer`'s requests (an Ed25519 peer) on a task of
+    /// its own.
+    fn verify(&mut self, peer: PeerId, batch: Vec<(Request, Channel)>) {
         let Some(entity) = net::entity_of(&peer) else {
             return;
         };
@@ -156,47 +177,70 @@ impl Actor {
         let tx = self.pipeline.verified_tx.clone();
         let clock = self.pipeline.clock.clone();
         tokio::spawn(async move {
-            let (result, frame) = match request {
-                Request::Oversize(len) => (Err(verifier.too_large(len)), None),
-                Request::Envelope(frame) => {
-                    let result = verifier.verify_from(clock.wall_ms(), &entity, &frame.bytes);
-                    (result, Some(frame))
-                }
-            };
+            let frames: Vec<&[u8]> = batch
+                .iter()
+                .filter_map(|(r, _)| match r {
+                    Request::Envelope(f) => Some(f.bytes.as_slice()),
+                    Request::Oversize(_) => None,
+                })
+                .collect();
+            let mut results = verifier
+                .verify_many_from(clock.wall_ms(), &entity, &frames, rand::rng())
+                .into_iter();
+            let checked = batch
+                .into_iter()
+                .map(|(request, channel)| match request {
+                    Request::Oversize(len) => Checked {
+                        result: Err(verifier.too_large(len)),
+                        frame: None,
+                        channel,
+                    },
+                    Request::Envelope(frame) => Checked {
+                        result: results.next().expect("one result per envelope"),
+                        frame: Some(frame),
+                        channel,
+                    },
+                })
+                .collect();
             // Fails only when the node is stopping.
             _ = tx
                 .send(Verified {
                     peer,
                     entity,
-                    result,
-                    frame,
-                    channel,
+                    checked,
                 })
                 .await;
         });
     }
 
-    /// Steps 2–7.
+    /// Steps 2–7 for each request of a batch.
     pub(super) fn on_verified(&mut self, v: Verified) {
         let Verified {
             peer,
             entity,
+            checked,
+        } = v;
+        // The peer's waiting requests, if any, take this batch's place.
+        if let Some(v) = self.pipeline.verifying.get_mut(&peer) {
+            v.running = v.running.saturating_sub(1);
+            if v.running == 0 && v.waiting.is_empty() {
+                self.pipeline.verifying.remove(&peer);
+            } else {
+                self.verify_next(peer);
+            }
+        }
+        for c in checked {
+            self.on_checked(entity, c);
+        }
+    }
+
+    /// Steps 2–7.
+    fn on_checked(&mut self, entity: EntityId, c: Checked) {
+        let Checked {
             result,
             frame,
             channel,
-        } = v;
-        // The peer's next waiting request, if any, takes this one's place.
-        if let Some(v) = self.pipeline.verifying.get_mut(&peer) {
-            v.running = v.running.saturating_sub(1);
-            match v.waiting.pop_front() {
-                Some((request, channel)) => {
-                    v.running += 1;
-                    self.verify(peer, request, channel);
-                }
-                None if v.running == 0 => _ = self.pipeline.verifying.remove(&peer),
-                None => {}
-            }
-        }
+        } = c;
         if !self.shared.by_entity.contains_key(&entity) {
             // The peer's last connection closed while this was being verified:
             // nobody is left to read the answer, and a peer that is gone gets
@@ -241,7 +285,7 @@ impl Actor {
         entity: EntityId,
         message_id: Option<MessageId>,
         answer: Answer,
-        channel: ResponseChannel<Response>,
+        channel: Channel,
         frame: Option<Frame>,
     ) {
         let response = match answer {
@@ -265,12 +309,7 @@ impl Actor {
                 return;
             }
         };
-        // The channel is closed if the peer gave up; nothing to do then.
-        _ = self
-            .swarm
-            .behaviour_mut()
-            .envelopes
-            .send_response(channel, response);
+        channel.answer(&mut self.swarm, response);
         drop(frame);
     }
 

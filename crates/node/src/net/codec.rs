@@ -164,6 +164,16 @@ impl Codec {
         }
     }
 
+    /// Another root codec drawing on the same node budget.
+    pub fn sibling(&self) -> Self {
+        Self {
+            limits: self.limits,
+            node: self.node.clone(),
+            connection: semaphore(self.limits.connection_bytes),
+            root: true,
+        }
+    }
+
     /// Waits for `len` bytes of the connection's share, then of the node's budget.
     async fn reserve(&self, len: u64) -> io::Result<Budget> {
         // len <= max_size <= the budgets, which fit in u32 permits.
@@ -222,6 +232,29 @@ impl Codec {
         }
         Ok(())
     }
+
+    /// Reads a request body of `len` bytes (its length already read): over
+    /// the size limit it is drained and becomes [`Request::Oversize`];
+    /// otherwise it waits for its budget, then arrives at the minimum rate.
+    pub(crate) async fn read_request_body<T: AsyncRead + Unpin>(
+        &self,
+        io: &mut T,
+        len: u64,
+    ) -> io::Result<Request> {
+        if len > self.limits.max_size as u64 {
+            self.paced(io, len, None).await?;
+            return Ok(Request::Oversize(len));
+        }
+        let budget = self.reserve(len).await?;
+        // The clock starts once the budget is ours: waiting for it is not the
+        // sender's fault.
+        let mut bytes = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+        self.paced(io, len, Some(&mut bytes)).await?;
+        Ok(Request::Envelope(Frame {
+            bytes,
+            _budget: Some(budget),
+        }))
+    }
 }
 
 impl Clone for Codec {
@@ -255,10 +288,61 @@ async fn read_body<T: AsyncRead + Unpin>(io: &mut T, len: u64) -> io::Result<Vec
     Ok(buf)
 }
 
-async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("frame over 4 GiB"))?;
     io.write_all(&len.to_be_bytes()).await?;
     io.write_all(bytes).await
+}
+
+/// Reads a response (kind byte, then its body); a reply longer than
+/// `max_size` or a refusal longer than [`MAX_REFUSAL`] is invalid data.
+pub(crate) async fn read_response<T: AsyncRead + Unpin>(
+    io: &mut T,
+    max_size: usize,
+) -> io::Result<Response> {
+    let mut kind = [0u8; 1];
+    io.read_exact(&mut kind).await?;
+    match kind[0] {
+        0 => Ok(Response::Accepted),
+        1 => {
+            let len = read_len(io).await?;
+            if len > max_size as u64 {
+                return Err(invalid("reply over the size limit"));
+            }
+            read_body(io, len).await.map(Response::Reply)
+        }
+        2 => {
+            let len = read_len(io).await?;
+            if len > MAX_REFUSAL {
+                return Err(invalid(format!(
+                    "refusal of {len} bytes, over {MAX_REFUSAL}"
+                )));
+            }
+            let body = read_body(io, len).await?;
+            serde_json::from_slice(&body)
+                .map(Response::Refused)
+                .map_err(|e| invalid(format!("refusal is not its JSON object: {e}")))
+        }
+        k => Err(invalid(format!("unknown response kind {k}"))),
+    }
+}
+
+/// Writes a response: its kind byte, then its body (nothing is flushed or closed).
+pub(crate) async fn write_response<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    res: &Response,
+) -> io::Result<()> {
+    match res {
+        Response::Accepted => io.write_all(&[0]).await,
+        Response::Reply(bytes) => {
+            io.write_all(&[1]).await?;
+            write_frame(io, bytes).await
+        }
+        Response::Refused(refusal) => {
+            io.write_all(&[2]).await?;
+            write_frame(io, &serde_json::to_vec(refusal)?).await
+        }
+    }
 }
 
 fn invalid(text: impl Into<String>) -> io::Error {
@@ -275,50 +359,14 @@ impl libp2p::request_response::Codec for Codec {
         T: AsyncRead + Unpin + Send,
     {
         let len = read_len(io).await?;
-        if len > self.limits.max_size as u64 {
-            self.paced(io, len, None).await?;
-            return Ok(Request::Oversize(len));
-        }
-        let budget = self.reserve(len).await?;
-        // The clock starts once the budget is ours: waiting for it is not the
-        // sender's fault.
-        let mut bytes = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
-        self.paced(io, len, Some(&mut bytes)).await?;
-        Ok(Request::Envelope(Frame {
-            bytes,
-            _budget: Some(budget),
-        }))
+        self.read_request_body(io, len).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut kind = [0u8; 1];
-        io.read_exact(&mut kind).await?;
-        match kind[0] {
-            0 => Ok(Response::Accepted),
-            1 => {
-                let len = read_len(io).await?;
-                if len > self.limits.max_size as u64 {
-                    return Err(invalid("reply over the size limit"));
-                }
-                read_body(io, len).await.map(Response::Reply)
-            }
-            2 => {
-                let len = read_len(io).await?;
-                if len > MAX_REFUSAL {
-                    return Err(invalid(format!(
-                        "refusal of {len} bytes, over {MAX_REFUSAL}"
-                    )));
-                }
-                let body = read_body(io, len).await?;
-                serde_json::from_slice(&body)
-                    .map(Response::Refused)
-                    .map_err(|e| invalid(format!("refusal is not its JSON object: {e}")))
-            }
-            k => Err(invalid(format!("unknown response kind {k}"))),
-        }
+        read_response(io, self.limits.max_size).await
     }
 
     async fn write_request<T>(
@@ -351,17 +399,7 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        match res {
-            Response::Accepted => io.write_all(&[0]).await?,
-            Response::Reply(bytes) => {
-                io.write_all(&[1]).await?;
-                write_frame(io, &bytes).await?;
-            }
-            Response::Refused(refusal) => {
-                io.write_all(&[2]).await?;
-                write_frame(io, &serde_json::to_vec(&refusal)?).await?;
-            }
-        }
+        write_response(io, &res).await?;
         io.close().await
     }
 }

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod dht;
 pub mod ip_limits;
+pub mod link;
 
 use std::time::Duration;
 
@@ -36,8 +37,11 @@ mod behaviour {
         pub identify: identify::Behaviour,
         /// Liveness: the pool's keep-alive validation of each connection.
         pub ping: ping::Behaviour,
-        /// `/peer-protocol/1.2.0`: envelopes.
+        /// `/peer-protocol/1.2.0`: one envelope per stream (peers that do not
+        /// speak the long-lived streams).
         pub envelopes: request_response::Behaviour<codec::Codec>,
+        /// `/peer-protocol/stream/1.2.0`: long-lived envelope streams ([`link`]).
+        pub streams: libp2p_stream::Behaviour,
         /// The DHT registry (off with `discovery.enabled = false`).
         pub kad: Toggle<kad::Behaviour<MemoryStore>>,
         /// Signed announces (off with `discovery.announce = false`).
@@ -48,6 +52,26 @@ mod behaviour {
     }
 }
 pub use behaviour::{Behaviour, BehaviourEvent};
+
+/// Where an inbound request's answer goes: its own stream (the per-envelope
+/// protocol) or its place on a long-lived stream.
+#[derive(Debug)]
+pub enum Channel {
+    /// A `/peer-protocol/1.2.0` stream.
+    Single(request_response::ResponseChannel<codec::Response>),
+    /// A request on a `/peer-protocol/stream/1.2.0` stream.
+    Link(link::Responder),
+}
+
+impl Channel {
+    /// Sends `response`; nothing happens if the peer gave up waiting.
+    pub fn answer(self, swarm: &mut Swarm<Behaviour>, response: codec::Response) {
+        match self {
+            Self::Single(c) => _ = swarm.behaviour_mut().envelopes.send_response(c, response),
+            Self::Link(r) => _ = r.send(response),
+        }
+    }
+}
 
 /// A libp2p keypair from the entity's Ed25519 secret, so that the PeerId and the
 /// entity id come from the same key.
@@ -68,13 +92,15 @@ pub fn entity_of(peer: &PeerId) -> Option<EntityId> {
     Some(EntityId::of(&PublicKey(key.to_bytes())))
 }
 
-/// Builds the swarm (TCP + Noise + Yamux, and QUIC) for `config`.
+/// Builds the swarm (TCP + Noise + Yamux, and QUIC) for `config`, and the
+/// root codec of its inbound envelopes (for [`link::Links::start`]: inbound
+/// streams of both envelope protocols share one byte budget).
 /// `network.connection_timeout_secs` bounds both the setup of a connection
 /// (dial or accept, through the Noise and Yamux upgrades) and each request.
 pub fn build_swarm(
     key: identity::Keypair,
     config: &Config,
-) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(Swarm<Behaviour>, codec::Codec), Box<dyn std::error::Error + Send + Sync>> {
     let net = &config.network;
     let timeout = config.connection_timeout();
     let inbound = codec::Limits {
@@ -97,6 +123,8 @@ pub fn build_swarm(
         .with_request_timeout(timeout)
         .with_max_concurrent_streams(net.max_concurrent_streams);
     let idle = Duration::from_secs(net.max_idle_secs);
+    let root = codec::Codec::new(inbound);
+    let links_root = root.sibling();
     let discovery = &config.discovery;
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -122,10 +150,11 @@ pub fn build_swarm(
                             .with_timeout(timeout),
                     ),
                     envelopes: request_response::Behaviour::with_codec(
-                        codec::Codec::new(inbound),
+                        root,
                         [(codec::PROTOCOL, request_response::ProtocolSupport::Full)],
                         rr_config,
                     ),
+                    streams: libp2p_stream::Behaviour::new(),
                     kad: Toggle::from(
                         discovery
                             .enabled
@@ -163,7 +192,7 @@ pub fn build_swarm(
         })
         .with_connection_timeout(timeout)
         .build();
-    Ok(swarm)
+    Ok((swarm, links_root))
 }
 
 #[cfg(test)]
@@ -184,7 +213,7 @@ mod tests {
         let port = silent.local_addr().expect("addr").port();
         let mut config = Config::default();
         config.network.connection_timeout_secs = 1;
-        let mut swarm = build_swarm(keypair([7; 32]), &config).expect("swarm");
+        let (mut swarm, _) = build_swarm(keypair([7; 32]), &config).expect("swarm");
         let started = Instant::now();
         swarm
             .dial(

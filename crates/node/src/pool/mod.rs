@@ -52,6 +52,8 @@ pub struct Counters {
     pub(crate) sends_refused: Counter,
     pub(crate) send_failures: Counter,
     pub(crate) trips: Counter,
+    /// Long-lived envelope streams opened (`net::link`).
+    pub(crate) streams_opened: Counter,
     /// Peers whose breaker is open or half-open.
     pub(crate) tripped: Gauge,
 }
@@ -71,12 +73,18 @@ impl Default for Counters {
             sends_refused: Counter::default(),
             send_failures: Counter::default(),
             trips: Counter::default(),
+            streams_opened: Counter::default(),
             tripped: Gauge::default(),
         }
     }
 }
 
 impl Counters {
+    /// The counter of long-lived streams opened, for [`crate::net::link`].
+    pub fn streams_opened(&self) -> Counter {
+        self.streams_opened.clone()
+    }
+
     /// Their values now.
     pub fn totals(&self) -> Totals {
         Totals {
@@ -91,6 +99,7 @@ impl Counters {
             sends_refused: self.sends_refused.get(),
             send_failures: self.send_failures.get(),
             trips: self.trips.get(),
+            streams_opened: self.streams_opened.get(),
         }
     }
 }
@@ -133,6 +142,8 @@ pub struct Totals {
     pub send_failures: u64,
     /// Times a breaker opened.
     pub trips: u64,
+    /// Long-lived envelope streams opened (one carries many requests).
+    pub streams_opened: u64,
 }
 
 /// One peer's breaker as shown in stats.

@@ -127,7 +127,7 @@ impl RawPeer {
 
     /// Connects as `identity`.
     pub async fn connect_as(identity: Identity, addr: &Multiaddr) -> Self {
-        let mut swarm =
+        let (mut swarm, _) =
             net::build_swarm(net::keypair(identity.secret_bytes()), &raw_config()).expect("swarm");
         swarm.dial(addr.clone()).expect("dial");
         let target = loop {
@@ -236,7 +236,7 @@ impl RawPeer {
     /// binds its dials to `0.0.0.0`, and the kernel picks 127.0.0.1).
     pub async fn try_connect_from(ip: &str, addr: &Multiaddr) -> Result<Self, String> {
         let identity = Identity::from_secret(&rand::random());
-        let mut swarm =
+        let (mut swarm, _) =
             net::build_swarm(net::keypair(identity.secret_bytes()), &raw_config()).expect("swarm");
         let listen: Multiaddr = format!("/ip4/{ip}/udp/0/quic-v1").parse().expect("addr");
         swarm.listen_on(listen).expect("listen");
