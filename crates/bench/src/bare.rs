@@ -64,7 +64,15 @@ pub async fn run(
     let mut control = a.behaviour().new_control();
     let mut a = a;
     a.dial(addr)?;
-    let tasks = [drive(a), drive(b)];
+    let served = drive(b);
+    loop {
+        match a.select_next_some().await {
+            SwarmEvent::ConnectionEstablished { .. } => break,
+            SwarmEvent::OutgoingConnectionError { error, .. } => return Err(error.into()),
+            _ => {}
+        }
+    }
+    let tasks = [drive(a), served];
     tokio::spawn(async move {
         while let Some((_, stream)) = incoming.next().await {
             tokio::spawn(acknowledge(stream));

@@ -227,6 +227,11 @@ impl Metrics {
                 &pool.streams_opened,
             ),
             (
+                "pool_retries",
+                "Sends sent again after they got no answer, within the retry budget",
+                &pool.retries,
+            ),
+            (
                 "pool_breaker_trips",
                 "Times a peer's circuit breaker opened",
                 &pool.trips,

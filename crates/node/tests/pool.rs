@@ -226,19 +226,12 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: Arc<AtomicBo
     }
 }
 
-#[tokio::test]
-async fn a_connection_that_died_silently_is_evicted_by_validation_and_replaced() {
-    let tune = |c: &mut peer_node::Config| {
-        c.pool.keep_alive_secs = 1;
-        c.network.connection_timeout_secs = 1;
-        c.heartbeat.interval_ms = 3_600_000;
-        // Discovery would open a second, direct connection (its reachability
-        // check), which the relay's death would not touch.
-        c.discovery.enabled = false;
-    };
+/// A connected to B through a relay that can be made to stop carrying bytes.
+async fn through_relay(
+    tune: impl Fn(&mut peer_node::Config) + Copy,
+) -> (TestNode, TestNode, Arc<AtomicBool>) {
     let a = start_node_with(LISTEN, tune).await;
     let b = start_node_with(LISTEN, tune).await;
-    let b_id = b.handle.entity_id();
     let b_tcp = b
         .addr
         .iter()
@@ -253,6 +246,61 @@ async fn a_connection_that_died_silently_is_evicted_by_validation_and_replaced()
         .connect(via)
         .await
         .expect("connect through the relay");
+    (a, b, cut)
+}
+
+#[tokio::test]
+async fn sends_without_an_answer_are_retried_within_the_budget_then_fail() {
+    let tune = |c: &mut peer_node::Config| {
+        c.network.connection_timeout_secs = 1;
+        c.heartbeat.interval_ms = 3_600_000;
+        c.discovery.enabled = false;
+        // Keep-alive and the breaker out of the way: only retries are watched.
+        c.pool.keep_alive_secs = 3_600;
+        c.pool.breaker_failures = 1_000;
+        // A budget of one token, and 0.2 per send.
+        c.pool.retry_per_sec = 0.1;
+        c.pool.retry_base_ms = 50;
+    };
+    let (a, b, cut) = through_relay(tune).await;
+    let b_id = b.handle.entity_id();
+    send(&a, b_id).await.expect("delivered");
+    let before = pool(&a.handle).await.totals;
+    assert_eq!(before.retries, 0);
+    cut.store(true, Ordering::Relaxed);
+    // 20 sends into the dead connection: each times out after 1 s; the
+    // budget lets about 1 + 20 × 0.2 of them go again, not 20 × 2.
+    let t = Instant::now();
+    let sends = (0..20).map(|_| send(&a, b_id));
+    for result in futures::future::join_all(sends).await {
+        let e = result.expect_err("no answer through a dead relay");
+        assert!(matches!(e, NodeError::Transport(_)), "{e}");
+    }
+    let p = pool(&a.handle).await.totals;
+    let retries = p.retries - before.retries;
+    assert!((1..=6).contains(&retries), "retries {retries}: {p:?}");
+    assert!(
+        p.send_failures - before.send_failures >= 20 + retries,
+        "{p:?}"
+    );
+    // Each retry waited for its own timeout: the last failures came later.
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    let retried = common::metric(&a.handle, "peer_pool_retries_total");
+    assert_eq!(retried, p.retries as f64);
+}
+
+#[tokio::test]
+async fn a_connection_that_died_silently_is_evicted_by_validation_and_replaced() {
+    let tune = |c: &mut peer_node::Config| {
+        c.pool.keep_alive_secs = 1;
+        c.network.connection_timeout_secs = 1;
+        c.heartbeat.interval_ms = 3_600_000;
+        // Discovery would open a second, direct connection (its reachability
+        // check), which the relay's death would not touch.
+        c.discovery.enabled = false;
+    };
+    let (a, b, cut) = through_relay(tune).await;
+    let b_id = b.handle.entity_id();
     send(&a, b_id).await.expect("delivered");
 
     cut.store(true, Ordering::Relaxed);

@@ -297,6 +297,7 @@ impl Actor {
             .chain(self.shared.sessions.poll_timeout())
             .chain(self.connections.poll_timeout())
             .chain(self.network.poll_timeout())
+            .chain(self.outbound.poll_timeout())
             .min()
     }
 
@@ -323,6 +324,7 @@ impl Actor {
         }
         self.dial_timeouts(now);
         self.parked_timeouts(now);
+        self.retries_due(now);
     }
 
     /// An event released from a reorder buffer goes to the agent.

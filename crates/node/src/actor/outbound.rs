@@ -13,7 +13,9 @@
 //!    flight per peer; the rest wait in that peer's FIFO.
 //! 5. The answer (or the failure) goes to the service as an [`Outcome`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -108,7 +110,9 @@ pub(crate) enum Signed {
 struct Ready {
     queued: Queued,
     session: Option<SessionId>,
-    bytes: Vec<u8>,
+    bytes: Bytes,
+    /// 0 for the first attempt, then the retry's number.
+    attempt: u32,
 }
 
 /// A request on the wire: on its own stream, or on its peer's link.
@@ -122,6 +126,8 @@ struct InFlight {
     queued: Queued,
     peer: PeerId,
     session: Option<SessionId>,
+    bytes: Bytes,
+    attempt: u32,
     sent: std::time::Instant,
 }
 
@@ -134,6 +140,9 @@ pub(crate) struct Outbound {
     sealed: HashMap<EntityId, InSequence<Ready>>,
     next_ticket: u64,
     in_flight: HashMap<Sent, InFlight>,
+    /// Sends that got no answer and wait to go again, by (due ms, id). Each
+    /// holds its admission ticket, so they are bounded by it.
+    retrying: BTreeMap<(u64, u64), Ready>,
     /// Long-lived streams, to the peers that speak them.
     pub links: link::Links,
     next_link_request: u64,
@@ -181,6 +190,7 @@ impl Outbound {
             sealed: HashMap::new(),
             next_ticket: 0,
             in_flight: HashMap::new(),
+            retrying: BTreeMap::new(),
             links,
             next_link_request: 0,
             signer: Signer {
@@ -193,6 +203,11 @@ impl Outbound {
 
     pub fn signer(&self) -> &Signer {
         &self.signer
+    }
+
+    /// When the next retry is due (monotonic ms).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.retrying.keys().next().map(|(due, _)| *due)
     }
 }
 
@@ -373,7 +388,8 @@ impl Actor {
                 let ready = Ready {
                     queued,
                     session,
-                    bytes,
+                    bytes: Bytes::from(bytes),
+                    attempt: 0,
                 };
                 let due = match (ticket, self.outbound.sealed.get_mut(&to)) {
                     (Some(ticket), Some(order)) => {
@@ -408,18 +424,24 @@ impl Actor {
     /// Sends on the peer's link if it speaks the long-lived streams, else on
     /// a stream of its own.
     fn dispatch_request(&mut self, peer: PeerId, ready: Ready) {
+        // A service's send (it holds a ticket) may be retried: its first
+        // attempt earns the retry budget its share.
+        if ready.attempt == 0 && ready.queued.ticket.is_some() {
+            self.swarm.behaviour_mut().pool.sent_first();
+        }
         let out = &mut self.outbound;
         let req = if out.links.speaks(&peer) {
             let id = out.next_link_request;
             out.next_link_request += 1;
-            out.links.send(peer, id, ready.bytes);
+            out.links.send(peer, id, ready.bytes.clone());
             Sent::Link(id)
         } else {
+            let frame = Frame::outbound(ready.bytes.to_vec());
             Sent::Single(
                 self.swarm
                     .behaviour_mut()
                     .envelopes
-                    .send_request(&peer, Request::Envelope(Frame::outbound(ready.bytes))),
+                    .send_request(&peer, Request::Envelope(frame)),
             )
         };
         self.outbound.in_flight.insert(
@@ -428,9 +450,27 @@ impl Actor {
                 queued: ready.queued,
                 peer,
                 session: ready.session,
+                bytes: ready.bytes,
+                attempt: ready.attempt,
                 sent: self.shared.clock.now(),
             },
         );
+    }
+
+    /// Retries whose wait is over go to their peer's queue (or fail, if its
+    /// breaker opened meanwhile or it is no longer connected).
+    pub(super) fn retries_due(&mut self, now_ms: u64) {
+        while let Some(entry) = self.outbound.retrying.first_entry() {
+            if entry.key().0 > now_ms {
+                break;
+            }
+            let ready = entry.remove();
+            let to = ready.queued.to;
+            match self.swarm.behaviour_mut().pool.allow_send(to) {
+                Ok(()) => self.take_stream(to, ready),
+                Err(open) => self.outbound_failed(ready.queued, NodeError::CircuitOpen(open)),
+            }
+        }
     }
 
     /// A request to `peer` finished: lets the next waiting one go.
@@ -464,6 +504,14 @@ impl Actor {
         let latency = self.shared.clock.now().saturating_duration_since(f.sent);
         self.swarm.behaviour_mut().pool.answered(to, latency);
         let result = match response {
+            // A copy sent before reached the peer after all (its nonce is
+            // known there): that copy's answer is what was lost.
+            Response::Refused(r) if f.attempt > 0 && r.error_code == "REPLAY_DETECTED" => {
+                Err(NodeError::Transport(format!(
+                    "sent {} times: an earlier copy reached the peer, its answer was lost",
+                    f.attempt + 1
+                )))
+            }
             Response::Accepted => Ok(Reply::Accepted),
             Response::Reply(bytes) => check_reply(to, &bytes).and_then(read_reply),
             Response::Refused(r) => Err(NodeError::Rejected {
@@ -517,13 +565,35 @@ impl Actor {
         }
     }
 
-    /// Our request `req` got no answer: a failure of its peer.
+    /// Our request `req` got no answer: a failure of its peer. A service's
+    /// send goes again, the same bytes, if the retry budget allows (the
+    /// receiver's nonce memory keeps a copy from being delivered twice).
     fn request_failed(&mut self, req: Sent, error: String) {
-        if let Some(f) = self.outbound.in_flight.remove(&req) {
-            self.swarm.behaviour_mut().pool.failure(f.queued.to);
-            self.stream_done(f.peer);
-            self.outbound_failed(f.queued, NodeError::Transport(error));
-        }
+        let Some(f) = self.outbound.in_flight.remove(&req) else {
+            return;
+        };
+        let pool = &mut self.swarm.behaviour_mut().pool;
+        pool.failure(f.queued.to);
+        let attempt = f.attempt + 1;
+        let wait = match f.queued.ticket {
+            Some(_) => pool.retry(attempt, rand::random()),
+            None => None,
+        };
+        self.stream_done(f.peer);
+        let Some(wait) = wait else {
+            return self.outbound_failed(f.queued, NodeError::Transport(error));
+        };
+        tracing::debug!(peer = %f.queued.to, %error, attempt, ?wait, "no answer: sending again");
+        let due = self.now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let id = self.outbound.next_link_request;
+        self.outbound.next_link_request += 1;
+        let ready = Ready {
+            queued: f.queued,
+            session: f.session,
+            bytes: f.bytes,
+            attempt,
+        };
+        self.outbound.retrying.insert((due, id), ready);
     }
 
     /// The last connection to `peer` closed: requests waiting for a stream to

@@ -191,8 +191,8 @@ impl Links {
 
     /// Sends request `id` to `peer` on its link (started if there is none).
     /// The caller bounds how many requests a peer has in flight.
-    pub fn send(&mut self, peer: PeerId, id: u64, bytes: Vec<u8>) {
-        let mut frame = (id, Bytes::from(bytes));
+    pub fn send(&mut self, peer: PeerId, id: u64, bytes: Bytes) {
+        let mut frame = (id, bytes);
         if let Some(tx) = self.links.get(&peer) {
             match tx.send(frame) {
                 Ok(()) => return,

@@ -23,6 +23,7 @@ use libp2p::{Multiaddr, PeerId, ping};
 use peer_core::EntityId;
 
 use super::breaker::Refused;
+use super::retry::Budget;
 use super::{Breakers, Counters, Dial, PoolConfig, PoolView};
 use crate::clock::Monotonic;
 use crate::net::entity_of;
@@ -51,6 +52,7 @@ impl std::error::Error for CircuitOpen {}
 /// The breakers, and the dials whose outcome they wait for.
 pub struct Behaviour {
     breakers: Breakers,
+    retries: Budget,
     clock: Monotonic,
     dialing: HashMap<ConnectionId, EntityId>,
 }
@@ -60,6 +62,7 @@ impl Behaviour {
     pub fn new(config: &PoolConfig) -> Self {
         Self {
             breakers: Breakers::new(config),
+            retries: Budget::new(config.retry(), 0),
             clock: Monotonic::new(Instant::now()),
             dialing: HashMap::new(),
         }
@@ -122,6 +125,25 @@ impl Behaviour {
                 Some(event.connection)
             }
         }
+    }
+
+    /// A first attempt of a send that may be retried went out: the retry
+    /// budget earns its share.
+    pub fn sent_first(&mut self) {
+        let now = self.now_ms();
+        self.retries.sent(now);
+    }
+
+    /// Whether retry `attempt` (1 for the first) of a send may go, and after
+    /// how long (exponential backoff with full jitter from `random`).
+    pub fn retry(&mut self, attempt: u32, random: u64) -> Option<Duration> {
+        let now = self.now_ms();
+        if !self.retries.try_retry(now, attempt) {
+            return None;
+        }
+        self.breakers.counters().retries.inc();
+        let wait = self.retries.settings().backoff_ms(attempt, random);
+        Some(Duration::from_millis(wait))
     }
 
     /// A request to `peer` got no answer: timeout, or the connection broke.

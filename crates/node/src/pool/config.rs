@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::breaker::Settings;
 
 /// Connection pool settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
     /// Consecutive failed calls (dials, sends without an answer) that open a
@@ -29,6 +29,21 @@ pub struct PoolConfig {
     /// not closed); beyond it the one whose last call ended longest ago is
     /// forgotten, closed again (default 4,096; at least 1).
     pub max_peers: usize,
+    /// Times a send that got no answer (timeout, or the connection broke) is
+    /// sent again, the same signed bytes, while its peer is connected
+    /// (default 2; 0 turns retries off).
+    pub max_retries: u32,
+    /// The first retry waits a random time up to this, each further one up to
+    /// twice as long (default 100).
+    pub retry_base_ms: u64,
+    /// No retry waits longer than this (default 5,000).
+    pub retry_max_ms: u64,
+    /// Retries per first attempt the budget earns: at most this share of the
+    /// sends is retried (default 0.2).
+    pub retry_ratio: f64,
+    /// Retries a second the budget allows whatever is sent; it holds at most
+    /// ten seconds' worth (default 10).
+    pub retry_per_sec: f64,
 }
 
 impl Default for PoolConfig {
@@ -40,6 +55,11 @@ impl Default for PoolConfig {
             breaker_trials: s.trials,
             keep_alive_secs: 30,
             max_peers: 4_096,
+            max_retries: 2,
+            retry_base_ms: 100,
+            retry_max_ms: 5_000,
+            retry_ratio: 0.2,
+            retry_per_sec: 10.0,
         }
     }
 }
@@ -58,7 +78,29 @@ impl PoolConfig {
                     .into(),
             );
         }
+        if self.retry_base_ms == 0
+            || self.retry_max_ms < self.retry_base_ms
+            || !(0.0..=1.0).contains(&self.retry_ratio)
+            || !(0.0..=10_000.0).contains(&self.retry_per_sec)
+        {
+            return Err(
+                "pool.retry_base_ms must be at least 1 and at most pool.retry_max_ms, pool.retry_ratio 0 to 1, pool.retry_per_sec 0 to 10000"
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The retries' settings.
+    pub fn retry(&self) -> super::retry::Settings {
+        super::retry::Settings {
+            max_retries: self.max_retries,
+            base_ms: self.retry_base_ms,
+            max_ms: self.retry_max_ms,
+            ratio: self.retry_ratio,
+            per_sec: self.retry_per_sec,
+            cap: (self.retry_per_sec * 10.0).max(1.0),
+        }
     }
 
     /// The breaker's settings.

@@ -24,6 +24,7 @@
 pub mod behaviour;
 pub mod breaker;
 pub mod config;
+pub mod retry;
 
 use std::collections::HashMap;
 
@@ -54,6 +55,8 @@ pub struct Counters {
     pub(crate) trips: Counter,
     /// Long-lived envelope streams opened (`net::link`).
     pub(crate) streams_opened: Counter,
+    /// Sends sent again after they got no answer.
+    pub(crate) retries: Counter,
     /// Peers whose breaker is open or half-open.
     pub(crate) tripped: Gauge,
 }
@@ -74,6 +77,7 @@ impl Default for Counters {
             send_failures: Counter::default(),
             trips: Counter::default(),
             streams_opened: Counter::default(),
+            retries: Counter::default(),
             tripped: Gauge::default(),
         }
     }
@@ -100,6 +104,7 @@ impl Counters {
             send_failures: self.send_failures.get(),
             trips: self.trips.get(),
             streams_opened: self.streams_opened.get(),
+            retries: self.retries.get(),
         }
     }
 }
@@ -144,6 +149,8 @@ pub struct Totals {
     pub trips: u64,
     /// Long-lived envelope streams opened (one carries many requests).
     pub streams_opened: u64,
+    /// Sends sent again after they got no answer (within the retry budget).
+    pub retries: u64,
 }
 
 /// One peer's breaker as shown in stats.
