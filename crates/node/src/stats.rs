@@ -26,6 +26,18 @@ pub struct PeerCounters {
     /// Messages this node sent that the peer rejected, by error code. Codes this
     /// node does not know are counted together under [`UNKNOWN_CODE`].
     pub refused_by_peer: BTreeMap<String, u64>,
+    /// Requests this node put on the wire to the peer (every envelope: its
+    /// messages, handshake steps, retries).
+    pub requests: u64,
+    /// Of them, those the peer answered (accepted, a reply, or a refusal).
+    pub answered: u64,
+    /// Of them, those that got no answer (a timeout, a broken stream).
+    pub failures: u64,
+    /// Requests sent again after they got no answer.
+    pub retries: u64,
+    /// Microseconds from sending to the answer, summed over the answered
+    /// requests (the mean is this ÷ `answered`).
+    pub latency_us_total: u64,
 }
 
 /// The `/v1/stats` document.
@@ -317,6 +329,28 @@ impl Stats {
     pub fn sent(&mut self, peer: EntityId) {
         self.row(Some(peer)).sent += 1;
         self.metrics.sent.inc();
+    }
+
+    /// A request to `peer` went on the wire.
+    pub fn requested(&mut self, peer: EntityId) {
+        self.row(Some(peer)).requests += 1;
+    }
+
+    /// `peer` answered a request `latency` after it was sent.
+    pub fn answered(&mut self, peer: EntityId, latency: std::time::Duration) {
+        let row = self.row(Some(peer));
+        row.answered += 1;
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        row.latency_us_total = row.latency_us_total.saturating_add(us);
+    }
+
+    /// A request to `peer` got no answer; `retried` if it goes again.
+    pub fn unanswered(&mut self, peer: EntityId, retried: bool) {
+        let row = self.row(Some(peer));
+        row.failures += 1;
+        if retried {
+            row.retries += 1;
+        }
     }
 
     /// A message from `peer` was accepted.

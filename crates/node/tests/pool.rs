@@ -164,6 +164,15 @@ async fn a_thousand_messages_reuse_one_connection() {
     assert!((1..=3).contains(&p.streams_opened), "{p:?}");
     let streams = common::metric(&a.handle, "peer_pool_streams_opened_total");
     assert_eq!(streams, p.streams_opened as f64);
+    // The same per peer.
+    let stats = a.handle.stats().await.expect("stats");
+    let row = &stats.peers[&b_id.to_string()];
+    assert!(
+        row.requests >= 1000 && row.answered == row.requests,
+        "{row:?}"
+    );
+    assert_eq!((row.failures, row.retries), (0, 0));
+    assert!(row.latency_us_total > 0);
 }
 
 #[tokio::test]
@@ -287,6 +296,10 @@ async fn sends_without_an_answer_are_retried_within_the_budget_then_fail() {
     assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
     let retried = common::metric(&a.handle, "peer_pool_retries_total");
     assert_eq!(retried, p.retries as f64);
+    let stats = a.handle.stats().await.expect("stats");
+    let row = &stats.peers[&b_id.to_string()];
+    assert_eq!(row.retries, retries, "{row:?}");
+    assert_eq!(row.failures, 20 + retries, "{row:?}");
 }
 
 #[tokio::test]

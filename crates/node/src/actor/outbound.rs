@@ -444,6 +444,7 @@ impl Actor {
                     .send_request(&peer, Request::Envelope(frame)),
             )
         };
+        self.shared.stats.requested(ready.queued.to);
         self.outbound.in_flight.insert(
             req,
             InFlight {
@@ -503,6 +504,7 @@ impl Actor {
         let to = f.queued.to;
         let latency = self.shared.clock.now().saturating_duration_since(f.sent);
         self.swarm.behaviour_mut().pool.answered(to, latency);
+        self.shared.stats.answered(to, latency);
         let result = match response {
             // A copy sent before reached the peer after all (its nonce is
             // known there): that copy's answer is what was lost.
@@ -579,6 +581,7 @@ impl Actor {
             Some(_) => pool.retry(attempt, rand::random()),
             None => None,
         };
+        self.shared.stats.unanswered(f.queued.to, wait.is_some());
         self.stream_done(f.peer);
         let Some(wait) = wait else {
             return self.outbound_failed(f.queued, NodeError::Transport(error));
