@@ -1,6 +1,7 @@
 //! Frames over a bare libp2p stream, no envelopes, no crypto beyond the
 //! transport's: the ceiling `peer-load --mode bare` sets beside the nodes'
-//! figures. Two swarms in this process (TCP + Noise + Yamux, or QUIC, as the
+//! figures, and (`--mode connections`) what a message costs on a kept
+//! connection against a fresh connection per message. Two swarms in this process (TCP + Noise + Yamux, or QUIC, as the
 //! nodes use), one stream, the framing of the node's long-lived streams
 //! (`id:u64 ‖ len:u32 ‖ body` out, `id:u64 ‖ 0x00` back), at most `in_flight`
 //! frames unanswered.
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use futures::prelude::*;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Stream, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
 use tokio::sync::Semaphore;
@@ -121,6 +123,93 @@ pub async fn run(
         t.abort();
     }
     Ok(secs)
+}
+
+/// One frame written and its acknowledgement read.
+async fn round_trip(s: &mut Stream, body: &[u8]) -> Result<()> {
+    let mut frame = Vec::with_capacity(12 + body.len());
+    frame.extend_from_slice(&0u64.to_be_bytes());
+    frame.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
+    frame.extend_from_slice(body);
+    s.write_all(&frame).await?;
+    s.flush().await?;
+    let mut ack = [0u8; 9];
+    s.read_exact(&mut ack).await?;
+    Ok(())
+}
+
+/// The latency of `n` frames of `frame_bytes` sent one after another: on one
+/// stream of one connection kept open (`fresh` false), or each on a new
+/// connection (dial, transport handshake, a stream), closed after its frame.
+pub async fn latencies(
+    transport: Transport,
+    n: u64,
+    frame_bytes: usize,
+    fresh: bool,
+) -> Result<Vec<Duration>> {
+    let (mut a, mut b) = (swarm()?, swarm()?);
+    b.listen_on(transport.listen("127.0.0.1")?)?;
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {
+            break address;
+        }
+    };
+    let to = *b.local_peer_id();
+    let mut incoming = b.behaviour().new_control().accept(PROTOCOL)?;
+    let mut control = a.behaviour().new_control();
+    let served = drive(b);
+    tokio::spawn(async move {
+        while let Some((_, stream)) = incoming.next().await {
+            tokio::spawn(acknowledge(stream));
+        }
+    });
+    let body = vec![0x5a; frame_bytes];
+    let mut kept: Option<Stream> = None;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let started = Instant::now();
+        if kept.is_none() {
+            let dial = DialOpts::peer_id(to)
+                .addresses(vec![addr.clone()])
+                .condition(PeerCondition::Always)
+                .build();
+            a.dial(dial)?;
+        }
+        let held = kept.take();
+        let exchange = async {
+            let mut s = match held {
+                Some(s) => s,
+                None => control
+                    .open_stream(to, PROTOCOL)
+                    .await
+                    .map_err(|e| anyhow!("open: {e}"))?,
+            };
+            round_trip(&mut s, &body).await?;
+            anyhow::Ok(s)
+        };
+        tokio::pin!(exchange);
+        let s = loop {
+            tokio::select! {
+                done = &mut exchange => break done?,
+                _ = a.select_next_some() => {}
+            }
+        };
+        out.push(started.elapsed());
+        if fresh {
+            drop(s);
+            let ids: Vec<_> = a.connected_peers().copied().collect();
+            for peer in ids {
+                _ = a.disconnect_peer_id(peer);
+            }
+            while a.is_connected(&to) {
+                a.select_next_some().await;
+            }
+        } else {
+            kept = Some(s);
+        }
+    }
+    served.abort();
+    Ok(out)
 }
 
 /// Answers each frame with its id and kind 0, flushing when no more frames

@@ -74,6 +74,9 @@ enum Mode {
     /// `--messages` frames, each the size of a sealed envelope carrying
     /// `--payload-bytes`, over a bare libp2p stream (no nodes).
     Bare,
+    /// `--messages` such frames one at a time, over a kept connection and
+    /// then each over a fresh connection (no nodes): their latencies.
+    Connections,
 }
 
 fn start(dir: &std::path::Path, args: &Args) -> Result<NodeHandle> {
@@ -161,9 +164,33 @@ async fn bare(args: &Args) -> Result<()> {
     Ok(())
 }
 
+async fn connections(args: &Args) -> Result<()> {
+    let frame = sealed_envelope_len(pace::payload(args.payload_bytes).len());
+    println!(
+        "mode=Connections transport={:?} frame={frame}B messages={}",
+        args.transport, args.messages
+    );
+    for (name, fresh) in [("kept connection", false), ("fresh connection", true)] {
+        let mut l =
+            peer_bench::bare::latencies(args.transport, args.messages, frame, fresh).await?;
+        l.sort();
+        let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_micros();
+        println!(
+            "{name}: latency_us p50={} p90={} p99={} max={}",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(1.0)
+        );
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<()> {
-    if let Mode::Bare = args.mode {
-        return bare(&args).await;
+    match args.mode {
+        Mode::Bare => return bare(&args).await,
+        Mode::Connections => return connections(&args).await,
+        _ => {}
     }
     let tmp = tempfile::tempdir()?;
     let sender = start(&tmp.path().join("a"), &args)?;
@@ -205,7 +232,7 @@ async fn run(args: Args) -> Result<()> {
             tally
         }
         Mode::Latency => pace::at_rate(args.rate, args.seconds, send).await?,
-        Mode::Bare => unreachable!("handled above"),
+        Mode::Bare | Mode::Connections => unreachable!("handled above"),
     };
     let secs = started.elapsed().as_secs_f64();
     let ok = tally.delivered();
