@@ -46,14 +46,19 @@ where
     })
 }
 
-/// Sends `frames` frames of `frame_bytes` bytes and returns the seconds it
-/// took until the last was acknowledged.
-pub async fn run(
-    transport: Transport,
-    frames: u64,
-    frame_bytes: usize,
-    in_flight: usize,
-) -> Result<f64> {
+/// Two swarms: `a` (returned, not yet connected) and `b`, listening at the
+/// returned address, acknowledging every frame on every stream, driven on a
+/// task of its own (the returned handle).
+struct Pair {
+    a: Swarm<libp2p_stream::Behaviour>,
+    control: libp2p_stream::Control,
+    to: libp2p::PeerId,
+    addr: libp2p::Multiaddr,
+    served: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a [`Pair`] on `transport`.
+async fn pair(transport: Transport) -> Result<Pair> {
     let (a, mut b) = (swarm()?, swarm()?);
     b.listen_on(transport.listen("127.0.0.1")?)?;
     let addr = loop {
@@ -63,10 +68,33 @@ pub async fn run(
     };
     let to = *b.local_peer_id();
     let mut incoming = b.behaviour().new_control().accept(PROTOCOL)?;
-    let mut control = a.behaviour().new_control();
-    let mut a = a;
-    a.dial(addr)?;
+    let control = a.behaviour().new_control();
     let served = drive(b);
+    tokio::spawn(async move {
+        while let Some((_, stream)) = incoming.next().await {
+            tokio::spawn(acknowledge(stream));
+        }
+    });
+    Ok(Pair {
+        a,
+        control,
+        to,
+        addr,
+        served,
+    })
+}
+
+/// Sends `frames` frames of `frame_bytes` bytes and returns the seconds it
+/// took until the last was acknowledged.
+pub async fn run(
+    transport: Transport,
+    frames: u64,
+    frame_bytes: usize,
+    in_flight: usize,
+) -> Result<f64> {
+    let p = pair(transport).await?;
+    let (mut a, mut control, to, addr, served) = (p.a, p.control, p.to, p.addr, p.served);
+    a.dial(addr)?;
     loop {
         match a.select_next_some().await {
             SwarmEvent::ConnectionEstablished { .. } => break,
@@ -75,11 +103,6 @@ pub async fn run(
         }
     }
     let tasks = [drive(a), served];
-    tokio::spawn(async move {
-        while let Some((_, stream)) = incoming.next().await {
-            tokio::spawn(acknowledge(stream));
-        }
-    });
     let stream = control
         .open_stream(to, PROTOCOL)
         .await
@@ -147,22 +170,8 @@ pub async fn latencies(
     frame_bytes: usize,
     fresh: bool,
 ) -> Result<Vec<Duration>> {
-    let (mut a, mut b) = (swarm()?, swarm()?);
-    b.listen_on(transport.listen("127.0.0.1")?)?;
-    let addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {
-            break address;
-        }
-    };
-    let to = *b.local_peer_id();
-    let mut incoming = b.behaviour().new_control().accept(PROTOCOL)?;
-    let mut control = a.behaviour().new_control();
-    let served = drive(b);
-    tokio::spawn(async move {
-        while let Some((_, stream)) = incoming.next().await {
-            tokio::spawn(acknowledge(stream));
-        }
-    });
+    let p = pair(transport).await?;
+    let (mut a, mut control, to, addr, served) = (p.a, p.control, p.to, p.addr, p.served);
     let body = vec![0x5a; frame_bytes];
     let mut kept: Option<Stream> = None;
     let mut out = Vec::new();

@@ -38,6 +38,24 @@ impl Drop for RawKeep {
     }
 }
 
+/// A node tuned by `tune`, and a raw peer connected to it: the node's entity
+/// id, the raw peer's stream control, the node's peer id.
+async fn raw_link(
+    tune: impl FnOnce(&mut peer_node::Config),
+) -> (
+    common::TestNode,
+    peer_core::EntityId,
+    libp2p_stream::Control,
+    libp2p::PeerId,
+    RawKeep,
+) {
+    let node = start_node_with("/ip4/127.0.0.1/tcp/0", tune).await;
+    let to = node.handle.entity_id();
+    let raw = RawPeer::connect(&node.addr).await;
+    let (control, target, keep) = open(raw).await;
+    (node, to, control, target, keep)
+}
+
 async fn write_request(s: &mut Stream, id: u64, body: &[u8]) {
     s.write_all(&id.to_be_bytes()).await.expect("write");
     let len = u32::try_from(body.len()).expect("fits");
@@ -129,13 +147,10 @@ fn ping_as(identity: &peer_core::Identity, to: peer_core::EntityId) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_peer_holds_at_most_its_streams_and_a_further_one_is_reset() {
-    let node = start_node_with("/ip4/127.0.0.1/tcp/0", |c| {
+    let (_node, to, mut control, target, keep) = raw_link(|c| {
         c.network.max_connections_per_peer = 2;
     })
     .await;
-    let to = node.handle.entity_id();
-    let raw = RawPeer::connect(&node.addr).await;
-    let (mut control, target, keep) = open(raw).await;
     let mut held = Vec::new();
     for n in 0..2 {
         let mut s = control.open_stream(target, PROTOCOL).await.expect("open");
@@ -162,13 +177,10 @@ async fn a_peer_holds_at_most_its_streams_and_a_further_one_is_reset() {
 
 #[tokio::test]
 async fn a_body_slower_than_the_minimum_rate_ends_its_stream_and_not_the_next() {
-    let node = start_node_with("/ip4/127.0.0.1/tcp/0", |c| {
+    let (_node, to, mut control, target, keep) = raw_link(|c| {
         c.network.min_inbound_bytes_per_sec = 1_000;
     })
     .await;
-    let to = node.handle.entity_id();
-    let raw = RawPeer::connect(&node.addr).await;
-    let (mut control, target, keep) = open(raw).await;
     let mut slow = control.open_stream(target, PROTOCOL).await.expect("open");
     // A 4,000-byte body at 1,000 bytes/s is due within 5 s; 10 bytes then
     // nothing fall behind after the one-second allowance.
