@@ -545,7 +545,38 @@ struct Transfer {
     data: Vec<u8>,
     /// One bit per chunk received; allocated on the first chunk.
     have: Vec<u64>,
+    /// SHA-256 of the chunks received in order from the first, so the
+    /// whole message is hashed while it arrives, not all at the end.
+    hasher: Sha256,
+    /// The first chunk not yet in `hasher`.
+    hashed: u32,
     status: Status,
+}
+
+impl Transfer {
+    fn has(&self, index: u32) -> bool {
+        usize::try_from(index / 64)
+            .ok()
+            .and_then(|w| self.have.get(w))
+            .is_some_and(|word| word & (1u64 << (index % 64)) != 0)
+    }
+
+    /// Feeds the hasher the chunks that now follow on from what it has.
+    fn hash_in_order(&mut self) {
+        while self.hashed < self.manifest.chunk_count && self.has(self.hashed) {
+            let size = u64::from(self.manifest.chunk_size);
+            let len = self.manifest.chunk_len(self.hashed).unwrap_or(0);
+            let start = u64::from(self.hashed) * size;
+            let range = usize::try_from(start)
+                .ok()
+                .zip(usize::try_from(start + len).ok())
+                .and_then(|(a, b)| self.data.get(a..b));
+            if let Some(bytes) = range {
+                self.hasher.update(bytes);
+            }
+            self.hashed += 1;
+        }
+    }
 }
 
 impl fmt::Debug for Transfer {
@@ -764,6 +795,8 @@ impl<P: Ord + Clone> Reassembler<P> {
                 last_request_ms: 0,
                 data: Vec::new(),
                 have: Vec::new(),
+                hasher: Sha256::new(),
+                hashed: 0,
                 status,
             },
         );
@@ -838,6 +871,7 @@ impl<P: Ord + Clone> Reassembler<P> {
         t.status.received_bytes += len;
         t.last_progress_ms = now_ms;
         t.resend_requests = 0;
+        t.hash_in_order();
         if t.status.received_chunks < t.status.chunk_count {
             return Ok(Progress::Partial(t.status));
         }
@@ -845,7 +879,9 @@ impl<P: Ord + Clone> Reassembler<P> {
             return Err(chunk_error(format!("transfer {id} vanished")));
         };
         self.reserved_bytes = self.reserved_bytes.saturating_sub(t.manifest.total_len);
-        if sha256(&t.data) != t.manifest.sha256 {
+        // Every chunk is in, so the hasher has had them all, in order.
+        let whole: [u8; 32] = t.hasher.finalize().into();
+        if whole != t.manifest.sha256 {
             return Err(chunk_error(format!(
                 "transfer {id}: the reassembled message does not match the manifest's sha256; transfer dropped"
             )));
