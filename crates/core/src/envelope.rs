@@ -22,6 +22,8 @@
 
 use std::fmt;
 
+use sha2::{Digest, Sha256};
+
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::identity::{self, EntityId, Identity, PublicKey};
 use crate::msg_type::MsgType;
@@ -29,6 +31,12 @@ use crate::msg_type::MsgType;
 /// Domain-separation prefix of the signed bytes, so an envelope signature can never
 /// be mistaken for a signature of any other structure.
 pub const DOMAIN: &[u8] = b"peer-protocol/1.2/envelope\0";
+
+/// Domain-separation prefix of a `chunk` envelope's signed bytes, which carry
+/// the SHA-256 of the payload in place of the payload (PROTOCOL.md section 9.9):
+/// the signature then hashes a chunk once with SHA-256 instead of twice
+/// (signing) or once (verifying) with SHA-512.
+pub const CHUNK_DOMAIN: &[u8] = b"peer-protocol/1.2/chunk-envelope\0";
 
 /// Longest version string, in bytes.
 pub const MAX_VERSION_LEN: usize = 16;
@@ -171,6 +179,11 @@ impl Envelope {
     }
 
     fn write_body(&self, w: &mut Writer) {
+        self.write_fields(w, &self.payload);
+    }
+
+    /// Every field but the signature, with `payload` as the payload's bytes.
+    fn write_fields(&self, w: &mut Writer, payload: &[u8]) {
         w.short_bytes(self.version.as_bytes())
             .short_bytes(self.msg_type.as_str().as_bytes())
             .raw(&self.message_id.0)
@@ -181,11 +194,21 @@ impl Envelope {
             .u64(self.sequence_num)
             .u64(self.timestamp_ms)
             .raw(&self.nonce)
-            .long_bytes(&self.payload);
+            .long_bytes(payload);
     }
 
-    /// The bytes the signature covers: [`DOMAIN`], then every field but the signature.
+    /// The bytes the signature covers: [`DOMAIN`], then every field but the
+    /// signature; for a `chunk` envelope, [`CHUNK_DOMAIN`], then every field
+    /// but the signature with the payload's SHA-256 as its payload.
     pub fn signed_bytes(&self) -> Vec<u8> {
+        if self.msg_type.as_str() == crate::chunk::MSG_CHUNK {
+            let digest: [u8; 32] = Sha256::digest(&self.payload).into();
+            let len = CHUNK_DOMAIN.len() + self.encoded_len() - self.payload.len() + 32;
+            let mut w = Writer::with_capacity(len);
+            w.raw(CHUNK_DOMAIN);
+            self.write_fields(&mut w, &digest);
+            return w.into_vec();
+        }
         let mut w = Writer::with_capacity(DOMAIN.len() + self.encoded_len());
         w.raw(DOMAIN);
         self.write_body(&mut w);
@@ -276,6 +299,54 @@ mod tests {
 
     fn identity(seed: u8) -> Identity {
         Identity::from_secret(&[seed; 32])
+    }
+
+    #[test]
+    fn a_chunk_envelope_signs_the_digest_of_its_payload() {
+        let id = identity(5);
+        let draft = Draft {
+            msg_type: crate::chunk::MSG_CHUNK.parse().expect("type"),
+            message_id: MessageId::from_random([1; 16]),
+            recipient_id: None,
+            session_id: None,
+            sequence_num: 0,
+            timestamp_ms: 7,
+            nonce: [2; 16],
+            payload: vec![0xab; 4096],
+        };
+        let env = draft.clone().sign(&id);
+        assert!(env.verify());
+        // The signed bytes: the chunk domain, the fields, and in place of the
+        // payload its length 32 and its SHA-256.
+        let signed = env.signed_bytes();
+        assert!(signed.starts_with(CHUNK_DOMAIN));
+        let digest: [u8; 32] = Sha256::digest(&env.payload).into();
+        let mut tail = 32u32.to_be_bytes().to_vec();
+        tail.extend_from_slice(&digest);
+        assert!(signed.ends_with(&tail));
+        assert_eq!(
+            signed.len(),
+            CHUNK_DOMAIN.len() + env.encoded_len() - 4096 - 64 + 32
+        );
+        // A signature over the whole payload (the rule of other types) does not verify.
+        let mut pure = env.clone();
+        let mut w = Writer::with_capacity(DOMAIN.len() + env.encoded_len());
+        w.raw(DOMAIN);
+        env.write_body(&mut w);
+        pure.signature = id.sign(&w.into_vec());
+        assert!(!pure.verify());
+        // Another payload breaks it, as for any envelope.
+        let mut other = env.clone();
+        other.payload[0] ^= 1;
+        assert!(!other.verify());
+        // Other types sign their whole payload.
+        let message = Draft {
+            msg_type: "message".parse().expect("type"),
+            ..draft
+        }
+        .sign(&id);
+        assert!(message.signed_bytes().starts_with(DOMAIN));
+        assert!(message.signed_bytes().ends_with(&message.payload));
     }
 
     prop_compose! {
