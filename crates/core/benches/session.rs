@@ -100,5 +100,21 @@ fn sealing(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, handshakes, sealing);
+/// Raw SHA-256 and SHA-512 over 1 MiB: what hashing a transferred megabyte
+/// costs on this machine (PROTOCOL.md section 9.9).
+fn hashing(c: &mut Criterion) {
+    use sha2::{Digest, Sha256, Sha512};
+    let data = vec![0x61u8; 1024 * 1024];
+    let mut g = c.benchmark_group("hash");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("sha256_1MiB", |b| {
+        b.iter(|| black_box(Sha256::digest(black_box(&data))))
+    });
+    g.bench_function("sha512_1MiB", |b| {
+        b.iter(|| black_box(Sha512::digest(black_box(&data))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, handshakes, sealing, hashing);
 criterion_main!(benches);

@@ -206,3 +206,23 @@ async fn a_body_slower_than_the_minimum_rate_ends_its_stream_and_not_the_next() 
     let (id, kind, _) = read_answer(&mut next).await.expect("answered");
     assert_eq!((id, kind), (2, 1));
 }
+
+#[tokio::test]
+async fn an_inbound_stream_that_carries_nothing_is_closed_after_twice_the_idle_time() {
+    let (_node, to, mut control, target, keep) = raw_link(|c| {
+        c.network.max_idle_secs = 1;
+    })
+    .await;
+    let mut s = control.open_stream(target, PROTOCOL).await.expect("open");
+    write_request(&mut s, 1, &ping_as(&keep.identity, to)).await;
+    assert_eq!(read_answer(&mut s).await.expect("answered").0, 1);
+    // Then nothing: the node closes its side after about 2 s.
+    let started = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(8), read_answer(&mut s)).await;
+    assert!(matches!(read, Ok(Err(_))), "closed: {read:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}

@@ -497,7 +497,8 @@ impl Actor {
     }
 
     /// The peer's answer to one of our requests.
-    fn on_response(&mut self, req: Sent, response: Response) {
+    /// `resent` if the link sent the request more than once.
+    fn on_response(&mut self, req: Sent, response: Response, resent: bool) {
         let Some(f) = self.outbound.in_flight.remove(&req) else {
             return;
         };
@@ -508,7 +509,9 @@ impl Actor {
         let result = match response {
             // A copy sent before reached the peer after all (its nonce is
             // known there): that copy's answer is what was lost.
-            Response::Refused(r) if f.attempt > 0 && r.error_code == "REPLAY_DETECTED" => {
+            Response::Refused(r)
+                if (f.attempt > 0 || resent) && r.error_code == "REPLAY_DETECTED" =>
+            {
                 Err(NodeError::Transport(format!(
                     "sent {} times: an earlier copy reached the peer, its answer was lost",
                     f.attempt + 1
@@ -542,7 +545,7 @@ impl Actor {
                 request_response::Message::Response {
                     request_id,
                     response,
-                } => self.on_response(Sent::Single(request_id), response),
+                } => self.on_response(Sent::Single(request_id), response, false),
             },
             request_response::Event::OutboundFailure {
                 request_id, error, ..
@@ -562,7 +565,11 @@ impl Actor {
                 request,
                 channel,
             } => self.on_request(peer, request, Channel::Link(channel)),
-            link::Event::Response { id, response } => self.on_response(Sent::Link(id), response),
+            link::Event::Response {
+                id,
+                response,
+                resent,
+            } => self.on_response(Sent::Link(id), response, resent),
             link::Event::Failure { id, error } => self.request_failed(Sent::Link(id), error),
         }
     }

@@ -69,6 +69,10 @@ pub enum Event {
         id: u64,
         /// The answer.
         response: Response,
+        /// Whether the request went out more than once (a stream that carried
+        /// it ended unanswered): a `REPLAY_DETECTED` answer then means an
+        /// earlier copy arrived.
+        resent: bool,
     },
     /// Our request `id` got no answer.
     Failure {
@@ -117,11 +121,41 @@ type Outgoing = (u64, Bytes);
 /// streams arrive faster than they are taken), before they fail.
 const OPEN_ATTEMPTS: u32 = 3;
 
+/// A request on a stream, until its answer or its failure is handed on.
+struct Sent {
+    /// When it fails without an answer (kept when it is sent again).
+    deadline: Instant,
+    /// Its bytes, kept to send it again.
+    bytes: Bytes,
+    /// Whether it went out before, on a stream that ended unanswered.
+    resent: bool,
+}
+
+/// A request waiting for a stream.
+struct Waiting {
+    id: u64,
+    bytes: Bytes,
+    /// Its deadline, if it was sent before.
+    deadline: Option<Instant>,
+    resent: bool,
+}
+
+impl From<Outgoing> for Waiting {
+    fn from((id, bytes): Outgoing) -> Self {
+        Self {
+            id,
+            bytes,
+            deadline: None,
+            resent: false,
+        }
+    }
+}
+
 /// What one stream has in flight.
 #[derive(Default)]
 struct InFlight {
-    /// Requests by id, with their deadlines and bytes (kept to send again).
-    requests: BTreeMap<u64, (Instant, Bytes)>,
+    /// Requests by id.
+    requests: BTreeMap<u64, Sent>,
     /// Whether any answer came on this stream.
     answered: bool,
 }
@@ -243,8 +277,10 @@ impl Opener {
 /// A stream that ends before any answer came had none of its requests
 /// handled (a responder closes a stream only after answering what it read):
 /// they go out again, the same bytes, on a new stream, up to
-/// [`OPEN_ATTEMPTS`] times. Should one have been handled after all, its copy
-/// is refused as a replay, never delivered twice.
+/// [`OPEN_ATTEMPTS`] times, keeping their deadlines. Should one have been
+/// handled after all, its copy is refused as a replay, never delivered twice.
+/// Once the node dropped the link (its peer disconnected), nothing is sent
+/// again and no stream opened: what is left fails.
 async fn link(
     mut opener: Opener,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
@@ -253,12 +289,20 @@ async fn link(
 ) {
     let peer = opener.peer;
     let pending: Pending = Arc::default();
-    let mut again: VecDeque<Outgoing> = VecDeque::new();
+    let mut again: VecDeque<Waiting> = VecDeque::new();
     let mut attempts = 0;
     loop {
+        if rx.is_closed() {
+            let mut left: Vec<u64> = again.drain(..).map(|w| w.id).collect();
+            while let Ok((id, _)) = rx.try_recv() {
+                left.push(id);
+            }
+            fail(&events, left, "not connected: the link to the peer closed").await;
+            return;
+        }
         if again.is_empty() {
             match rx.recv().await {
-                Some(first) => again.push_back(first),
+                Some(first) => again.push_back(first.into()),
                 None => return,
             }
         }
@@ -282,7 +326,12 @@ async fn link(
         let error = match result {
             Err(e) if !answered && attempts < OPEN_ATTEMPTS && !requests.is_empty() => {
                 tracing::debug!(%peer, error = %e, requests = requests.len(), "stream ended unanswered: sending again");
-                again.extend(requests.into_iter().map(|(id, (_, bytes))| (id, bytes)));
+                again.extend(requests.into_iter().map(|(id, sent)| Waiting {
+                    id,
+                    bytes: sent.bytes,
+                    deadline: Some(sent.deadline),
+                    resent: true,
+                }));
                 tokio::time::sleep(Duration::from_millis(10 << attempts)).await;
                 continue;
             }
@@ -293,13 +342,21 @@ async fn link(
         if !requests.is_empty() {
             tracing::debug!(%peer, %error, requests = requests.len(), "link failed");
         }
-        for id in requests.into_keys() {
-            let e = error.clone();
-            if events.send(Event::Failure { id, error: e }).await.is_err() {
-                return;
-            }
+        if !fail(&events, requests.into_keys().collect(), &error).await {
+            return;
         }
     }
+}
+
+/// Hands a failure for each of `ids` to the node; `false` if it is stopping.
+async fn fail(events: &mpsc::Sender<Event>, ids: Vec<u64>, error: &str) -> bool {
+    for id in ids {
+        let error = error.to_owned();
+        if events.send(Event::Failure { id, error }).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Opens a stream, writes the requests of `again`, then those that follow,
@@ -307,7 +364,7 @@ async fn link(
 /// the link dropped.
 async fn run_stream(
     opener: &mut Opener,
-    again: &mut VecDeque<Outgoing>,
+    again: &mut VecDeque<Waiting>,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     pending: &Pending,
     events: &mpsc::Sender<Event>,
@@ -315,14 +372,23 @@ async fn run_stream(
 ) -> Result<(), String> {
     // The requests count as in flight from now: if the stream cannot be
     // opened, they fail (or go again).
-    {
+    let queued: Vec<Outgoing> = {
         let mut p = lock(pending);
-        for (id, bytes) in again.iter() {
-            let deadline = Instant::now() + settings.timeout;
-            p.requests.insert(*id, (deadline, bytes.clone()));
-        }
-    }
-    let queued: Vec<Outgoing> = again.drain(..).collect();
+        again
+            .drain(..)
+            .map(|w| {
+                let sent = Sent {
+                    deadline: w
+                        .deadline
+                        .unwrap_or_else(|| Instant::now() + settings.timeout),
+                    bytes: w.bytes.clone(),
+                    resent: w.resent,
+                };
+                p.requests.insert(w.id, sent);
+                (w.id, w.bytes)
+            })
+            .collect()
+    };
     let stream = opener.open().await?;
     let (reader, writer) = stream.split();
     tokio::select! {
@@ -366,10 +432,11 @@ async fn write_requests(
             .or_else(|| queued.next())
             .or_else(|| rx.try_recv().ok())
         {
-            lock(pending)
-                .requests
-                .entry(id)
-                .or_insert_with(|| (Instant::now() + settings.timeout, bytes.clone()));
+            lock(pending).requests.entry(id).or_insert_with(|| Sent {
+                deadline: Instant::now() + settings.timeout,
+                bytes: bytes.clone(),
+                resent: false,
+            });
             w.write_all(&id.to_be_bytes()).await.map_err(broken)?;
             codec::write_frame(&mut w, &bytes).await.map_err(broken)?;
         }
@@ -391,14 +458,23 @@ async fn read_answers(
         let response = codec::read_response(&mut r, max_size)
             .await
             .map_err(broken)?;
+        // Room for the event first: once the request leaves `pending`, its
+        // event must go out with no wait that a cancelled stream could cut.
+        let Ok(room) = events.reserve().await else {
+            return Ok(());
+        };
         // An answer to a request that timed out (or was never sent) is dropped.
-        let known = {
+        let sent = {
             let mut p = lock(pending);
             p.answered = true;
-            p.requests.remove(&id).is_some()
+            p.requests.remove(&id)
         };
-        if known && events.send(Event::Response { id, response }).await.is_err() {
-            return Ok(());
+        if let Some(sent) = sent {
+            room.send(Event::Response {
+                id,
+                response,
+                resent: sent.resent,
+            });
         }
     }
 }
@@ -417,17 +493,18 @@ async fn expire(
             .requests
             .iter()
             .next()
-            .map(|(id, (at, _))| (*id, *at));
+            .map(|(id, sent)| (*id, sent.deadline));
         let Some((id, at)) = first else {
             tokio::time::sleep(timeout).await;
             continue;
         };
         tokio::time::sleep_until(at).await;
+        let Ok(room) = events.reserve().await else {
+            return Ok(());
+        };
         if lock(pending).requests.remove(&id).is_some() {
             let error = format!("no answer within {timeout:?}");
-            if events.send(Event::Failure { id, error }).await.is_err() {
-                return Ok(());
-            }
+            room.send(Event::Failure { id, error });
         }
     }
 }
@@ -524,12 +601,19 @@ async fn read_requests(
             .await
             .map_err(io::Error::other)?;
         let mut head = [0u8; 12];
-        match r.read_exact(&mut head).await {
-            Ok(()) => {}
+        // A stream that carries nothing for twice the idle time is closed
+        // (its sender closes it after the idle time itself).
+        match tokio::time::timeout(settings.idle * 2, r.read_exact(&mut head[..1])).await {
+            Err(_) => return Ok(()),
+            Ok(Ok(())) => {}
             // The sender closed the stream between requests.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
         }
+        // Once begun, the header is due within the rate allowance.
+        tokio::time::timeout(codec::RATE_ALLOWANCE, r.read_exact(&mut head[1..]))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request header too slow"))??;
         let (id, len) = head.split_at(8);
         let id = u64::from_be_bytes(id.try_into().expect("8 bytes"));
         let len = u32::from_be_bytes(len.try_into().expect("4 bytes"));
