@@ -10,8 +10,11 @@
 //!    message waits for a handshake the handshake service runs.
 //! 3. Signing, on a task of its own; the envelope comes back to the actor.
 //! 4. Streams: at most half of `network.max_concurrent_streams` requests in
-//!    flight per peer; the rest wait in that peer's FIFO.
-//! 5. The answer (or the failure) goes to the service as an [`Outcome`].
+//!    flight per peer; the rest wait in that peer's FIFO. A request goes on
+//!    the peer's long-lived stream (`net::link`) if it speaks them, else on
+//!    a request-response stream of its own.
+//! 5. The answer goes to the service as an [`Outcome`]; so does a failure,
+//!    unless the retry budget sends the same bytes again first.
 
 use std::collections::{BTreeMap, HashMap};
 

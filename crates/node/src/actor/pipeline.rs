@@ -1,8 +1,9 @@
 //! The inbound pipeline: a request from its stream to its service and back.
 //!
 //! 1. verify (on a task of its own: size, layout, the sender is the
-//!    connection's peer, timestamp, key binding, signature), at most
-//!    `network.max_verifying_per_peer` of one peer's requests at once;
+//!    connection's peer, timestamp, key binding, signature), one peer's
+//!    waiting requests together, their signatures checked as one batch, at
+//!    most `network.max_verifying_per_peer` batches of a peer at once;
 //! 2. admit (nonce memory, recipient);
 //! 3. route (the service that owns the type; `UNSUPPORTED_MSG_TYPE` if none);
 //! 4. rate (one token of the route's class, unless its service charges);
@@ -18,7 +19,7 @@
 //!    its stream, among the pipeline's pending answers).
 //!
 //! The request's share of the inbound byte budget (its [`Frame`]) is held until
-//! its answer is handed to the swarm.
+//! its answer is handed to its stream (either envelope protocol: [`Channel`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

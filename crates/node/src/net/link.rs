@@ -7,7 +7,7 @@
 //!
 //! - request: `u64 id ‖ u32 length ‖ envelope bytes`;
 //! - answer: `u64 id ‖` a response as on the per-envelope protocol
-//!   ([`codec`](super::codec): kind 0 accepted, 1 reply, 2 refusal).
+//!   ([`super::codec`]: kind 0 accepted, 1 reply, 2 refusal).
 //!
 //! The receiver reads a request only once it holds that request's share of the
 //! inbound byte budgets (the same budgets, minimum rate and size limit as the
