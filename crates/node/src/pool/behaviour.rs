@@ -222,6 +222,13 @@ impl NetworkBehaviour for Behaviour {
                 if let Some(entity) = self.dialing.remove(&e.connection_id) {
                     let now = self.now_ms();
                     self.breakers.success(entity, now);
+                } else if e.endpoint.is_listener()
+                    && let Some(entity) = entity_of(&e.peer_id)
+                {
+                    // The peer reached us: whatever failed before, it is back
+                    // (a restarted peer that dials this node need not wait
+                    // out the open time).
+                    self.breakers.reachable(entity);
                 }
             }
             FromSwarm::DialFailure(DialFailure {

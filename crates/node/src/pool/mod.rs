@@ -220,6 +220,14 @@ impl Breakers {
         }
     }
 
+    /// `peer` opened a connection to this node: it is reachable, so its
+    /// breaker is forgotten (closed, no failures), whatever its state.
+    pub fn reachable(&mut self, peer: EntityId) {
+        if let Some(e) = self.peers.remove(&peer) {
+            self.count_tripped(e.breaker.is_closed(), true);
+        }
+    }
+
     /// A call to `peer` failed.
     pub fn failure(&mut self, peer: EntityId, now_ms: u64) {
         if !self.peers.contains_key(&peer) && self.peers.len() >= self.max_peers {
@@ -378,5 +386,22 @@ mod tests {
         assert!(!ids.contains(&entity(1)), "touched longest ago");
         assert_eq!(b.counters().tripped.get(), 0, "the open one was forgotten");
         assert!(b.allow(entity(1), 21).is_ok(), "forgotten: closed again");
+    }
+
+    #[test]
+    fn a_connection_from_the_peer_closes_its_open_breaker_at_once() {
+        let mut b = Breakers::new(&PoolConfig::default());
+        (0..5).for_each(|t| b.failure(entity(1), t));
+        assert!(b.allow(entity(1), 10).is_err(), "open");
+        assert_eq!(b.counters().tripped.get(), 1);
+        b.reachable(entity(1));
+        assert!(
+            b.allow(entity(1), 11).is_ok(),
+            "closed well before its open time"
+        );
+        assert_eq!(b.counters().tripped.get(), 0);
+        assert!(b.peers(11).is_empty());
+        b.reachable(entity(2));
+        assert!(b.peers(11).is_empty(), "a peer without a breaker stays so");
     }
 }
