@@ -138,6 +138,38 @@ async fn the_breaker_opens_after_five_failures_stops_dials_and_closes_through_ha
 }
 
 #[tokio::test]
+async fn a_peer_that_connects_back_closes_its_open_breaker_at_once() {
+    let long = |c: &mut peer_node::Config| {
+        tune(c);
+        c.pool.breaker_open_ms = 60_000;
+    };
+    let a = start_node_with(LISTEN, long).await;
+    let b = start_node_with(LISTEN, long).await;
+    let b_id = b.handle.entity_id();
+    let b_listen = b.addr.to_string();
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    send(&a, b_id).await.expect("B is up");
+    let TestNode { handle, dir, .. } = b;
+    drop(handle);
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(30), "never opened");
+        if let Err(NodeError::CircuitOpen(_)) = send(&a, b_id).await {
+            break;
+        }
+    }
+    // B comes back and dials A: A's breaker for B closes without waiting
+    // out its minute.
+    let b = reopen(dir, &b_listen, long).await;
+    b.handle.connect(a.addr.clone()).await.expect("B dials A");
+    let t = Instant::now();
+    send(&a, b_id).await.expect("delivered at once");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let p = pool(&a.handle).await;
+    assert_eq!((p.open_breakers, p.totals.trips), (0, 1), "{p:?}");
+}
+
+#[tokio::test]
 async fn a_thousand_messages_reuse_one_connection() {
     let quiet = |c: &mut peer_node::Config| {
         c.discovery.enabled = false;
