@@ -16,7 +16,8 @@
 //! then the stream is not read and flow control holds the sender back.
 //!
 //! A stream with nothing in flight for `idle` is closed by its sender (its
-//! connection then closes after libp2p's idle timeout if nothing else uses it).
+//! connection then closes after libp2p's idle timeout if nothing else uses it);
+//! the receiver closes one on which no request began for twice that.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
