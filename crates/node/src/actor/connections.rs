@@ -223,10 +223,11 @@ impl Actor {
             listen_addrs: info.listen_addrs.clone(),
             kad,
         });
-        self.outbound.links.identified(peer_id, &info.protocols);
+        // Only peers tracked as connected: their entry goes when they do.
         let Some(c) = self.connections.peers.get_mut(&peer_id) else {
             return;
         };
+        self.outbound.links.identified(peer_id, &info.protocols);
         for a in info.listen_addrs {
             if c.addrs.len() < MAX_ADDRS_PER_PEER && !c.addrs.contains(&a) {
                 c.addrs.push(a);
