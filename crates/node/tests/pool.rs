@@ -43,14 +43,23 @@ async fn send(from: &TestNode, to: EntityId) -> Result<(), NodeError> {
         .map(|_| ())
 }
 
-#[tokio::test]
-async fn the_breaker_opens_after_five_failures_stops_dials_and_closes_through_half_open() {
+/// A and B started with `tune`, A connected to B and one message delivered:
+/// A, B, B's entity id and listen address.
+async fn a_reaches_b(
+    tune: impl Fn(&mut peer_node::Config) + Copy,
+) -> (TestNode, TestNode, EntityId, String) {
     let a = start_node_with(LISTEN, tune).await;
     let b = start_node_with(LISTEN, tune).await;
     let b_id = b.handle.entity_id();
     let b_listen = b.addr.to_string();
     a.handle.connect(b.addr.clone()).await.expect("connect");
     send(&a, b_id).await.expect("B is up");
+    (a, b, b_id, b_listen)
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_five_failures_stops_dials_and_closes_through_half_open() {
+    let (a, b, b_id, b_listen) = a_reaches_b(tune).await;
     let before = pool(&a.handle).await;
     assert_eq!(
         (before.totals.dials, before.totals.dial_failures),
@@ -143,12 +152,7 @@ async fn a_peer_that_connects_back_closes_its_open_breaker_at_once() {
         tune(c);
         c.pool.breaker_open_ms = 60_000;
     };
-    let a = start_node_with(LISTEN, long).await;
-    let b = start_node_with(LISTEN, long).await;
-    let b_id = b.handle.entity_id();
-    let b_listen = b.addr.to_string();
-    a.handle.connect(b.addr.clone()).await.expect("connect");
-    send(&a, b_id).await.expect("B is up");
+    let (a, b, b_id, b_listen) = a_reaches_b(long).await;
     let TestNode { handle, dir, .. } = b;
     drop(handle);
     let started = Instant::now();
