@@ -168,6 +168,21 @@ pub enum EnvelopeError {
 }
 
 impl Envelope {
+    /// The draft this envelope was signed from (to sign it again, such as
+    /// with a fresh nonce).
+    pub fn into_draft(self) -> Draft {
+        Draft {
+            msg_type: self.msg_type,
+            message_id: self.message_id,
+            recipient_id: self.recipient_id,
+            session_id: self.session_id,
+            sequence_num: self.sequence_num,
+            timestamp_ms: self.timestamp_ms,
+            nonce: self.nonce,
+            payload: self.payload,
+        }
+    }
+
     /// Length of [`Envelope::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
         FIXED_OVERHEAD
@@ -299,6 +314,31 @@ mod tests {
 
     fn identity(seed: u8) -> Identity {
         Identity::from_secret(&[seed; 32])
+    }
+
+    #[test]
+    fn an_envelope_signed_again_from_its_draft_is_the_same_and_a_fresh_nonce_changes_it() {
+        let id = identity(6);
+        let env = Draft {
+            msg_type: "message".parse().expect("type"),
+            message_id: MessageId::from_random([3; 16]),
+            recipient_id: None,
+            session_id: Some(SessionId([4; 16])),
+            sequence_num: 9,
+            timestamp_ms: 11,
+            nonce: [5; 16],
+            payload: b"sealed".to_vec(),
+        }
+        .sign(&id);
+        assert_eq!(env.clone().into_draft().sign(&id), env);
+        let again = Draft {
+            nonce: [6; 16],
+            ..env.clone().into_draft()
+        }
+        .sign(&id);
+        assert!(again.verify());
+        assert_eq!((again.session_id, again.sequence_num), (env.session_id, 9));
+        assert_ne!(again.signature, env.signature);
     }
 
     #[test]

@@ -693,9 +693,25 @@ impl<T> Secure<T> {
                 ),
             )
         };
-        let live = self
-            .peers
-            .get_mut(&env.sender_id)
+        let peer = self.peers.get_mut(&env.sender_id);
+        // A sealed message can overtake the `ready` that completes the session
+        // it was sealed in (the peer, as responder, seals as soon as it has
+        // sent `ready`): while an attempt runs, the sender is told to send
+        // again shortly rather than to start over.
+        let handshaking = peer.as_ref().is_some_and(|p| {
+            p.link.state().is_some_and(|s| s.is_running())
+                && p.live.as_ref().is_none_or(|l| l.session.id() != session_id)
+        });
+        if handshaking {
+            return Err(refuse(
+                ErrorCode::HandshakeInProgress,
+                format!(
+                    "no session {session_id} with {} yet: a handshake with it is in progress; send again",
+                    env.sender_id
+                ),
+            ));
+        }
+        let live = peer
             .and_then(|p| p.live.as_mut())
             .filter(|l| l.session.id() == session_id)
             .ok_or_else(not_found)?;

@@ -18,6 +18,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -509,6 +511,29 @@ impl Actor {
         let latency = self.shared.clock.now().saturating_duration_since(f.sent);
         self.swarm.behaviour_mut().pool.answered(to, latency);
         self.shared.stats.answered(to, latency);
+        // A sealed message that overtook the end of its session's handshake
+        // (the peer answers `HANDSHAKE_IN_PROGRESS`) goes again, the same
+        // bytes, within the retry budget.
+        if let (Response::Refused(r), Some(_)) = (&response, f.session)
+            && r.error_code == "HANDSHAKE_IN_PROGRESS"
+            && let Some(wait) = self.retry_wait(&f)
+        {
+            self.stream_done(f.peer);
+            // The peer recorded the refused copy's nonce: the copy that goes
+            // again is signed anew with a fresh one (same sealed payload and
+            // sequence number, which the refusal did not use up).
+            let mut f = f;
+            if let Ok(env) = Envelope::decode(&f.bytes) {
+                let d = Draft {
+                    timestamp_ms: self.shared.clock.wall_ms(),
+                    nonce: rand::random(),
+                    ..env.into_draft()
+                };
+                f.bytes = Bytes::from(d.sign(&self.shared.identity).encode());
+                self.shared.stats.metrics().signed();
+            }
+            return self.retry_after(f, wait, "the peer's handshake was not done yet");
+        }
         let result = match response {
             // A copy sent before reached the peer after all (its nonce is
             // known there): that copy's answer is what was lost.
@@ -584,19 +609,28 @@ impl Actor {
         let Some(f) = self.outbound.in_flight.remove(&req) else {
             return;
         };
-        let pool = &mut self.swarm.behaviour_mut().pool;
-        pool.failure(f.queued.to);
-        let attempt = f.attempt + 1;
-        let wait = match f.queued.ticket {
-            Some(_) => pool.retry(attempt, rand::random()),
-            None => None,
-        };
+        self.swarm.behaviour_mut().pool.failure(f.queued.to);
+        let wait = self.retry_wait(&f);
         self.shared.stats.unanswered(f.queued.to, wait.is_some());
         self.stream_done(f.peer);
-        let Some(wait) = wait else {
-            return self.outbound_failed(f.queued, NodeError::Transport(error));
-        };
-        tracing::debug!(peer = %f.queued.to, %error, attempt, ?wait, "no answer: sending again");
+        match wait {
+            Some(wait) => self.retry_after(f, wait, &error),
+            None => self.outbound_failed(f.queued, NodeError::Transport(error)),
+        }
+    }
+
+    /// How long `f` waits before it goes again, if it is a service's send and
+    /// the retry budget lets it (counted as a retry).
+    fn retry_wait(&mut self, f: &InFlight) -> Option<Duration> {
+        f.queued.ticket.as_ref()?;
+        let pool = &mut self.swarm.behaviour_mut().pool;
+        pool.retry(f.attempt + 1, rand::random())
+    }
+
+    /// Queues `f`, the same bytes, to go again after `wait`.
+    fn retry_after(&mut self, f: InFlight, wait: Duration, why: &str) {
+        let attempt = f.attempt + 1;
+        tracing::debug!(peer = %f.queued.to, why, attempt, ?wait, "sending again");
         let due = self.now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let id = self.outbound.next_link_request;
         self.outbound.next_link_request += 1;
