@@ -21,6 +21,7 @@ use crate::services::card::CardConfig;
 use crate::services::discovery::DiscoveryConfig;
 use crate::services::heartbeat::HeartbeatConfig;
 use crate::services::tasks::TasksConfig;
+use crate::store::StoreConfig;
 use crate::transfer::TransferConfig;
 
 /// The whole node configuration.
@@ -43,6 +44,8 @@ pub struct Config {
     pub transfer: TransferConfig,
     /// The durable inbox of events for the agent.
     pub inbox: InboxConfig,
+    /// The embedded database.
+    pub store: StoreConfig,
     /// Heartbeat monitoring of connected peers.
     pub heartbeat: HeartbeatConfig,
     /// The capability card and application-defined message types.
@@ -217,6 +220,7 @@ impl Default for Config {
             security: SecurityConfig::default(),
             transfer: TransferConfig::default(),
             inbox: InboxConfig::default(),
+            store: StoreConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             card: CardConfig::default(),
             tasks: TasksConfig::default(),
@@ -454,6 +458,7 @@ impl Config {
         self.inbox
             .validate(self.transfer.max_message_size)
             .map_err(ConfigError::Invalid)?;
+        self.store.validate().map_err(ConfigError::Invalid)?;
         self.heartbeat.validate().map_err(ConfigError::Invalid)?;
         self.tasks.validate().map_err(ConfigError::Invalid)?;
         self.discovery.validate().map_err(ConfigError::Invalid)?;
@@ -622,6 +627,16 @@ mod tests {
         t.insert("network".into(), net.into());
         let err = Config::load(None, t).expect_err("too many streams");
         assert!(err.to_string().contains("max_concurrent_streams"), "{err}");
+    }
+
+    #[test]
+    fn a_database_cache_under_one_mib_is_refused() {
+        let mut c = Config::default();
+        c.store.cache_bytes = (1 << 20) - 1;
+        let err = c.check().expect_err("too small");
+        assert!(err.to_string().contains("store.cache_bytes"), "{err}");
+        c.store.cache_bytes = 1 << 20;
+        c.check().expect("1 MiB is enough");
     }
 
     fn with_replay(tolerance: u64, window: u64) -> Result<Config, ConfigError> {

@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use memchr::memchr2;
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -119,9 +120,28 @@ impl RawJson {
         self.0.raw.get()
     }
 
+    /// `null`.
+    pub fn null() -> Self {
+        Self(Arc::new(Held {
+            raw: RawValue::NULL.to_owned(),
+            gauge: None,
+        }))
+    }
+
+    /// The JSON text as [`Bytes`] that share it (no copy).
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::from_owner(self.clone())
+    }
+
     /// Parsed into a [`serde_json::Value`] (a copy, for small payloads).
     pub fn to_value(&self) -> serde_json::Value {
         serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl AsRef<[u8]> for RawJson {
+    fn as_ref(&self) -> &[u8] {
+        self.as_str().as_bytes()
     }
 }
 

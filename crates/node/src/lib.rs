@@ -82,7 +82,7 @@ pub async fn run(
             "the API token was missing; created a new one"
         );
     }
-    let store = store::Store::open(&config.data_dir.join(data_dir::DB_FILE))?;
+    let store = store::Store::open_with(&config.data_dir.join(data_dir::DB_FILE), &config.store)?;
     store.set_meta(
         "entity_id",
         secrets.identity.entity_id().to_string().as_bytes(),

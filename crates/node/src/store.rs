@@ -9,7 +9,7 @@
 //! that writes them in batches, so the node actor never waits for the disk.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
@@ -99,17 +99,57 @@ store_errors!(
     std::io::Error
 );
 
+/// Settings of the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Most bytes of the database's pages kept in memory, read and written
+    /// (default 32 MiB, at least 1 MiB); writes beyond half of it go to the
+    /// file before their transaction commits.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 32 << 20,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cache_bytes < 1 << 20 {
+            return Err(format!(
+                "store.cache_bytes is {}; it must be at least 1 MiB (1048576)",
+                self.cache_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The database handle.
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    dir: PathBuf,
 }
 
 impl Store {
+    /// Opens (or creates) the database file at `path` and its tables with
+    /// the default settings.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, &StoreConfig::default())
+    }
+
     /// Opens (or creates) the database file at `path` and its tables. A
     /// database written before the peer index existed gets it built here, once.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+    pub fn open_with(path: &Path, config: &StoreConfig) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(config.cache_bytes)
+            .create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(META)?;
         {
@@ -127,12 +167,19 @@ impl Store {
             }
         }
         txn.commit()?;
-        Ok(Self { db })
+        let dir = path.parent().map_or_else(PathBuf::new, Path::to_path_buf);
+        Ok(Self { db, dir })
     }
 
     /// The database, for the modules that keep tables of their own.
     pub(crate) fn db(&self) -> &Database {
         &self.db
+    }
+
+    /// The directory the database file is in, where modules keep files of
+    /// their own.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// A metadata value.

@@ -175,8 +175,9 @@ async fn a_live_reader_gets_each_event_once_with_its_id() {
     assert_eq!(seen, stored, "published once stored, with the stored ids");
 }
 
-/// The `(id, n)` of the first `count` message events of an SSE response body.
-async fn read_sse(body: Body, count: usize) -> Vec<(u64, u64)> {
+/// The first `count` message events of an SSE response body, with their ids
+/// and their JSON text (`data:` lines joined with `\n`, as readers do).
+async fn read_sse_text(body: Body, count: usize) -> Vec<(u64, String)> {
     let mut stream = body.into_data_stream();
     let mut text = String::new();
     let mut out = Vec::new();
@@ -190,50 +191,124 @@ async fn read_sse(body: Body, count: usize) -> Vec<(u64, u64)> {
         while let Some(end) = text.find("\n\n") {
             let frame: String = text.drain(..end + 2).collect();
             let mut id = None;
-            let mut data = String::new();
+            let mut data: Option<String> = None;
             for line in frame.lines() {
                 if let Some(v) = line.strip_prefix("id:") {
                     id = Some(v.trim().parse::<u64>().expect("numeric id"));
                 } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
+                    let v = v.strip_prefix(' ').unwrap_or(v);
+                    match &mut data {
+                        Some(d) => {
+                            d.push('\n');
+                            d.push_str(v);
+                        }
+                        None => data = Some(v.to_owned()),
+                    }
                 }
             }
-            if data.is_empty() {
-                continue;
-            }
+            let Some(data) = data else { continue };
             let event: Value = serde_json::from_str(&data).expect("json");
             if event["type"] == "message" {
-                let n = event["payload"]["n"].as_u64().expect("n");
-                out.push((id.expect("a message has an id"), n));
+                out.push((id.expect("a message has an id"), data));
             }
         }
     }
     out
 }
 
-#[tokio::test]
-async fn the_event_stream_starts_with_what_waits_and_resumes_after_last_event_id() {
-    let (a, b) = pair(TCP, no_rate_limits).await;
-    send_all(&a, &b, 0..10).await;
+/// The `(id, n)` of the first `count` message events of an SSE response body.
+async fn read_sse(body: Body, count: usize) -> Vec<(u64, u64)> {
+    read_sse_text(body, count)
+        .await
+        .into_iter()
+        .map(|(id, data)| {
+            let event: Value = serde_json::from_str(&data).expect("json");
+            (id, event["payload"]["n"].as_u64().expect("n"))
+        })
+        .collect()
+}
+
+/// `GET /v1/events` of `node`'s API, after `last` if given.
+async fn event_stream(node: &TestNode, last: Option<u64>) -> Body {
     let router = peer_node::api::router(
-        b.handle.clone(),
+        node.handle.clone(),
         &Default::default(),
         "t".into(),
         CancellationToken::new(),
     );
-    let events = |last: Option<u64>| {
-        let mut req = Request::get("/v1/events").header(header::AUTHORIZATION, "Bearer t");
-        if let Some(id) = last {
-            req = req.header("Last-Event-ID", id.to_string());
-        }
-        router
-            .clone()
-            .oneshot(req.body(Body::empty()).expect("request"))
-    };
+    let mut req = Request::get("/v1/events").header(header::AUTHORIZATION, "Bearer t");
+    if let Some(id) = last {
+        req = req.header("Last-Event-ID", id.to_string());
+    }
+    let resp = router
+        .oneshot(req.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    assert_eq!(
+        resp.headers()[header::CONTENT_TYPE],
+        "text/event-stream",
+        "an event stream"
+    );
+    resp.into_body()
+}
 
+#[tokio::test]
+async fn a_large_message_waits_in_a_file_of_its_own_is_served_whole_and_goes_once_acknowledged() {
+    const MIB: usize = 1 << 20;
+    let tune = |c: &mut peer_node::Config| {
+        no_rate_limits(c);
+        c.transfer.max_message_size = 4 * MIB as u64;
+    };
+    let (a, b) = pair(TCP, tune).await;
+    // 2 MiB, with line breaks between its tokens: an event stream must split
+    // them into `data:` lines.
+    let payload = format!("{{\"n\": 7,\r\n \"blob\":\n\"{}\"\r}}", "x".repeat(2 * MIB));
+    let live = tokio::spawn(read_sse_text(event_stream(&b, None).await, 1));
+    a.handle
+        .send(b.handle.entity_id(), message(), payload.clone())
+        .await
+        .expect("accepted");
+    // Readers see each line break as `\n`; the JSON is the same.
+    let as_read = payload.replace("\r\n", "\n").replace('\r', "\n");
+    let (id, data) = live.await.expect("reader").remove(0);
+    assert!(
+        data.ends_with(&format!(",\"payload\":{as_read}}}")),
+        "whole, as sent"
+    );
+    let event: Value = serde_json::from_str(&data).expect("json");
+    assert_eq!(event["event_id"], id);
+    assert_eq!(
+        event["payload"]["blob"].as_str().map(str::len),
+        Some(2 * MIB)
+    );
+
+    let file = b.dir.path().join("inbox").join(format!("{id}.json"));
+    assert!(file.is_file(), "kept in {}", file.display());
+    // A file no row names (left by a crash) goes at the next start; the
+    // message's own file stays and is served from there.
+    let stray = b.dir.path().join("inbox").join("999999.json");
+    std::fs::write(&stray, "{}").expect("write");
+    let b = restart(b, TCP, tune).await;
+    assert!(!stray.exists(), "the stray file was removed at start");
+    assert!(file.is_file());
+    let again = read_sse_text(event_stream(&b, Some(id - 1)).await, 1).await;
+    assert_eq!(again[0].0, id);
+    let stored: Value = serde_json::from_str(&again[0].1).expect("json");
+    assert_eq!(stored, event, "the same event after a restart");
+
+    // Acknowledged: the row and the file go.
+    let acked = b.handle.ack(id).await.expect("ack");
+    assert_eq!(acked.acked, 1);
+    assert!(!file.exists(), "removed once acknowledged");
+    assert!(waiting(&b).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_event_stream_starts_with_what_waits_and_resumes_after_last_event_id() {
+    let (a, b) = pair(TCP, no_rate_limits).await;
+    send_all(&a, &b, 0..10).await;
     // A first reader gets everything waiting, then what arrives live.
-    let first = events(None).await.expect("infallible");
-    let reading = tokio::spawn(read_sse(first.into_body(), 15));
+    let reading = tokio::spawn(read_sse(event_stream(&b, None).await, 15));
     tokio::time::sleep(Duration::from_millis(200)).await;
     send_all(&a, &b, 10..15).await;
     let read = reading.await.expect("reader");
@@ -243,20 +318,23 @@ async fn the_event_stream_starts_with_what_waits_and_resumes_after_last_event_id
     );
 
     // It dropped after the 7th; it resumes after that one's id, without acking.
-    let resumed = events(Some(read[6].0)).await.expect("infallible");
-    let rest = read_sse(resumed.into_body(), 8).await;
+    let rest = read_sse(event_stream(&b, Some(read[6].0)).await, 8).await;
     assert_eq!(rest, read[7..].to_vec());
 
     // Acknowledged events are not served again; a reader without an id gets
     // only what still waits.
     b.handle.ack(read[11].0).await.expect("ack");
-    let fresh = events(None).await.expect("infallible");
-    let left = read_sse(fresh.into_body(), 3).await;
+    let left = read_sse(event_stream(&b, None).await, 3).await;
     assert_eq!(left, read[12..].to_vec());
 
     // A malformed Last-Event-ID is the client's error.
+    let router = peer_node::api::router(
+        b.handle.clone(),
+        &Default::default(),
+        "t".into(),
+        CancellationToken::new(),
+    );
     let bad = router
-        .clone()
         .oneshot(
             Request::get("/v1/events")
                 .header(header::AUTHORIZATION, "Bearer t")

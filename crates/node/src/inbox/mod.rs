@@ -12,9 +12,13 @@
 //! (`POST /v1/inbox/ack`) goes through the same thread and frees the room.
 //!
 //! Each row of the `inbox` table is keyed by the event id and holds the
-//! sender (if any), the bytes reserved and the event's JSON, as served.
+//! sender (if any), the bytes reserved and the event's JSON, as served; the
+//! JSON of an event with a payload of 1 MiB or more is kept in a file of its
+//! own instead ([`files`]).
 
-use std::collections::HashMap;
+mod files;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -29,6 +33,7 @@ use tokio::sync::{broadcast, oneshot};
 use crate::node::Event;
 use crate::service::{Refused, ServiceId};
 use crate::store::{Store, StoreError};
+use files::{Files, OWN_FILE_FROM};
 
 const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 
@@ -240,6 +245,7 @@ pub struct Inbox {
     config: Arc<InboxConfig>,
     counters: InboxCounters,
     store: Arc<Store>,
+    files: Arc<Files>,
 }
 
 impl Inbox {
@@ -253,7 +259,8 @@ impl Inbox {
         committed: tokio::sync::mpsc::Sender<Committed>,
         events: broadcast::Sender<Event>,
     ) -> Result<Self, StoreError> {
-        let (usage, next_id) = load(&store)?;
+        let files = Arc::new(Files::open(store.dir().join("inbox"))?);
+        let (usage, next_id) = load(&store, &files)?;
         let counters = InboxCounters::default();
         counters.events.set(usage.events as i64);
         counters.bytes.set(usage.bytes as i64);
@@ -261,6 +268,7 @@ impl Inbox {
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = Writer {
             store: store.clone(),
+            files: files.clone(),
             usage: usage.clone(),
             counters: counters.clone(),
             committed,
@@ -277,6 +285,7 @@ impl Inbox {
             config: Arc::new(config),
             counters,
             store,
+            files,
         })
     }
 
@@ -375,8 +384,11 @@ impl Inbox {
             .take(limit.min(MAX_PAGE))
         {
             let (id, value) = row?;
-            let (_, json) = decode(value.value())?;
-            let event = serde_json::value::RawValue::from_string(json.to_owned())?;
+            let json = match decode(value.value())?.1 {
+                Body::Inline(json) => json.to_owned(),
+                Body::File => self.files.read(id.value())?,
+            };
+            let event = serde_json::value::RawValue::from_string(json)?;
             out.push(Stored {
                 id: id.value(),
                 event,
@@ -386,59 +398,98 @@ impl Inbox {
     }
 }
 
-/// Counts what the inbox holds, by sender, and the next free id.
-fn load(store: &Store) -> Result<(Usage, u64), StoreError> {
+/// Counts what the inbox holds, by sender, and the next free id; removes the
+/// files no row names (a crash came between writing one and its row, or
+/// between a row's removal and its file's).
+fn load(store: &Store, files: &Files) -> Result<(Usage, u64), StoreError> {
     let txn = store.db().begin_write()?;
     let mut usage = Usage::default();
+    let mut in_files = HashSet::new();
     let next_id;
     {
         let table = txn.open_table(INBOX)?;
         for row in table.iter()? {
-            let (_, value) = row?;
-            usage.add(decode(value.value())?.0);
+            let (id, value) = row?;
+            let (room, body) = decode(value.value())?;
+            usage.add(room);
+            if body == Body::File {
+                in_files.insert(id.value());
+            }
         }
         next_id = table.last()?.map_or(1, |(k, _)| k.value() + 1);
     }
     txn.commit()?;
+    let removed = files.remove_others(&in_files)?;
+    if removed > 0 {
+        tracing::info!(removed, "removed inbox files left by an interrupted write");
+    }
     Ok((usage, next_id))
 }
 
-/// A row: sender flag (1 byte), sender (32 bytes, zero if none), bytes
-/// reserved (8 bytes, big-endian), then the event's JSON.
-fn encode(room: Room, json: &[u8]) -> Vec<u8> {
+/// Flags of a row's first byte.
+const HAS_SENDER: u8 = 1;
+const IN_FILE: u8 = 2;
+
+/// Where a row's event JSON is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body<'a> {
+    /// In the row.
+    Inline(&'a str),
+    /// In the event's own file.
+    File,
+}
+
+/// A row: flags (1 byte: sender present, JSON in a file), sender (32 bytes,
+/// zero if none), bytes reserved (8 bytes, big-endian), then the event's
+/// JSON, or nothing if it is in a file.
+fn encode(room: Room, body: Body<'_>) -> Vec<u8> {
+    let (flag, json) = match body {
+        Body::Inline(json) => (0, json),
+        Body::File => (IN_FILE, ""),
+    };
     let mut row = Vec::with_capacity(41 + json.len());
-    row.push(u8::from(room.from.is_some()));
+    row.push(flag | if room.from.is_some() { HAS_SENDER } else { 0 });
     row.extend_from_slice(&room.from.map_or([0; 32], |e| e.0));
     row.extend_from_slice(&room.bytes.to_be_bytes());
-    row.extend_from_slice(json);
+    row.extend_from_slice(json.as_bytes());
     row
 }
 
-fn decode(row: &[u8]) -> Result<(Room, &str), StoreError> {
+fn decode(row: &[u8]) -> Result<(Room, Body<'_>), StoreError> {
     if row.len() < 41 {
         return Err(StoreError::corrupt("inbox row shorter than its header"));
     }
-    let from = (row[0] == 1).then(|| {
+    if row[0] & !(HAS_SENDER | IN_FILE) != 0 {
+        return Err(StoreError::corrupt("inbox row with unknown flags"));
+    }
+    let from = (row[0] & HAS_SENDER != 0).then(|| {
         let mut id = [0; 32];
         id.copy_from_slice(&row[1..33]);
         EntityId(id)
     });
     let mut bytes = [0; 8];
     bytes.copy_from_slice(&row[33..41]);
-    let json = std::str::from_utf8(&row[41..])
-        .map_err(|_| StoreError::corrupt("inbox row is not UTF-8 JSON"))?;
+    let body = if row[0] & IN_FILE != 0 {
+        Body::File
+    } else {
+        Body::Inline(
+            std::str::from_utf8(&row[41..])
+                .map_err(|_| StoreError::corrupt("inbox row is not UTF-8 JSON"))?,
+        )
+    };
     Ok((
         Room {
             from,
             bytes: u64::from_be_bytes(bytes),
         },
-        json,
+        body,
     ))
 }
 
 /// The writer thread's state.
 struct Writer {
     store: Arc<Store>,
+    files: Arc<Files>,
     usage: Arc<Mutex<Usage>>,
     counters: InboxCounters,
     committed: tokio::sync::mpsc::Sender<Committed>,
@@ -468,6 +519,10 @@ impl Writer {
         let mut done = Vec::new();
         let mut replies = Vec::new();
         let mut freed = Vec::new();
+        // Events written to files of their own, and files to remove once
+        // their rows' removal is committed.
+        let mut written = Vec::new();
+        let mut unlinked = Vec::new();
         let result = (|| -> Result<(), StoreError> {
             let txn = self.store.db().begin_write()?;
             {
@@ -484,8 +539,14 @@ impl Writer {
                             ack,
                         } => {
                             event.set_event_id(self.next_id);
-                            let json = serde_json::to_vec(&event)?;
-                            table.insert(self.next_id, encode(room, &json).as_slice())?;
+                            let row = if event.payload_len() >= OWN_FILE_FROM {
+                                written.push(self.next_id);
+                                self.files.write(self.next_id, &event)?;
+                                encode(room, Body::File)
+                            } else {
+                                encode(room, Body::Inline(&serde_json::to_string(&event)?))
+                            };
+                            table.insert(self.next_id, row.as_slice())?;
                             self.next_id += 1;
                             acks.extend(ack);
                             appended.push((event, room));
@@ -493,9 +554,14 @@ impl Writer {
                         Entry::Ack { up_to, reply } => {
                             let before = freed.len();
                             let mut bad = None;
-                            table.retain_in(..=up_to, |_, row| {
+                            table.retain_in(..=up_to, |id, row| {
                                 match decode(row) {
-                                    Ok((room, _)) => freed.push(room),
+                                    Ok((room, body)) => {
+                                        freed.push(room);
+                                        if body == Body::File {
+                                            unlinked.push(id);
+                                        }
+                                    }
                                     Err(e) => bad = Some(e),
                                 }
                                 false
@@ -508,6 +574,9 @@ impl Writer {
                     }
                 }
             }
+            if !written.is_empty() {
+                self.files.sync_dir()?;
+            }
             txn.commit()?;
             Ok(())
         })();
@@ -517,9 +586,16 @@ impl Writer {
                 for room in freed {
                     usage.remove(room);
                 }
+                for id in unlinked {
+                    self.files.remove(id);
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, events = appended.len(), "cannot write to the inbox");
+                // Their ids are given again: files with them must not stay.
+                for id in written {
+                    self.files.remove(id);
+                }
                 self.next_id = first_id;
                 for (_, room) in &appended {
                     usage.remove(*room);
@@ -585,13 +661,14 @@ mod tests {
     fn rows_keep_their_sender_and_reservation() {
         for from in [None, Some(EntityId([7; 32]))] {
             let room = Room { from, bytes: 300 };
-            let row = encode(room, br#"{"type":"message"}"#);
-            assert_eq!(
-                decode(&row).expect("decodes"),
-                (room, r#"{"type":"message"}"#)
-            );
+            let body = Body::Inline(r#"{"type":"message"}"#);
+            assert_eq!(decode(&encode(room, body)).expect("decodes"), (room, body));
+            let row = encode(room, Body::File);
+            assert_eq!(row.len(), 41);
+            assert_eq!(decode(&row).expect("decodes"), (room, Body::File));
         }
         assert!(decode(&[1; 40]).is_err(), "shorter than the header");
+        assert!(decode(&[4; 41]).is_err(), "unknown flags");
     }
 
     #[tokio::test]

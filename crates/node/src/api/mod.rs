@@ -11,32 +11,30 @@
 //! request bodies held (`api.max_body_bytes_in_flight`) and open event streams
 //! (`api.max_event_streams`). Each is a tokio [`Semaphore`].
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::BytesMut;
-use futures::Stream;
 use futures::StreamExt;
 use peer_core::{EntityId, ErrorCode, MsgType};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use serde_json::value::RawValue;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+mod events;
+
 use crate::config::ApiConfig;
-use crate::inbox::{MAX_PAGE, Stored};
-use crate::node::{Event, NewTask, NodeError, NodeHandle, TaskChange};
+use crate::inbox::MAX_PAGE;
+use crate::node::{NewTask, NodeError, NodeHandle, TaskChange};
 use crate::services::card::signed as card_signed;
 use crate::services::card::{CardContent, SignedCard};
 use crate::services::tasks::task::{Artifact, Role, State as TaskState};
@@ -147,7 +145,7 @@ pub fn router(
         .route_layer(authorized.clone());
     // An event stream counts against `api.max_event_streams` instead.
     let streams = Router::new()
-        .route("/v1/events", get(events))
+        .route("/v1/events", get(events::events))
         .route_layer(authorized);
     Router::new()
         .route("/v1/health", get(health))
@@ -483,129 +481,6 @@ fn read_send_body(bytes: &Bytes) -> Result<(EntityId, MsgType, Bytes), ApiError>
         .parse()
         .map_err(|e| ApiError::bad_request(format!("msg_type: {e}")))?;
     Ok((to, msg_type, sub_bytes(bytes, body.payload.get())))
-}
-
-/// Where an event stream starts: after `Last-Event-ID`, or `?after=`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventsQuery {
-    after: Option<u64>,
-}
-
-/// An event stream, if fewer than `api.max_event_streams` are open (else 503);
-/// it counts until the client goes away or the node stops. It starts with the
-/// durable events stored after `Last-Event-ID` (or `?after=`; with neither,
-/// every event still in the inbox), then goes on with live ones. A durable
-/// event carries its inbox id as the SSE `id`.
-async fn events(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Query(query): Query<EventsQuery>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let last_event_id = match headers.get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request("Last-Event-ID must be an event id (a decimal number)")
-                })?,
-        ),
-        None => None,
-    };
-    let after = last_event_id.or(query.after).unwrap_or(0);
-    let subscriber = s.streams.permits.clone().try_acquire_owned().map_err(|_| {
-        ApiError::unavailable(format!(
-            "too many event streams open (api.max_event_streams is {}); close one or retry later",
-            s.streams.max
-        ))
-    })?;
-    // Subscribed before the inbox is read: an event stored meanwhile is in
-    // both, and the id tells the copies apart.
-    let feed = Feed {
-        node: s.node.clone(),
-        live: s.node.subscribe(),
-        cursor: after,
-        backlog: Default::default(),
-        catching_up: true,
-    };
-    let stream = futures::stream::unfold(feed, |mut feed| async move {
-        let event = feed.next().await?;
-        Some((Ok(event), feed))
-    })
-    // The stream owns the permit: it is given back when the stream is dropped.
-    .map(move |event| {
-        let _subscriber = &subscriber;
-        event
-    });
-    let stream = stream.take_until(s.stopping.cancelled_owned());
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-/// Events published while a reader catches up wait in the broadcast channel
-/// (`api.event_buffer`); a reader that falls further behind than that is told
-/// (`{"type":"lagged"}`) and reads the durable ones from the inbox again.
-struct Feed {
-    node: NodeHandle,
-    live: tokio::sync::broadcast::Receiver<Event>,
-    /// The id of the last durable event sent.
-    cursor: u64,
-    backlog: std::collections::VecDeque<Stored>,
-    catching_up: bool,
-}
-
-impl Feed {
-    /// Events read from the inbox at once while catching up.
-    const PAGE: usize = 256;
-
-    async fn next(&mut self) -> Option<SseEvent> {
-        loop {
-            if let Some(stored) = self.backlog.pop_front() {
-                self.cursor = stored.id;
-                return Some(
-                    SseEvent::default()
-                        .id(stored.id.to_string())
-                        .data(stored.event.get()),
-                );
-            }
-            if self.catching_up {
-                match self.node.inbox(self.cursor, Self::PAGE).await {
-                    Ok(page) if page.is_empty() => self.catching_up = false,
-                    Ok(page) => self.backlog.extend(page),
-                    Err(e) => {
-                        self.catching_up = false;
-                        let error =
-                            json!({"type": "error", "message": format!("reading the inbox: {e}")});
-                        return Some(SseEvent::default().data(error.to_string()));
-                    }
-                }
-                continue;
-            }
-            match self.live.recv().await {
-                Ok(event) => {
-                    let mut sse = SseEvent::default();
-                    if let Some(id) = event.event_id() {
-                        if id <= self.cursor {
-                            continue;
-                        }
-                        self.cursor = id;
-                        sse = sse.id(id.to_string());
-                    }
-                    // Written straight into the stream's buffer: a reassembled
-                    // message may be tens of MiB.
-                    return Some(sse.json_data(&event).unwrap_or_else(|e| {
-                        SseEvent::default().comment(format!("unwritable event: {e}"))
-                    }));
-                }
-                Err(RecvError::Lagged(missed)) => {
-                    self.catching_up = true;
-                    let lagged = json!({"type": "lagged", "missed": missed});
-                    return Some(SseEvent::default().data(lagged.to_string()));
-                }
-                Err(RecvError::Closed) => return None,
-            }
-        }
-    }
 }
 
 #[derive(Deserialize)]
