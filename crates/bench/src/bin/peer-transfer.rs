@@ -11,7 +11,8 @@
 //! the time: until the manifest was accepted (the sender's upload and hashing),
 //! and the rate while chunks flowed. After each transfer it reads each node's
 //! peak resident memory (`VmHWM` in `/proc/<pid>/status`) and CPU time, so
-//! Linux only.
+//! Linux only, then acknowledges the message (`POST /v1/inbox/ack`, untimed)
+//! as an agent would, so that it leaves the receiver's inbox.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -261,6 +262,8 @@ enum Seen {
         began: Instant,
         /// When its last line was read.
         at: Instant,
+        /// Its id in the receiver's inbox.
+        event_id: u64,
         payload_len: usize,
         payload_sha256: [u8; 32],
     },
@@ -335,6 +338,7 @@ fn parse_event(when: std::ops::Range<Instant>, data: &[u8]) -> Result<Option<See
             Ok(Some(Seen::Message {
                 began: when.start,
                 at: when.end,
+                event_id: number("event_id")?,
                 payload_len: payload.len(),
                 payload_sha256: Sha256::digest(payload.as_bytes()).into(),
             }))
@@ -474,9 +478,26 @@ impl Pair {
         let body = message_body(&pair.receiver.entity_id, warm);
         pair.sender.post(&pair.http, "/v1/messages", body, STEP)?;
         match pair.next_event(STEP)? {
-            Seen::Message { payload_len, .. } if payload_len == warm.len() => Ok(pair),
+            Seen::Message {
+                payload_len,
+                event_id,
+                ..
+            } if payload_len == warm.len() => {
+                pair.ack(event_id)?;
+                Ok(pair)
+            }
             _ => bail!("the warm-up message did not arrive as sent"),
         }
+    }
+
+    /// Acknowledges the receiver's events up to `event_id`, as its agent
+    /// would: they leave its inbox, which would otherwise refuse the sender
+    /// `INBOX_FULL` once `inbox.max_bytes_per_sender` (256 MiB) is held.
+    fn ack(&self, event_id: u64) -> Result<()> {
+        let body = serde_json::json!({ "up_to": event_id }).to_string();
+        self.receiver
+            .post(&self.http, "/v1/inbox/ack", body.into_bytes(), STEP)
+            .map_err(|e| self.receiver.failed(e))
     }
 
     /// The receiver's next `message` or incoming `transfer_progress` event.
@@ -509,7 +530,7 @@ impl Pair {
         // The first and last progress events between the manifest and completion:
         // (seconds, share of the chunks received).
         let mut steady: Option<((f64, f64), (f64, f64))> = None;
-        let (event_began, event) = loop {
+        let (event_began, event, event_id) = loop {
             match self.next_event(timeout)? {
                 Seen::Progress {
                     at, done_chunks: 0, ..
@@ -526,6 +547,7 @@ impl Pair {
                 Seen::Message {
                     began,
                     at,
+                    event_id,
                     payload_len,
                     payload_sha256,
                 } => {
@@ -534,14 +556,14 @@ impl Pair {
                         "the payload arrived changed: {payload_len} bytes, expected {}",
                         args.payload_bytes
                     );
-                    break (since(began), since(at));
+                    break (since(began), since(at), event_id);
                 }
             }
         };
         let chunk_rate = steady.map_or(f64::NAN, |((t1, s1), (t2, s2))| {
             (s2 - s1) * args.payload_bytes as f64 / (t2 - t1)
         });
-        Ok(Run {
+        let run = Run {
             manifest,
             chunk_rate,
             post,
@@ -549,7 +571,9 @@ impl Pair {
             event,
             sender: NodeFigures::between(sender_before, self.sender.usage()?),
             receiver: NodeFigures::between(receiver_before, self.receiver.usage()?),
-        })
+        };
+        self.ack(event_id)?;
+        Ok(run)
     }
 }
 
