@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use peer_bench::ceiling::Ceiling;
 use peer_bench::nodes::{self, Transport};
 use peer_bench::pace::{self, Tally};
 use peer_node::Config;
@@ -17,6 +18,9 @@ use peer_node::config::NetworkConfig;
 use peer_node::inbox::InboxConfig;
 use peer_node::ratelimit::RateLimitConfig;
 use peer_node::transfer::TransferConfig;
+
+/// How long each half of the crypto ceiling (signing, verifying) is timed.
+const CEILING_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure two Peer Protocol nodes on one machine")]
@@ -214,6 +218,8 @@ async fn run(args: Args) -> Result<()> {
         args.threads,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    // Timed around a throughput run, seconds from it, on the same machine.
+    let before = matches!(args.mode, Mode::Throughput).then(|| Ceiling::measure(CEILING_BUDGET));
     let started = Instant::now();
     let tally = match args.mode {
         Mode::Throughput => {
@@ -242,6 +248,23 @@ async fn run(args: Args) -> Result<()> {
         ok as f64 / secs,
         (ok as f64 * payload.len() as f64) / secs / 1e6
     );
+    if let Some(before) = before {
+        let after = Ceiling::measure(CEILING_BUDGET);
+        let ceiling = (before.per_second() + after.per_second()) / 2.0;
+        for (when, c) in [("before", before), ("after", after)] {
+            println!(
+                "crypto ceiling {when}: sign {:.1} µs + verify {:.1} µs on {} cores = {:.0} msg/s",
+                c.sign.as_secs_f64() * 1e6,
+                c.verify.as_secs_f64() * 1e6,
+                c.cores,
+                c.per_second()
+            );
+        }
+        println!(
+            "share of the crypto ceiling: {:.0} % (of {ceiling:.0} msg/s, the mean of the two)",
+            100.0 * ok as f64 / secs / ceiling
+        );
+    }
     println!(
         "latency_us p50={} p90={} p99={} p999={} max={}",
         tally.at(0.5),

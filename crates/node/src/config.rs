@@ -104,7 +104,8 @@ pub struct NetworkConfig {
     /// A peer's requests verified at once (signature checks on tasks of their
     /// own); its others wait their turn, so one peer with hundreds of
     /// requests open cannot queue its signature checks ahead of every other
-    /// peer's (default 8; at least 1).
+    /// peer's (default 2; at least 1). Few, so that a busy peer's requests
+    /// wait and form batches, which cost a quarter per signature.
     pub max_verifying_per_peer: usize,
     /// Most request streams open at once on one connection, inbound and outbound
     /// together: libp2p's request-response counts both against this one limit and
@@ -250,7 +251,7 @@ impl Default for NetworkConfig {
             new_connections_per_ip_burst: 32,
             misbehaviour_limit: 16,
             misbehaviour_cooldown_secs: 60,
-            max_verifying_per_peer: 8,
+            max_verifying_per_peer: 2,
             max_concurrent_streams: 256,
             max_inbound_buffer_bytes: 64 * 1024 * 1024,
             max_inbound_bytes_per_connection: 2 * 1024 * 1024,

@@ -58,6 +58,12 @@ impl Connections {
         }
     }
 
+    /// The entity of connected peer `peer` (derived once, when it connected:
+    /// decoding a PeerId's key costs a point decompression).
+    pub fn entity(&self, peer: &PeerId) -> Option<EntityId> {
+        self.peers.get(peer).map(|c| c.entity)
+    }
+
     /// The earliest dial deadline.
     pub fn poll_timeout(&self) -> Option<u64> {
         self.dials.values().map(|d| d.deadline_ms).min()

@@ -34,8 +34,8 @@ use super::Actor;
 use super::outbound::{Signed, draft};
 use crate::clock::Clock;
 use crate::inbox::{AckId, Committed};
+use crate::net::Channel;
 use crate::net::codec::{self, Frame, Request, Response};
-use crate::net::{self, Channel};
 use crate::secure::Slot;
 use crate::service::{Answer, Charge, InOrder, Inbound, Refused, Sealing, ServiceId};
 
@@ -139,8 +139,10 @@ impl Actor {
     /// Step 1, on a task of its own so that signature checks run in parallel
     /// on every core; the result comes back to [`Actor::on_verified`].
     pub(super) fn on_request(&mut self, peer: PeerId, request: Request, channel: Channel) {
-        // Peers without an Ed25519 key are disconnected when they connect.
-        if net::entity_of(&peer).is_none() {
+        // Only connected peers are served (peers without an Ed25519 key are
+        // disconnected when they connect); a request that raced its peer's
+        // disconnection has nobody to answer.
+        if self.connections.entity(&peer).is_none() {
             return;
         }
         self.pipeline
@@ -155,6 +157,11 @@ impl Actor {
     /// Starts verifying `peer`'s waiting requests as one batch, if the peer
     /// has a batch slot free.
     fn verify_next(&mut self, peer: PeerId) {
+        let Some(entity) = self.connections.entity(&peer) else {
+            // Gone: nobody to answer.
+            self.pipeline.peer_gone(&peer);
+            return;
+        };
         let p = &mut self.pipeline;
         let Some(v) = p.verifying.get_mut(&peer) else {
             return;
@@ -165,15 +172,12 @@ impl Actor {
         v.running += 1;
         let n = v.waiting.len().min(MAX_BATCH);
         let batch: Vec<(Request, Channel)> = v.waiting.drain(..n).collect();
-        self.verify(peer, batch);
+        self.verify(peer, entity, batch);
     }
 
     /// Verifies a batch of `peer`'s requests (an Ed25519 peer) on a task of
     /// its own.
-    fn verify(&mut self, peer: PeerId, batch: Vec<(Request, Channel)>) {
-        let Some(entity) = net::entity_of(&peer) else {
-            return;
-        };
+    fn verify(&mut self, peer: PeerId, entity: EntityId, batch: Vec<(Request, Channel)>) {
         let verifier = self.pipeline.acceptor.verifier();
         let tx = self.pipeline.verified_tx.clone();
         let clock = self.pipeline.clock.clone();
