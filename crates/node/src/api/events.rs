@@ -76,6 +76,7 @@ pub(super) async fn events(
         cursor: after,
         backlog: VecDeque::new(),
         catching_up: true,
+        failed: false,
     };
     // `None` marks the end of the feed, which ends the merged stream.
     let events = stream::unfold(feed, |mut feed| async move {
@@ -116,6 +117,10 @@ struct Feed {
     cursor: u64,
     backlog: VecDeque<Stored>,
     catching_up: bool,
+    /// Reading the inbox failed: the stream ends after saying so, and the
+    /// client resumes from its `Last-Event-ID` (going on with live events
+    /// would move its id past stored events it never got).
+    failed: bool,
 }
 
 impl Feed {
@@ -124,6 +129,9 @@ impl Feed {
 
     /// The next event's frames, or `None` once the node has stopped.
     async fn next(&mut self) -> Option<Vec<Bytes>> {
+        if self.failed {
+            return None;
+        }
         loop {
             if let Some(stored) = self.backlog.pop_front() {
                 self.cursor = stored.id;
@@ -135,7 +143,7 @@ impl Feed {
                     Ok(page) if page.is_empty() => self.catching_up = false,
                     Ok(page) => self.backlog.extend(page),
                     Err(e) => {
-                        self.catching_up = false;
+                        self.failed = true;
                         let error =
                             json!({"type": "error", "message": format!("reading the inbox: {e}")});
                         return Some(frames(None, [Bytes::from(error.to_string())]));

@@ -30,11 +30,17 @@ pub(super) struct Files {
 impl Files {
     /// The directory `dir`, created (owner only) if missing.
     pub(super) fn open(dir: PathBuf) -> Result<Self, StoreError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| at(&dir, e))?;
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| at(&dir, e))?;
+            // The new directory's entry must last as long as the files in it.
+            if let Some(parent) = dir.parent() {
+                sync(parent)?;
+            }
+        }
         Ok(Self { dir })
     }
 
@@ -55,15 +61,17 @@ impl Files {
 
     /// Makes the files written so far part of the directory for good.
     pub(super) fn sync_dir(&self) -> Result<(), StoreError> {
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| at(&self.dir, e))
+        sync(&self.dir)
     }
 
-    /// The JSON of event `id`.
-    pub(super) fn read(&self, id: u64) -> Result<String, StoreError> {
+    /// The JSON of event `id`, or `None` if it has no file.
+    pub(super) fn read(&self, id: u64) -> Result<Option<String>, StoreError> {
         let path = self.path(id);
-        fs::read_to_string(&path).map_err(|e| at(&path, e))
+        match fs::read_to_string(&path) {
+            Ok(json) => Ok(Some(json)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(at(&path, e)),
+        }
     }
 
     /// Removes the file of event `id`; one already gone is not an error.
@@ -105,6 +113,13 @@ impl Files {
     }
 }
 
+/// Syncs directory `dir`, so that the entries made in it last.
+fn sync(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| at(dir, e))
+}
+
 fn at(path: &Path, e: std::io::Error) -> StoreError {
     StoreError::from(format!("{}: {e}", path.display()))
 }
@@ -133,9 +148,13 @@ mod tests {
             ["1.json", "4.json"],
             "a directory is not ours to remove"
         );
-        assert_eq!(files.read(1).expect("read"), "{}");
+        assert_eq!(files.read(1).expect("read").as_deref(), Some("{}"));
         files.remove(1);
         files.remove(1);
-        assert!(files.read(1).is_err(), "gone, and removing twice is fine");
+        assert_eq!(
+            files.read(1).expect("read"),
+            None,
+            "gone; removing twice is fine"
+        );
     }
 }

@@ -36,6 +36,10 @@ use crate::store::{Store, StoreError};
 use files::{Files, OWN_FILE_FROM};
 
 const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+/// The next event id, kept so that ids are never given twice: once every
+/// event is acknowledged the table alone would start again from 1.
+const NEXT_ID: TableDefinition<&str, u64> = TableDefinition::new("inbox_next_id");
+const NEXT_ID_KEY: &str = "next";
 
 /// Bytes a row takes beyond its event's payload, as reserved: the rest of the
 /// event's JSON (ids, type) and the row's header.
@@ -43,6 +47,10 @@ const ROW_OVERHEAD: u64 = 256;
 
 /// Most events one `GET /v1/inbox` page holds.
 pub const MAX_PAGE: usize = 1000;
+
+/// A page ends once its events' reserved bytes reach this (it holds at least
+/// one event): a page of large messages read from their files is held whole.
+const MAX_PAGE_BYTES: u64 = 64 << 20;
 
 /// Bounds of the inbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -374,27 +382,57 @@ impl Inbox {
     }
 
     /// Up to `limit` (at most [`MAX_PAGE`]) stored events after id `after`,
-    /// oldest first. Reads the database: call it off the runtime's workers.
+    /// oldest first, fewer once they hold 64 MiB. Reads the database and the
+    /// inbox's files: call it off the runtime's workers.
     pub fn page(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        self.page_within(after, limit, MAX_PAGE_BYTES)
+    }
+
+    fn page_within(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Stored>, StoreError> {
         let txn = self.store.db().begin_read()?;
         let table = txn.open_table(INBOX)?;
         let mut out = Vec::new();
+        let mut bytes = 0;
         for row in table
             .range(after.saturating_add(1)..)?
             .take(limit.min(MAX_PAGE))
         {
+            if bytes >= max_bytes {
+                break;
+            }
             let (id, value) = row?;
-            let json = match decode(value.value())?.1 {
+            let id = id.value();
+            let (room, body) = decode(value.value())?;
+            bytes += room.bytes;
+            let json = match body {
                 Body::Inline(json) => json.to_owned(),
-                Body::File => self.files.read(id.value())?,
+                Body::File => match self.files.read(id)? {
+                    Some(json) => json,
+                    // Acknowledged since this snapshot was taken: the writer
+                    // removes the file once the row's removal is committed.
+                    None if !self.holds(id)? => continue,
+                    None => {
+                        return Err(StoreError::corrupt(&format!(
+                            "the file of inbox event {id} is missing"
+                        )));
+                    }
+                },
             };
             let event = serde_json::value::RawValue::from_string(json)?;
-            out.push(Stored {
-                id: id.value(),
-                event,
-            });
+            out.push(Stored { id, event });
         }
         Ok(out)
+    }
+
+    /// Whether event `id` is stored now.
+    fn holds(&self, id: u64) -> Result<bool, StoreError> {
+        let txn = self.store.db().begin_read()?;
+        Ok(txn.open_table(INBOX)?.get(id)?.is_some())
     }
 }
 
@@ -416,7 +454,12 @@ fn load(store: &Store, files: &Files) -> Result<(Usage, u64), StoreError> {
                 in_files.insert(id.value());
             }
         }
-        next_id = table.last()?.map_or(1, |(k, _)| k.value() + 1);
+        let after_rows = table.last()?.map_or(1, |(k, _)| k.value() + 1);
+        let kept = txn
+            .open_table(NEXT_ID)?
+            .get(NEXT_ID_KEY)?
+            .map_or(1, |v| v.value());
+        next_id = after_rows.max(kept);
     }
     txn.commit()?;
     let removed = files.remove_others(&in_files)?;
@@ -523,6 +566,9 @@ impl Writer {
         // their rows' removal is committed.
         let mut written = Vec::new();
         let mut unlinked = Vec::new();
+        // Whether the error, if any, came from the commit itself, whose
+        // outcome is then unknown.
+        let mut committing = false;
         let result = (|| -> Result<(), StoreError> {
             let txn = self.store.db().begin_write()?;
             {
@@ -577,35 +623,42 @@ impl Writer {
             if !written.is_empty() {
                 self.files.sync_dir()?;
             }
+            if !appended.is_empty() {
+                txn.open_table(NEXT_ID)?.insert(NEXT_ID_KEY, self.next_id)?;
+            }
+            committing = true;
             txn.commit()?;
             Ok(())
         })();
         let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-        match &result {
+        // Files to remove: those of acknowledged events once their rows'
+        // removal is committed; those of events whose rows were not written
+        // (their ids are given again). If the commit itself failed, the rows
+        // may have landed after all: every file stays, and the next start
+        // removes those no row names (as it does any that cannot be removed).
+        let remove = match &result {
             Ok(()) => {
                 for room in freed {
                     usage.remove(room);
                 }
-                for id in unlinked {
-                    self.files.remove(id);
-                }
+                unlinked
             }
             Err(e) => {
                 tracing::error!(error = %e, events = appended.len(), "cannot write to the inbox");
-                // Their ids are given again: files with them must not stay.
-                for id in written {
-                    self.files.remove(id);
-                }
                 self.next_id = first_id;
                 for (_, room) in &appended {
                     usage.remove(*room);
                 }
+                if committing { Vec::new() } else { written }
             }
-        }
+        };
         let remaining = usage.events;
         self.counters.events.set(usage.events as i64);
         self.counters.bytes.set(usage.bytes as i64);
         drop(usage);
+        for id in remove {
+            self.files.remove(id);
+        }
         for (reply, acked) in replies {
             let answer = match &result {
                 Ok(()) => Ok(Acked { acked, remaining }),
@@ -723,6 +776,91 @@ mod tests {
                 .reserve(message(9, 9), Some(EntityId([9; 32])))
                 .is_ok()
         );
+    }
+
+    /// Appends `events` from sender 1 and waits until they are committed.
+    async fn append_all(
+        inbox: &Inbox,
+        committed: &mut tokio::sync::mpsc::Receiver<Committed>,
+        events: Vec<Event>,
+    ) {
+        let n = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            let d = inbox.reserve(event, Some(EntityId([1; 32]))).expect("room");
+            inbox.append(d.event, d.room.expect("reserved"), Some(AckId(i as u64)));
+        }
+        let mut acks = 0;
+        while acks < n {
+            let c = committed.recv().await.expect("committed");
+            assert!(c.result.is_ok(), "{:?}", c.result);
+            acks += c.acks.len();
+        }
+    }
+
+    fn large(n: u64) -> Event {
+        let text = format!("\"{}\"", "x".repeat(OWN_FILE_FROM as usize));
+        let mut event = message(1, n);
+        if let Event::Message { payload, .. } = &mut event {
+            *payload = RawJson::parse(text.into_bytes(), 8).expect("json");
+        }
+        event
+    }
+
+    fn ids(page: &[Stored]) -> Vec<u64> {
+        page.iter().map(|s| s.id).collect()
+    }
+
+    #[tokio::test]
+    async fn ids_are_never_given_twice_even_once_everything_is_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
+        let start = || {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let (events, _) = broadcast::channel(16);
+            let inbox = Inbox::start(store.clone(), InboxConfig::default(), tx, events);
+            (inbox.expect("inbox"), rx)
+        };
+        let (inbox, mut committed) = start();
+        append_all(&inbox, &mut committed, vec![message(1, 1), message(1, 2)]).await;
+        assert_eq!(inbox.ack(2).await.expect("ack").remaining, 0);
+        drop(inbox);
+        // Started again on the empty inbox: ids go on from 3, so a reader
+        // resuming after 2 misses nothing.
+        let (inbox, mut committed) = start();
+        append_all(&inbox, &mut committed, vec![message(1, 3)]).await;
+        assert_eq!(ids(&inbox.page(0, 10).expect("page")), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_page_stops_at_its_byte_bound_and_a_lost_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (inbox, mut committed) = inbox(&dir, InboxConfig::default());
+        append_all(
+            &inbox,
+            &mut committed,
+            vec![large(1), large(2), message(1, 3)],
+        )
+        .await;
+        let one = OWN_FILE_FROM + 2 + ROW_OVERHEAD;
+        assert_eq!(ids(&inbox.page_within(0, 10, one).expect("page")), vec![1]);
+        assert_eq!(
+            ids(&inbox.page_within(0, 10, one + 1).expect("page")),
+            vec![1, 2]
+        );
+        assert_eq!(
+            ids(&inbox.page_within(0, 10, 1).expect("page")),
+            vec![1],
+            "at least one"
+        );
+        assert_eq!(ids(&inbox.page(0, 10).expect("page")), vec![1, 2, 3]);
+        // A file removed behind the node's back, its row still there.
+        std::fs::remove_file(dir.path().join("inbox").join("2.json")).expect("remove");
+        let err = inbox.page(0, 10).expect_err("missing");
+        assert!(err.to_string().contains("event 2 is missing"), "{err}");
+        // Acknowledged, its row goes too, and so does the error.
+        inbox.ack(2).await.expect("ack");
+        assert_eq!(ids(&inbox.page(0, 10).expect("page")), vec![3]);
+        assert!(!dir.path().join("inbox").join("1.json").exists());
     }
 
     #[test]
