@@ -301,6 +301,26 @@ async fn a_large_message_waits_in_a_file_of_its_own_is_served_whole_and_goes_onc
     assert_eq!(acked.acked, 1);
     assert!(!file.exists(), "removed once acknowledged");
     assert!(waiting(&b).await.is_empty());
+
+    // A file lost behind the node's back: a stream says so and ends (its
+    // reader resumes from its last id), rather than going on with live
+    // events past the one it could not read.
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    wait_connected(&b.handle, a.handle.entity_id()).await;
+    a.handle
+        .send(b.handle.entity_id(), message(), payload)
+        .await
+        .expect("accepted");
+    let lost = waiting(&b).await[0].0;
+    std::fs::remove_file(b.dir.path().join("inbox").join(format!("{lost}.json"))).expect("rm");
+    let body = event_stream(&b, None).await;
+    let text = tokio::time::timeout(Duration::from_secs(10), axum::body::to_bytes(body, 1 << 20))
+        .await
+        .expect("the stream ends")
+        .expect("body");
+    let text = String::from_utf8(text.to_vec()).expect("utf8");
+    assert!(text.contains(r#""type":"error""#), "{text}");
+    assert!(text.contains("is missing"), "{text}");
 }
 
 #[tokio::test]
