@@ -35,7 +35,7 @@ pub use crate::services::tasks::task::NewTask;
 use crate::services::tasks::{self, task::Task};
 use crate::services::{discovery, handshake, messaging, ping, transfer};
 use crate::stats::{Metrics, StatsView};
-use crate::store::{PeerRecord, Store, Writer};
+use crate::store::{PeerRecord, Store, StoreError, Writer};
 
 /// Capacity of the command channel between handles and the actor.
 const COMMAND_QUEUE: usize = 1024;
@@ -300,6 +300,9 @@ pub enum NodeError {
     /// The peer did not answer in time, or the connection broke.
     #[error("delivery failed: {0}")]
     Transport(String),
+    /// This node's own database or inbox files could not be read or written.
+    #[error("{0}")]
+    Storage(String),
     /// The peer's circuit breaker is open: its last calls failed, and no
     /// send or dial to it is tried until it lets trial calls through.
     #[error("{0}; retry later")]
@@ -325,6 +328,16 @@ pub enum NodeError {
     /// The node has stopped.
     #[error("the node has stopped")]
     Stopped,
+}
+
+impl From<StoreError> for NodeError {
+    fn from(e: StoreError) -> Self {
+        if e.is_stopped() {
+            Self::Stopped
+        } else {
+            Self::Storage(e.to_string())
+        }
+    }
 }
 
 impl NodeError {
@@ -518,8 +531,7 @@ impl NodeHandle {
         let store = self.store.clone();
         let records = tokio::task::spawn_blocking(move || store.peers())
             .await
-            .map_err(|e| NodeError::Transport(e.to_string()))?
-            .map_err(|e| NodeError::Transport(e.to_string()))?;
+            .map_err(|_| NodeError::Stopped)??;
         let ids = records.iter().map(|r| r.entity_id).collect();
         let live = self.ask(|reply| Command::Live(ids, reply)).await?;
         let mut peers = peer_list(records, live);
@@ -572,17 +584,14 @@ impl NodeHandle {
         let inbox = self.inbox.clone();
         tokio::task::spawn_blocking(move || inbox.page(after, limit))
             .await
-            .map_err(|e| NodeError::Transport(e.to_string()))?
-            .map_err(|e| NodeError::Transport(e.to_string()))
+            .map_err(|_| NodeError::Stopped)?
+            .map_err(NodeError::from)
     }
 
     /// Releases every event in the inbox with an id up to `up_to`: the agent
     /// has handled them.
     pub async fn ack(&self, up_to: u64) -> Result<Acked, NodeError> {
-        self.inbox
-            .ack(up_to)
-            .await
-            .map_err(|e| NodeError::Transport(e.to_string()))
+        self.inbox.ack(up_to).await.map_err(NodeError::from)
     }
 
     /// Whether `peer`'s card, if known, lets this node send it `msg_type`.
@@ -695,7 +704,7 @@ impl NodeHandle {
         tokio::task::spawn_blocking(move || card::save(&store, &to_store))
             .await
             .map_err(|_| NodeError::Stopped)?
-            .map_err(|e| NodeError::Transport(format!("the card could not be stored: {e}")))?;
+            .map_err(|e| NodeError::Storage(format!("the card could not be stored: {e}")))?;
         cards
             .ask(|reply| card::Command::Adopt {
                 card: signed,

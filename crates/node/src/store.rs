@@ -59,24 +59,38 @@ pub struct PeerRecord {
 
 /// A storage failure. The node reports it and keeps running.
 #[derive(Debug, thiserror::Error)]
-#[error("database error: {0}")]
-pub struct StoreError(String);
+#[error("database error: {message}")]
+pub struct StoreError {
+    message: String,
+    stopped: bool,
+}
 
 impl StoreError {
     /// The writer that would have done the work has stopped (the node is stopping).
     pub(crate) fn stopped() -> Self {
-        Self("the database writer has stopped".into())
+        Self {
+            message: "the database writer has stopped".into(),
+            stopped: true,
+        }
     }
 
     /// A stored value is not what this version wrote.
     pub(crate) fn corrupt(what: &str) -> Self {
-        Self(format!("corrupt data: {what}"))
+        format!("corrupt data: {what}").into()
+    }
+
+    /// Whether the work was not done because the node is stopping.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
     }
 }
 
 impl From<String> for StoreError {
-    fn from(e: String) -> Self {
-        Self(e)
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            stopped: false,
+        }
     }
 }
 
@@ -84,7 +98,7 @@ macro_rules! store_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                Self(e.to_string())
+                e.to_string().into()
             }
         }
     )*};
@@ -160,7 +174,7 @@ impl Store {
                 for row in peers.iter()? {
                     let (k, v) = row?;
                     let entity: &[u8; 32] = k.value().try_into().map_err(|_| {
-                        StoreError(format!("peer key of {} bytes", k.value().len()))
+                        StoreError::from(format!("peer key of {} bytes", k.value().len()))
                     })?;
                     index.insert(&seen_key(stored_seen(v.value()), entity), ())?;
                 }

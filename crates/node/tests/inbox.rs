@@ -229,13 +229,18 @@ async fn read_sse(body: Body, count: usize) -> Vec<(u64, u64)> {
 }
 
 /// `GET /v1/events` of `node`'s API, after `last` if given.
-async fn event_stream(node: &TestNode, last: Option<u64>) -> Body {
-    let router = peer_node::api::router(
+/// The node's HTTP API, token `t`.
+fn api(node: &TestNode) -> axum::Router {
+    peer_node::api::router(
         node.handle.clone(),
         &Default::default(),
         "t".into(),
         CancellationToken::new(),
-    );
+    )
+}
+
+async fn event_stream(node: &TestNode, last: Option<u64>) -> Body {
+    let router = api(node);
     let mut req = Request::get("/v1/events").header(header::AUTHORIZATION, "Bearer t");
     if let Some(id) = last {
         req = req.header("Last-Event-ID", id.to_string());
@@ -321,6 +326,34 @@ async fn a_large_message_waits_in_a_file_of_its_own_is_served_whole_and_goes_onc
     let text = String::from_utf8(text.to_vec()).expect("utf8");
     assert!(text.contains(r#""type":"error""#), "{text}");
     assert!(text.contains("is missing"), "{text}");
+    // Reading the inbox is this node's storage failing, not a delivery.
+    let e = b
+        .handle
+        .inbox(0, 10)
+        .await
+        .expect_err("a held file is missing");
+    assert!(
+        matches!(&e, NodeError::Storage(m) if m.contains("is missing")),
+        "{e:?}"
+    );
+    let resp = api(&b)
+        .oneshot(
+            Request::get("/v1/inbox")
+                .header(header::AUTHORIZATION, "Bearer t")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), 500);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let body: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(body["error"]["code"], "STORAGE_FAILED", "{body}");
+    // The node goes on: the event can still be acknowledged away.
+    assert_eq!(b.handle.ack(lost).await.expect("ack").acked, 1);
+    assert!(waiting(&b).await.is_empty());
 }
 
 #[tokio::test]

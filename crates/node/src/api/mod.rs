@@ -238,6 +238,7 @@ impl From<NodeError> for ApiError {
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()),
             NodeError::Dial(_) => (StatusCode::BAD_GATEWAY, "DIAL_FAILED".into()),
             NodeError::Transport(_) => (StatusCode::GATEWAY_TIMEOUT, "DELIVERY_FAILED".into()),
+            NodeError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "STORAGE_FAILED".into()),
             NodeError::CircuitOpen(_) => (StatusCode::SERVICE_UNAVAILABLE, "CIRCUIT_OPEN".into()),
             NodeError::Busy(_) | NodeError::TooManyTransfers { .. } | NodeError::Stopped => {
                 (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE".into())

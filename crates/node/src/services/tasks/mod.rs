@@ -948,7 +948,7 @@ impl Service for Tasks {
                 .get(&task_id)
                 .cloned()
                 .ok_or_else(|| not_found(&task_id)),
-            Err(e) => Err(NodeError::Transport(format!(
+            Err(e) => Err(NodeError::Storage(format!(
                 "the task could not be stored: {e}"
             ))),
         };
