@@ -13,6 +13,7 @@
 //! The loop sleeps until the earliest deadline any service, the sessions or a
 //! dial asks for, on the monotonic clock.
 
+mod batches;
 mod connections;
 mod network;
 mod outbound;

@@ -21,7 +21,7 @@
 //! The request's share of the inbound byte budget (its [`Frame`]) is held until
 //! its answer is handed to its stream (either envelope protocol: [`Channel`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use libp2p::PeerId;
@@ -31,6 +31,7 @@ use peer_core::{EntityId, Envelope, ErrorCode, MessageId, Rejection};
 use tokio::sync::mpsc;
 
 use super::Actor;
+use super::batches::{Batch, Batches};
 use super::outbound::{Signed, draft};
 use crate::clock::Clock;
 use crate::inbox::{AckId, Committed};
@@ -53,14 +54,9 @@ struct Checked {
 pub(crate) struct Verified {
     peer: PeerId,
     entity: EntityId,
+    /// The epoch of the peer's batches it came from ([`Batches::done`]).
+    epoch: u64,
     checked: Vec<Checked>,
-}
-
-/// One peer's requests in verification, and those waiting their turn.
-#[derive(Default)]
-struct Verifying {
-    running: usize,
-    waiting: VecDeque<(Request, Channel)>,
 }
 
 /// The pipeline's own state.
@@ -76,8 +72,7 @@ pub(crate) struct Pipeline {
     /// are checked in batches when they arrive faster than they are checked.
     /// The waiting ones are bounded by the requests its connections and
     /// streams may have unanswered.
-    verifying: HashMap<PeerId, Verifying>,
-    max_verifying: usize,
+    verifying: Batches<PeerId, (Request, Channel)>,
     /// Answers that wait for their event to be stored. Bounded by the inbound
     /// streams open (each holds one).
     pending: HashMap<AckId, Pending>,
@@ -104,8 +99,7 @@ impl Pipeline {
             acceptor,
             verified_tx,
             clock,
-            verifying: HashMap::new(),
-            max_verifying: max_verifying.max(1),
+            verifying: Batches::new(max_verifying, MAX_BATCH),
             pending: HashMap::new(),
             next_ack: 0,
         }
@@ -114,7 +108,7 @@ impl Pipeline {
     /// The last connection to `peer` closed: its waiting requests are dropped
     /// (their streams close).
     pub fn peer_gone(&mut self, peer: &PeerId) {
-        self.verifying.remove(peer);
+        self.verifying.gone(peer);
     }
 }
 
@@ -145,12 +139,7 @@ impl Actor {
         if self.connections.entity(&peer).is_none() {
             return;
         }
-        self.pipeline
-            .verifying
-            .entry(peer)
-            .or_default()
-            .waiting
-            .push_back((request, channel));
+        self.pipeline.verifying.push(peer, (request, channel));
         self.verify_next(peer);
     }
 
@@ -162,22 +151,18 @@ impl Actor {
             self.pipeline.peer_gone(&peer);
             return;
         };
-        let p = &mut self.pipeline;
-        let Some(v) = p.verifying.get_mut(&peer) else {
-            return;
-        };
-        if v.running >= p.max_verifying || v.waiting.is_empty() {
-            return;
+        if let Some(batch) = self.pipeline.verifying.take(peer) {
+            self.verify(peer, entity, batch);
         }
-        v.running += 1;
-        let n = v.waiting.len().min(MAX_BATCH);
-        let batch: Vec<(Request, Channel)> = v.waiting.drain(..n).collect();
-        self.verify(peer, entity, batch);
     }
 
     /// Verifies a batch of `peer`'s requests (an Ed25519 peer) on a task of
     /// its own.
-    fn verify(&mut self, peer: PeerId, entity: EntityId, batch: Vec<(Request, Channel)>) {
+    fn verify(&mut self, peer: PeerId, entity: EntityId, batch: Batch<(Request, Channel)>) {
+        let Batch {
+            epoch,
+            items: batch,
+        } = batch;
         let verifier = self.pipeline.acceptor.verifier();
         let tx = self.pipeline.verified_tx.clone();
         let clock = self.pipeline.clock.clone();
@@ -212,6 +197,7 @@ impl Actor {
                 .send(Verified {
                     peer,
                     entity,
+                    epoch,
                     checked,
                 })
                 .await;
@@ -223,16 +209,12 @@ impl Actor {
         let Verified {
             peer,
             entity,
+            epoch,
             checked,
         } = v;
         // The peer's waiting requests, if any, take this batch's place.
-        if let Some(v) = self.pipeline.verifying.get_mut(&peer) {
-            v.running = v.running.saturating_sub(1);
-            if v.running == 0 && v.waiting.is_empty() {
-                self.pipeline.verifying.remove(&peer);
-            } else {
-                self.verify_next(peer);
-            }
+        if self.pipeline.verifying.done(peer, epoch) {
+            self.verify_next(peer);
         }
         for c in checked {
             self.on_checked(entity, c);
