@@ -332,11 +332,17 @@ pub enum NodeError {
 
 impl From<StoreError> for NodeError {
     fn from(e: StoreError) -> Self {
-        if e.is_stopped() {
-            Self::Stopped
-        } else {
-            Self::Storage(e.to_string())
-        }
+        Self::Storage(e.to_string())
+    }
+}
+
+/// The outcome of storage work run on a blocking thread: a panic there is a
+/// storage failure too; a task that was cancelled means the node is stopping.
+fn stored<T>(r: Result<Result<T, StoreError>, tokio::task::JoinError>) -> Result<T, NodeError> {
+    match r {
+        Ok(r) => r.map_err(NodeError::from),
+        Err(e) if e.is_panic() => Err(NodeError::Storage(format!("database error: {e}"))),
+        Err(_) => Err(NodeError::Stopped),
     }
 }
 
@@ -529,9 +535,7 @@ impl NodeHandle {
     /// (who is connected, and sessions).
     pub async fn peers(&self) -> Result<Vec<PeerView>, NodeError> {
         let store = self.store.clone();
-        let records = tokio::task::spawn_blocking(move || store.peers())
-            .await
-            .map_err(|_| NodeError::Stopped)??;
+        let records = stored(tokio::task::spawn_blocking(move || store.peers()).await)?;
         let ids = records.iter().map(|r| r.entity_id).collect();
         let live = self.ask(|reply| Command::Live(ids, reply)).await?;
         let mut peers = peer_list(records, live);
@@ -582,10 +586,7 @@ impl NodeHandle {
     /// first (at most [`crate::inbox::MAX_PAGE`]).
     pub async fn inbox(&self, after: u64, limit: usize) -> Result<Vec<Stored>, NodeError> {
         let inbox = self.inbox.clone();
-        tokio::task::spawn_blocking(move || inbox.page(after, limit))
-            .await
-            .map_err(|_| NodeError::Stopped)?
-            .map_err(NodeError::from)
+        stored(tokio::task::spawn_blocking(move || inbox.page(after, limit)).await)
     }
 
     /// Releases every event in the inbox with an id up to `up_to`: the agent
@@ -701,10 +702,14 @@ impl NodeHandle {
             .await??;
         let store = self.store.clone();
         let to_store = signed.clone();
-        tokio::task::spawn_blocking(move || card::save(&store, &to_store))
-            .await
-            .map_err(|_| NodeError::Stopped)?
-            .map_err(|e| NodeError::Storage(format!("the card could not be stored: {e}")))?;
+        stored(tokio::task::spawn_blocking(move || card::save(&store, &to_store)).await).map_err(
+            |e| match e {
+                NodeError::Storage(e) => {
+                    NodeError::Storage(format!("the card could not be stored: {e}"))
+                }
+                e => e,
+            },
+        )?;
         cards
             .ask(|reply| card::Command::Adopt {
                 card: signed,
@@ -1018,6 +1023,25 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn storage_work_that_failed_or_panicked_is_a_storage_failure() {
+        let failed: Result<(), StoreError> = Err("disk full".to_owned().into());
+        let e = stored(tokio::task::spawn_blocking(move || failed).await).expect_err("failed");
+        assert_eq!(e, NodeError::Storage("database error: disk full".into()));
+        let panicked = tokio::task::spawn_blocking(|| -> Result<(), StoreError> { panic!("boom") });
+        let e = stored(panicked.await).expect_err("panicked");
+        assert!(
+            matches!(&e, NodeError::Storage(m) if m.contains("panic")),
+            "{e:?}"
+        );
+        let cancelled = tokio::spawn(async {
+            std::future::pending::<()>().await;
+            Ok::<(), StoreError>(())
+        });
+        cancelled.abort();
+        assert_eq!(stored(cancelled.await), Err(NodeError::Stopped));
+    }
 
     #[tokio::test]
     async fn a_listen_error_names_the_os_error() {

@@ -58,39 +58,26 @@ pub struct PeerRecord {
 }
 
 /// A storage failure. The node reports it and keeps running.
-#[derive(Debug, thiserror::Error)]
-#[error("database error: {message}")]
-pub struct StoreError {
-    message: String,
-    stopped: bool,
-}
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("database error: {0}")]
+pub struct StoreError(String);
 
 impl StoreError {
-    /// The writer that would have done the work has stopped (the node is stopping).
+    /// The writer thread that would have done the work has ended: it lives as
+    /// long as the node's handles, so it failed.
     pub(crate) fn stopped() -> Self {
-        Self {
-            message: "the database writer has stopped".into(),
-            stopped: true,
-        }
+        Self("the database writer has stopped".into())
     }
 
     /// A stored value is not what this version wrote.
     pub(crate) fn corrupt(what: &str) -> Self {
-        format!("corrupt data: {what}").into()
-    }
-
-    /// Whether the work was not done because the node is stopping.
-    pub fn is_stopped(&self) -> bool {
-        self.stopped
+        Self(format!("corrupt data: {what}"))
     }
 }
 
 impl From<String> for StoreError {
-    fn from(message: String) -> Self {
-        Self {
-            message,
-            stopped: false,
-        }
+    fn from(e: String) -> Self {
+        Self(e)
     }
 }
 
@@ -98,7 +85,7 @@ macro_rules! store_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                e.to_string().into()
+                Self(e.to_string())
             }
         }
     )*};
@@ -174,7 +161,7 @@ impl Store {
                 for row in peers.iter()? {
                     let (k, v) = row?;
                     let entity: &[u8; 32] = k.value().try_into().map_err(|_| {
-                        StoreError::from(format!("peer key of {} bytes", k.value().len()))
+                        StoreError(format!("peer key of {} bytes", k.value().len()))
                     })?;
                     index.insert(&seen_key(stored_seen(v.value()), entity), ())?;
                 }

@@ -228,7 +228,6 @@ async fn read_sse(body: Body, count: usize) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// `GET /v1/events` of `node`'s API, after `last` if given.
 /// The node's HTTP API, token `t`.
 fn api(node: &TestNode) -> axum::Router {
     peer_node::api::router(
@@ -239,6 +238,7 @@ fn api(node: &TestNode) -> axum::Router {
     )
 }
 
+/// `GET /v1/events` of `node`'s API, after `last` if given.
 async fn event_stream(node: &TestNode, last: Option<u64>) -> Body {
     let router = api(node);
     let mut req = Request::get("/v1/events").header(header::AUTHORIZATION, "Bearer t");

@@ -212,10 +212,16 @@ impl Actor {
             epoch,
             checked,
         } = v;
-        // The peer's waiting requests, if any, take this batch's place.
-        if self.pipeline.verifying.done(peer, epoch) {
-            self.verify_next(peer);
+        // The peer's waiting requests, if any, take this batch's place. A
+        // batch whose peer's entry went meanwhile came from a connection that
+        // closed: its streams are gone, and its sender saw the requests fail
+        // (a retry of one must not become a duplicate), even if the peer is
+        // connected again by now.
+        if !self.pipeline.verifying.done(peer, epoch) {
+            tracing::debug!(peer = %entity, requests = checked.len(), "batch of a closed connection dropped");
+            return;
         }
+        self.verify_next(peer);
         for c in checked {
             self.on_checked(entity, c);
         }

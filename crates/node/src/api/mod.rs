@@ -769,6 +769,33 @@ mod tests {
     }
 
     #[test]
+    fn each_node_error_has_its_status_and_code() {
+        let cases = [
+            (
+                NodeError::Storage("database error: disk full".into()),
+                500,
+                "STORAGE_FAILED",
+            ),
+            (
+                NodeError::Transport("no answer".into()),
+                504,
+                "DELIVERY_FAILED",
+            ),
+            (NodeError::Dial("refused".into()), 502, "DIAL_FAILED"),
+            (NodeError::Stopped, 503, "UNAVAILABLE"),
+            (NodeError::Busy(1), 503, "UNAVAILABLE"),
+            (NodeError::Invalid("bad".into()), 400, "INVALID_REQUEST"),
+            (NodeError::NotFound("no task".into()), 404, "NOT_FOUND"),
+        ];
+        for (e, status, code) in cases {
+            let message = e.to_string();
+            let api = ApiError::from(e);
+            assert_eq!((api.status.as_u16(), api.code.as_str()), (status, code));
+            assert_eq!(api.message, message, "the node's words reach the client");
+        }
+    }
+
+    #[test]
     fn a_payload_shares_its_body_unless_the_body_is_mostly_something_else() {
         let body = Bytes::from(format!(r#"{{"payload":"{}"}}"#, "x".repeat(100)));
         let text = std::str::from_utf8(&body[11..113]).expect("utf8");

@@ -662,7 +662,7 @@ impl Writer {
         for (reply, acked) in replies {
             let answer = match &result {
                 Ok(()) => Ok(Acked { acked, remaining }),
-                Err(e) => Err(StoreError::from(e.to_string())),
+                Err(e) => Err(e.clone()),
             };
             _ = reply.send(answer);
         }
