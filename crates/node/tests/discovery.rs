@@ -3,7 +3,8 @@
 //! capability with no connection beforehand, a message to an entity never
 //! connected, records kept across a restart, a capability added later
 //! found through the DHT alone, past a stale copy of the record; a peer
-//! the agent connected to and a static peer dialled again.
+//! the agent connected to and a static peer dialled again; dials leave from a
+//! fresh port.
 
 mod common;
 
@@ -445,4 +446,68 @@ async fn a_lookup_goes_past_a_stale_copy_of_the_record_held() {
         finds_code_at(&d, ida).await
     })
     .await;
+}
+
+/// The TCP port of a `/ip4/…/tcp/PORT` address.
+fn tcp_port(addr: &libp2p::Multiaddr) -> u16 {
+    addr.iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("a TCP address")
+}
+
+/// The (local, remote) ports of this host's established IPv4 TCP
+/// connections, from `/proc/net/tcp`.
+fn established_tcp() -> Vec<(u16, u16)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port = |field: &str| {
+        let hex = field.rsplit(':').next().expect("addr:port");
+        u16::from_str_radix(hex, 16).expect("hex port")
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(3) == Some(&"01")).then(|| (port(fields[1]), port(fields[2])))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_leave_from_a_fresh_port_not_the_listeners() {
+    // Two nodes that dial each other at the same instant (both heard the other
+    // on mDNS) from their listening ports would meet in one TCP simultaneous
+    // open, where both act as Noise initiator and both dials fail. A dial from
+    // a fresh port cannot meet another dial.
+    let b = start_node_with(TCP, |_| {}).await;
+    let (idb, b_port) = (b.handle.entity_id(), tcp_port(&b.addr));
+    let static_b = format!("{}/p2p/{}", b.addr, b.handle.peer_id());
+    // a dials b as its static peer (discovery's dial), c as the agent asks.
+    let a = start_node_with(TCP, |c| {
+        c.discovery.static_peers = vec![static_b.parse().expect("addr")];
+    })
+    .await;
+    let c = start_node_with(TCP, |_| {}).await;
+    c.handle.connect(b.addr.clone()).await.expect("connect");
+    until(10, "a dialled its static peer", || async {
+        let peers = a.handle.peers().await.expect("peers");
+        peers.iter().any(|p| p.entity_id == idb && p.connected)
+    })
+    .await;
+    let to_b: Vec<u16> = established_tcp()
+        .into_iter()
+        .filter(|&(_, remote)| remote == b_port)
+        .map(|(local, _)| local)
+        .collect();
+    assert!(to_b.len() >= 2, "a's and c's connections to b: {to_b:?}");
+    for dialler in [&a, &c] {
+        let listener = tcp_port(&dialler.addr);
+        assert!(
+            !to_b.contains(&listener),
+            "a dial to b left from its listener's port {listener}: {to_b:?}"
+        );
+    }
 }

@@ -77,7 +77,11 @@ impl Actor {
             _ = reply.send(Err(NodeError::Busy(self.connections.max_dials)));
             return;
         }
-        let opts = DialOpts::unknown_peer_id().address(addr).build();
+        // A fresh local port, as for discovery's dials (`NetOp::Dial`).
+        let opts = DialOpts::unknown_peer_id()
+            .address(addr)
+            .allocate_new_port()
+            .build();
         let id = opts.connection_id();
         match self.swarm.dial(opts) {
             Ok(()) => {

@@ -218,9 +218,14 @@ impl Actor {
                 }
             }
             NetOp::Dial(peer, addrs) => {
+                // A fresh local port, not the listener's: two nodes that dial
+                // each other at the same instant (both heard the other on mDNS)
+                // would otherwise meet in one TCP simultaneous open, where both
+                // act as Noise initiator and both dials fail (PROTOCOL.md §2).
                 let opts = DialOpts::peer_id(peer)
                     .condition(PeerCondition::DisconnectedAndNotDialing)
                     .addresses(addrs)
+                    .allocate_new_port()
                     .build();
                 match self.swarm.dial(opts) {
                     // Connected or being dialled already: its outcome comes.
