@@ -555,12 +555,35 @@ impl Writer {
     }
 
     /// Writes one batch in one transaction, then answers and publishes.
+    /// Every entry's waiter is answered and every reserved room accounted for,
+    /// those of entries after one that failed too: a failed batch fails whole.
     fn write(&mut self, batch: Vec<Entry>) {
         let first_id = self.next_id;
-        let mut appended = Vec::new();
         let mut acks = Vec::new();
         let mut done = Vec::new();
         let mut replies = Vec::new();
+        let mut rooms = Vec::new();
+        let work: Vec<Work> = batch
+            .into_iter()
+            .map(|entry| match entry {
+                Entry::Write { op, done: tell } => {
+                    done.extend(tell);
+                    Work::Write(op)
+                }
+                Entry::Append { event, room, ack } => {
+                    acks.extend(ack);
+                    rooms.push(room);
+                    Work::Append(event, room)
+                }
+                Entry::Ack { up_to, reply } => {
+                    replies.push(reply);
+                    Work::Ack(up_to)
+                }
+            })
+            .collect();
+        let mut appended = Vec::new();
+        // Per acknowledgement, the events it released.
+        let mut released = Vec::new();
         let mut freed = Vec::new();
         // Events written to files of their own, and files to remove once
         // their rows' removal is committed.
@@ -573,17 +596,10 @@ impl Writer {
             let txn = self.store.db().begin_write()?;
             {
                 let mut table = txn.open_table(INBOX)?;
-                for entry in batch {
-                    match entry {
-                        Entry::Write { op, done: tell } => {
-                            op(&txn)?;
-                            done.extend(tell);
-                        }
-                        Entry::Append {
-                            mut event,
-                            room,
-                            ack,
-                        } => {
+                for item in work {
+                    match item {
+                        Work::Write(op) => op(&txn)?,
+                        Work::Append(mut event, room) => {
                             event.set_event_id(self.next_id);
                             let row = if event.payload_len() >= OWN_FILE_FROM {
                                 written.push(self.next_id);
@@ -594,10 +610,9 @@ impl Writer {
                             };
                             table.insert(self.next_id, row.as_slice())?;
                             self.next_id += 1;
-                            acks.extend(ack);
-                            appended.push((event, room));
+                            appended.push(event);
                         }
-                        Entry::Ack { up_to, reply } => {
+                        Work::Ack(up_to) => {
                             let before = freed.len();
                             let mut bad = None;
                             table.retain_in(..=up_to, |id, row| {
@@ -615,7 +630,7 @@ impl Writer {
                             if let Some(e) = bad {
                                 return Err(e);
                             }
-                            replies.push((reply, freed.len() - before));
+                            released.push(freed.len() - before);
                         }
                     }
                 }
@@ -644,10 +659,14 @@ impl Writer {
                 unlinked
             }
             Err(e) => {
-                tracing::error!(error = %e, events = appended.len(), "cannot write to the inbox");
+                tracing::error!(
+                    error = %e,
+                    events = rooms.len(),
+                    "cannot write to the inbox; every write of this batch is refused"
+                );
                 self.next_id = first_id;
-                for (_, room) in &appended {
-                    usage.remove(*room);
+                for room in rooms {
+                    usage.remove(room);
                 }
                 if committing { Vec::new() } else { written }
             }
@@ -659,17 +678,22 @@ impl Writer {
         for id in remove {
             self.files.remove(id);
         }
-        for (reply, acked) in replies {
-            let answer = match &result {
-                Ok(()) => Ok(Acked { acked, remaining }),
-                Err(e) => Err(e.clone()),
-            };
-            _ = reply.send(answer);
+        match &result {
+            Ok(()) => {
+                for (reply, acked) in replies.into_iter().zip(released) {
+                    _ = reply.send(Ok(Acked { acked, remaining }));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    _ = reply.send(Err(e.clone()));
+                }
+            }
         }
         if result.is_ok() {
             self.counters.commits.inc();
             self.counters.written.inc_by(appended.len() as u64);
-            for (event, _) in appended {
+            for event in appended {
                 _ = self.events.send(event);
             }
         }
@@ -683,6 +707,13 @@ impl Writer {
             _ = self.committed.blocking_send(committed);
         }
     }
+}
+
+/// An entry's work in the batch's transaction, its waiter set aside.
+enum Work {
+    Write(StoreOp),
+    Append(Event, Room),
+    Ack(u64),
 }
 
 #[cfg(test)]
@@ -808,6 +839,49 @@ mod tests {
 
     fn ids(page: &[Stored]) -> Vec<u64> {
         page.iter().map(|s| s.id).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_answers_every_entry_and_gives_back_every_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (inbox, mut committed) = inbox(&dir, InboxConfig::default());
+        // A first batch holds the writer, so that the entries below are
+        // queued before it takes them, as one batch.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold: StoreOp = Box::new(move |_| {
+            // Released, or the test ended: either way the batch goes on.
+            _ = held.recv();
+            Ok(())
+        });
+        inbox.write(hold, None);
+        // A write that fails, and an event and an acknowledgement behind it.
+        let failing: StoreOp = Box::new(|_| Err(StoreError::corrupt("injected")));
+        inbox.write(failing, Some((ServiceId(3), 9)));
+        let d = inbox
+            .reserve(message(1, 1), Some(EntityId([1; 32])))
+            .expect("room");
+        inbox.append(d.event, d.room.expect("reserved"), Some(AckId(7)));
+        let (reply, acked) = oneshot::channel();
+        inbox
+            .tx
+            .send(Entry::Ack { up_to: 5, reply })
+            .expect("writer");
+        assert_eq!(inbox.usage().events, 1);
+        release.send(()).expect("held");
+
+        let c = tokio::time::timeout(Duration::from_secs(10), committed.recv())
+            .await
+            .expect("the failed batch is told, not dropped")
+            .expect("committed");
+        assert_eq!(c.acks, vec![AckId(7)], "the event's sender is answered");
+        assert_eq!(c.done, vec![(ServiceId(3), 9)], "the service is told");
+        assert!(c.result.expect_err("failed").contains("injected"));
+        let e = acked.await.expect("the acknowledgement is answered");
+        assert!(e.expect_err("failed").to_string().contains("injected"));
+        assert_eq!(inbox.usage().events, 0, "the event's room is given back");
+        // The writer goes on: the next event takes id 1.
+        append_all(&inbox, &mut committed, vec![message(1, 2)]).await;
+        assert_eq!(ids(&inbox.page(0, 10).expect("page")), vec![1]);
     }
 
     #[tokio::test]
