@@ -3,14 +3,17 @@
 //! with SIGKILL while it works on a task, starts again on the same data
 //! directory, still has the task and finishes it; then the delegator A is
 //! killed while B works, B completes the task meanwhile, and A gets the
-//! result once it is back.
+//! result once it is back. A delegator whose database cannot grow (a file
+//! size limit, as a full disk) refuses the task it cannot store and never
+//! sends it; tasks of more than a chunk go in one envelope.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 mod common;
-use common::{Api, Node, connect, peer_command};
+use common::{Api, Node, connect, peer_command, without_peer_variables};
 
 /// Time allowed for something to show up on a node.
 const WAIT: Duration = Duration::from_secs(30);
@@ -193,4 +196,128 @@ fn tasks_survive_sigkill_of_either_side() {
     assert_eq!(out.status.code(), Some(1));
     let rejected: Value = serde_json::from_slice(&out.stdout).expect("the task as JSON");
     assert_eq!(rejected["state"], "rejected", "{rejected}");
+}
+
+/// `peer run` on `dir` (free ports on 127.0.0.1, no mDNS) whose files cannot
+/// grow past `kib` KiB (`ulimit -f`, with SIGXFSZ ignored so that a write past
+/// it fails with `EFBIG` instead of killing the node): its database fills up
+/// as on a full disk.
+fn run_with_file_limit(dir: &std::path::Path, kib: u64) -> Command {
+    let mut cmd = Command::new("bash");
+    without_peer_variables(&mut cmd);
+    cmd.arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$@\""))
+        .arg("bash")
+        .arg(env!("CARGO_BIN_EXE_peer"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--api", "127.0.0.1:0", "--no-mdns"]);
+    cmd
+}
+
+/// The ids of a task list.
+fn task_ids(list: &Value) -> Vec<String> {
+    list["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `GET path`: the status and the answer's text, whatever they are.
+fn get_raw(api: &Api, path: &str) -> (u16, String) {
+    let resp = api
+        .http
+        .get(format!("{}{path}", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .unwrap_or_else(|e| api.node.fail(&format!("{path}: {e}")));
+    (resp.status().as_u16(), resp.text().unwrap_or_default())
+}
+
+/// `POST path` with `body`: the status and the answer's text, whatever they are.
+fn post_raw(api: &Api, path: &str, body: &Value) -> (u16, String) {
+    let resp = api
+        .http
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(&api.token)
+        .json(body)
+        .send()
+        .unwrap_or_else(|e| api.node.fail(&format!("{path}: {e}")));
+    (resp.status().as_u16(), resp.text().unwrap_or_default())
+}
+
+#[test]
+fn a_task_that_cannot_be_stored_is_refused_and_never_reaches_the_peer() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a_dir = root.path().join("a");
+    let a = Node::start_command(root.path(), "a", run_with_file_limit(&a_dir, 16384));
+    let b = Node::start(root.path(), "b", |_| {});
+    offer_summarise(&b, root.path());
+    let (b_id, b_addr) = b.id_and_addr();
+    let (a_id, _) = a.id_and_addr();
+    let api_a = Api::new(&a);
+    let api_b = Api::new(&b);
+    connect(&api_a, &b_addr, &b_id);
+
+    // Tasks of 256 KiB until A's database cannot grow any more.
+    let text = "x".repeat(256 * 1024);
+    let body = json!({"to": b_id, "skill": "summarise", "input": {"text": text}});
+    let mut stored = Vec::new();
+    let (status, answer) = loop {
+        assert!(stored.len() < 100, "A's files never reached their limit");
+        let (status, answer) = post_raw(&api_a, "/v1/tasks", &body);
+        if status != 200 {
+            break (status, answer);
+        }
+        let task: Value = serde_json::from_str(&answer).expect("a task");
+        stored.push(task["task_id"].as_str().expect("task_id").to_owned());
+    };
+    assert_eq!(status, 500, "{answer}");
+    assert!(answer.contains("STORAGE_FAILED"), "{answer}");
+    assert!(!stored.is_empty(), "the first task was refused: {answer}");
+
+    // A keeps the refused task in memory only, and tells B nothing of it: a
+    // change goes to the peer once it is stored.
+    let at_a = api_a.get("/v1/tasks?role=delegator");
+    assert_eq!(
+        at_a["tasks"].as_array().map(Vec::len),
+        Some(stored.len() + 1)
+    );
+    let refused: Vec<String> = task_ids(&at_a)
+        .into_iter()
+        .filter(|id| !stored.contains(id))
+        .collect();
+    assert_eq!(refused.len(), 1, "{:?}", task_ids(&at_a));
+    // A message to A now is refused at once, not left waiting for an answer.
+    let message = json!({"to": a_id, "msg_type": "message", "payload": {"n": 1}});
+    let (status, answer) = post_raw(&api_b, "/v1/messages", &message);
+    assert_eq!(status, 422, "{answer}");
+    assert!(answer.contains("UNAVAILABLE"), "{answer}");
+
+    // Restarted without the limit, A has what it stored and sends B every
+    // task B does not have yet; the refused task is gone and never reaches B.
+    drop(a);
+    let a = Node::start(root.path(), "a", |_| {});
+    let api_a = Api::new(&a);
+    let at_a = api_a.get("/v1/tasks?role=delegator");
+    assert_eq!(at_a["tasks"].as_array().map(Vec::len), Some(stored.len()));
+    connect(&api_a, &b_addr, &b_id);
+    for id in &stored {
+        task_in(&api_b, id, "submitted");
+    }
+    // Had A sent the refused task, it would have been before the restart:
+    // B would hold it by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let at_b = task_ids(&api_b.get("/v1/tasks?role=assignee"));
+    assert_eq!(
+        at_b.len(),
+        stored.len(),
+        "B: {at_b:?}, A stored: {stored:?}"
+    );
+    let path = format!("/v1/tasks/{}", refused[0]);
+    let (status, _) = get_raw(&api_b, &path);
+    assert_eq!(status, 404, "B has the task A could not store");
 }

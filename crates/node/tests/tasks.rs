@@ -295,6 +295,19 @@ async fn a_task_over_one_envelope_or_a_result_over_max_message_size_is_refused_b
 }
 
 #[tokio::test]
+async fn a_task_larger_than_a_chunk_goes_in_one_envelope_and_is_taken() {
+    // A receiver takes no chunked transfer of a task_delegate: one that fits
+    // an envelope goes as one, however large a chunk is.
+    let (a, b) = pair(TCP, tune).await;
+    let chunk = peer_node::Config::default().transfer.chunk_size;
+    let mut new = new_task(&b, "summarise");
+    new.input = json!({"text": "x".repeat(4 * chunk)});
+    let id = a.handle.delegate(new).await.expect("stored").task_id;
+    let got = in_state(&b, &id, State::Submitted).await;
+    assert_eq!(got.input["text"].as_str().map(str::len), Some(4 * chunk));
+}
+
+#[tokio::test]
 async fn deadlines_expire_tasks_on_both_sides() {
     let (a, b) = pair(TCP, tune).await;
     let mut new = new_task(&b, "summarise");

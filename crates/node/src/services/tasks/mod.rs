@@ -115,6 +115,23 @@ struct Syncing {
     again: bool,
 }
 
+/// A task's write on its way to the database.
+struct Write {
+    task_id: String,
+    /// The API call answered once it is stored.
+    reply: Option<Answerer<Task>>,
+}
+
+/// A task whose latest change is not known to be stored: it is not sent to
+/// its peer until it is, so a peer never learns a change this node may lose.
+#[derive(Debug, Default)]
+struct Unstored {
+    /// Its writes on their way.
+    writes: u32,
+    /// Whether the last one finished failed.
+    failed: bool,
+}
+
 /// The tasks of both roles, and the changes on their way to peers.
 pub struct Tasks {
     config: TasksConfig,
@@ -128,8 +145,10 @@ pub struct Tasks {
     sending: HashMap<RequestId, Syncing>,
     /// Tasks with a request in flight.
     in_flight: HashSet<String>,
-    /// API answers waiting for their task to be stored, by write token.
-    waiting: HashMap<u64, (String, Answerer<Task>)>,
+    /// Writes on their way, by token.
+    waiting: HashMap<u64, Write>,
+    /// Tasks whose latest change is not stored yet, or failed to be.
+    unstored: HashMap<String, Unstored>,
     next_token: u64,
     /// When the timer next looks at deadlines and unsynced tasks (monotonic ms).
     tick_at: Option<u64>,
@@ -239,6 +258,7 @@ impl Tasks {
             sending: HashMap::new(),
             in_flight: HashSet::new(),
             waiting: HashMap::new(),
+            unstored: HashMap::new(),
             next_token: 0,
             // The first timer looks at deadlines that passed while the node
             // was stopped.
@@ -267,23 +287,23 @@ impl Tasks {
         }
     }
 
-    /// Replaces a task with its changed copy, stores it, tells the agent and
-    /// (if `sync`) the peer; `token` is told when it is stored.
-    fn save(&mut self, cx: &mut Context<'_>, task: Task, token: Option<u64>) {
+    /// Replaces a task with its changed copy, stores it and tells the agent;
+    /// once it is stored, `reply` is answered and the peer told of the change
+    /// ([`Tasks::on_persisted`]).
+    fn save(&mut self, cx: &mut Context<'_>, task: Task, reply: Option<Answerer<Task>>) {
+        let token = self.token();
+        let task_id = task.task_id.clone();
+        self.unstored.entry(task_id.clone()).or_default().writes += 1;
+        self.waiting.insert(token, Write { task_id, reply });
         let to_store = task.clone();
-        cx.persist(Box::new(move |txn| store::put(txn, &to_store)), token);
+        cx.persist(Box::new(move |txn| store::put(txn, &to_store)), Some(token));
         let event = Event::TaskUpdate {
             event_id: None,
             task: Box::new(task.clone()),
         };
         // A task update is this node's own event: the inbox never refuses it.
         _ = cx.deliver(event);
-        let sync = !task.peer_synced;
-        let id = task.task_id.clone();
         self.insert(task);
-        if sync {
-            self.sync(cx, &id);
-        }
         self.rearm(cx);
     }
 
@@ -310,6 +330,7 @@ impl Tasks {
             }
             if let Some(old) = self.tasks.remove(&id) {
                 self.forget_index(&old);
+                self.unstored.remove(&id);
                 forgotten.push(id);
             }
         }
@@ -338,7 +359,10 @@ impl Tasks {
         let Some(task) = self.tasks.get(task_id) else {
             return;
         };
-        if task.peer_synced || self.in_flight.contains(task_id) {
+        if task.peer_synced
+            || self.in_flight.contains(task_id)
+            || self.unstored.contains_key(task_id)
+        {
             return;
         }
         if !cx.is_connected(&task.peer) {
@@ -393,8 +417,16 @@ impl Tasks {
         };
         let to = task.peer;
         let version = task.updated_ms;
-        // A result larger than a chunk goes as a chunked transfer.
-        let id = cx.send_message(to, msg_type.parse().expect("valid types"), payload);
+        // A result larger than a chunk goes as a chunked transfer; the other
+        // changes fit one envelope (checked when they were made), and a
+        // receiver takes no transfer of them (PROTOCOL.md §9.4, M1).
+        let chunked = msg_type == RESULT;
+        let msg_type = msg_type.parse().expect("valid types");
+        let id = if chunked {
+            cx.send_message(to, msg_type, payload)
+        } else {
+            cx.send(to, msg_type, payload)
+        };
         self.in_flight.insert(task_id.to_owned());
         self.sending.insert(
             id,
@@ -609,9 +641,7 @@ impl Tasks {
         match change(&mut task, cx.wall_ms()) {
             Ok(Applied::Moved) => {
                 task.peer_synced = false;
-                let token = self.token();
-                self.waiting.insert(token, (task_id.to_owned(), reply));
-                self.save(cx, task, Some(token));
+                self.save(cx, task, Some(reply));
             }
             Ok(Applied::Same) => _ = reply.send(Ok(task)),
             Err(r) => _ = reply.send(Err(invalid_state(r))),
@@ -660,9 +690,7 @@ impl Tasks {
             _ = reply.send(Err(NodeError::Busy(self.tasks.len())));
             return;
         }
-        let token = self.token();
-        self.waiting.insert(token, (task.task_id.clone(), reply));
-        self.save(cx, task, Some(token));
+        self.save(cx, task, Some(reply));
     }
 
     /// The reply to a change sent to a peer.
@@ -938,21 +966,36 @@ impl Service for Tasks {
         }
     }
 
-    fn on_persisted(&mut self, _cx: &mut Context<'_>, token: u64, result: Result<(), String>) {
-        let Some((task_id, reply)) = self.waiting.remove(&token) else {
+    fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>) {
+        let Some(Write { task_id, reply }) = self.waiting.remove(&token) else {
             return;
         };
-        let answer = match result {
-            Ok(()) => self
-                .tasks
-                .get(&task_id)
-                .cloned()
-                .ok_or_else(|| not_found(&task_id)),
-            Err(e) => Err(NodeError::Storage(format!(
-                "the task could not be stored: {e}"
-            ))),
+        // Writes finish in the order they were queued: the last one decides.
+        let stored = match self.unstored.get_mut(&task_id) {
+            Some(u) => {
+                u.writes = u.writes.saturating_sub(1);
+                u.failed = result.is_err();
+                u.writes == 0 && !u.failed
+            }
+            None => false,
         };
-        _ = reply.send(answer);
+        if stored {
+            self.unstored.remove(&task_id);
+            self.sync(cx, &task_id);
+        }
+        if let Some(reply) = reply {
+            let answer = match result {
+                Ok(()) => self
+                    .tasks
+                    .get(&task_id)
+                    .cloned()
+                    .ok_or_else(|| not_found(&task_id)),
+                Err(e) => Err(NodeError::Storage(format!(
+                    "the task could not be stored: {e}"
+                ))),
+            };
+            _ = reply.send(answer);
+        }
     }
 
     fn poll_timeout(&self) -> Option<u64> {
