@@ -10,9 +10,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use peer_core::EntityId;
 use redb::{
@@ -22,6 +23,9 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use crate::stats::StoreCounters;
+
+/// How long [`Store::reopen`] waits for the database's other users.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
@@ -131,10 +135,15 @@ impl StoreConfig {
     }
 }
 
-/// The database handle.
+/// The database handle. After an I/O error (a full disk) redb refuses every
+/// operation until the database is reopened ([`Store::reopen`]), which the
+/// inbox writer does before its next batch.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    /// The open database; `None` while a reopen failed.
+    db: RwLock<Option<Arc<Database>>>,
+    path: PathBuf,
+    cache_bytes: usize,
     dir: PathBuf,
 }
 
@@ -169,12 +178,60 @@ impl Store {
         }
         txn.commit()?;
         let dir = path.parent().map_or_else(PathBuf::new, Path::to_path_buf);
-        Ok(Self { db, dir })
+        Ok(Self {
+            db: RwLock::new(Some(Arc::new(db))),
+            path: path.to_path_buf(),
+            cache_bytes: config.cache_bytes,
+            dir,
+        })
     }
 
-    /// The database, for the modules that keep tables of their own.
-    pub(crate) fn db(&self) -> &Database {
-        &self.db
+    /// The database, for the modules that keep tables of their own; an error
+    /// while it could not be reopened. Hold it no longer than it takes to
+    /// begin a transaction.
+    pub(crate) fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let slot = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        slot.clone().ok_or_else(|| {
+            StoreError("the database could not be reopened after an I/O error".into())
+        })
+    }
+
+    /// Closes the database and opens it again: after an I/O error redb
+    /// refuses every operation ("Previous I/O error occurred") until then.
+    /// Waits up to [`REOPEN_WAIT`] for the transactions still open to end.
+    pub(crate) fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        let deadline = Instant::now() + REOPEN_WAIT;
+        if let Some(mut db) = slot.take() {
+            // Other threads hold a clone only while they begin a transaction.
+            loop {
+                match Arc::try_unwrap(db) {
+                    Ok(db) => break drop(db),
+                    Err(held) if Instant::now() < deadline => {
+                        db = held;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(held) => {
+                        *slot = Some(held);
+                        return Err(StoreError("the database is in use; not reopened".into()));
+                    }
+                }
+            }
+        }
+        // A transaction begun before still holds the file until it ends.
+        let db = loop {
+            match Database::builder()
+                .set_cache_size(self.cache_bytes)
+                .create(&self.path)
+            {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                other => break other?,
+            }
+        };
+        *slot = Some(Arc::new(db));
+        Ok(())
     }
 
     /// The directory the database file is in, where modules keep files of
@@ -185,14 +242,14 @@ impl Store {
 
     /// A metadata value.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(META)?;
         Ok(table.get(key)?.map(|v| v.value().to_vec()))
     }
 
     /// Sets a metadata value.
     pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         txn.open_table(META)?.insert(key, value)?;
         txn.commit()?;
         Ok(())
@@ -206,7 +263,7 @@ impl Store {
         value: &[u8],
         keep: impl FnOnce(&[u8]) -> bool,
     ) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let set = {
             let mut table = txn.open_table(META)?;
             let kept = table.get(key)?.is_some_and(|old| keep(old.value()));
@@ -229,7 +286,7 @@ impl Store {
 
     /// Records `peers` as [`Store::upsert_peer`] does, in one transaction.
     pub fn upsert_peers(&self, peers: &[PeerRecord], max_peers: usize) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         upsert(&txn, peers, max_peers)?;
         txn.commit()?;
         Ok(())
@@ -237,7 +294,7 @@ impl Store {
 
     /// Every known peer.
     pub fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(PEERS)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -443,7 +500,7 @@ mod tests {
                 s.upsert_peer(&peer(b, u64::from(b)), 3).expect("fill");
             }
             // As written by a version without the index.
-            let txn = s.db.begin_write().expect("txn");
+            let txn = s.db().expect("db").begin_write().expect("txn");
             txn.delete_table(PEERS_BY_SEEN).expect("delete");
             txn.commit().expect("commit");
         }
@@ -462,7 +519,7 @@ mod tests {
 
     /// Checks that the index holds exactly one key per peer, at its sighting.
     fn assert_index_agrees(s: &Store) -> Vec<PeerRecord> {
-        let txn = s.db.begin_read().expect("txn");
+        let txn = s.db().expect("db").begin_read().expect("txn");
         let index = txn.open_table(PEERS_BY_SEEN).expect("index");
         let keys: Vec<SeenKey> = index
             .iter()

@@ -319,6 +319,18 @@ async fn deadlines_expire_tasks_on_both_sides() {
     for t in [mine, theirs] {
         assert_eq!(t.message.as_deref(), Some("the deadline passed"));
     }
+    // A task changed before its deadline still expires on both sides.
+    let mut new = new_task(&b, "summarise");
+    new.deadline_s = Some(2);
+    let id = a.handle.delegate(new).await.expect("stored").task_id;
+    in_state(&b, &id, State::Submitted).await;
+    status(&b, &id, State::Working).await.expect("working");
+    in_state(&a, &id, State::Working).await;
+    let mine = in_state(&a, &id, State::Failed).await;
+    let theirs = in_state(&b, &id, State::Failed).await;
+    for t in [mine, theirs] {
+        assert_eq!(t.message.as_deref(), Some("the deadline passed"));
+    }
 }
 
 #[tokio::test]

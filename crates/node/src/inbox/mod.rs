@@ -21,7 +21,7 @@ mod files;
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use peer_core::{EntityId, ErrorCode, Rejection};
 use prometheus_client::metrics::counter::Counter;
@@ -44,6 +44,9 @@ const NEXT_ID_KEY: &str = "next";
 /// Bytes a row takes beyond its event's payload, as reserved: the rest of the
 /// event's JSON (ids, type) and the row's header.
 const ROW_OVERHEAD: u64 = 256;
+
+/// The shortest time between two reopenings of the database by the writer.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// Most events one `GET /v1/inbox` page holds.
 pub const MAX_PAGE: usize = 1000;
@@ -283,6 +286,8 @@ impl Inbox {
             events,
             next_id,
             max_batch: config.max_batch,
+            reopen: false,
+            last_reopen: None,
         };
         std::thread::Builder::new()
             .name("peer-inbox".into())
@@ -394,7 +399,7 @@ impl Inbox {
         limit: usize,
         max_bytes: u64,
     ) -> Result<Vec<Stored>, StoreError> {
-        let txn = self.store.db().begin_read()?;
+        let txn = self.store.db()?.begin_read()?;
         let table = txn.open_table(INBOX)?;
         let mut out = Vec::new();
         let mut bytes = 0;
@@ -431,7 +436,7 @@ impl Inbox {
 
     /// Whether event `id` is stored now.
     fn holds(&self, id: u64) -> Result<bool, StoreError> {
-        let txn = self.store.db().begin_read()?;
+        let txn = self.store.db()?.begin_read()?;
         Ok(txn.open_table(INBOX)?.get(id)?.is_some())
     }
 }
@@ -440,7 +445,7 @@ impl Inbox {
 /// files no row names (a crash came between writing one and its row, or
 /// between a row's removal and its file's).
 fn load(store: &Store, files: &Files) -> Result<(Usage, u64), StoreError> {
-    let txn = store.db().begin_write()?;
+    let txn = store.db()?.begin_write()?;
     let mut usage = Usage::default();
     let mut in_files = HashSet::new();
     let next_id;
@@ -539,6 +544,11 @@ struct Writer {
     events: broadcast::Sender<Event>,
     next_id: u64,
     max_batch: usize,
+    /// Whether the last batch failed: the next one first reopens the
+    /// database, at most every [`REOPEN_EVERY`] (redb refuses every operation
+    /// after an I/O error until it is reopened).
+    reopen: bool,
+    last_reopen: Option<Instant>,
 }
 
 impl Writer {
@@ -558,6 +568,13 @@ impl Writer {
     /// Every entry's waiter is answered and every reserved room accounted for,
     /// those of entries after one that failed too: a failed batch fails whole.
     fn write(&mut self, batch: Vec<Entry>) {
+        if self.reopen && self.last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
+            self.last_reopen = Some(Instant::now());
+            match self.store.reopen() {
+                Ok(()) => tracing::warn!("database reopened after a failed write"),
+                Err(e) => tracing::error!(error = %e, "cannot reopen the database"),
+            }
+        }
         let first_id = self.next_id;
         let mut acks = Vec::new();
         let mut done = Vec::new();
@@ -593,7 +610,7 @@ impl Writer {
         // outcome is then unknown.
         let mut committing = false;
         let result = (|| -> Result<(), StoreError> {
-            let txn = self.store.db().begin_write()?;
+            let txn = self.store.db()?.begin_write()?;
             {
                 let mut table = txn.open_table(INBOX)?;
                 for item in work {
@@ -645,6 +662,7 @@ impl Writer {
             txn.commit()?;
             Ok(())
         })();
+        self.reopen = result.is_err();
         let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
         // Files to remove: those of acknowledged events once their rows'
         // removal is committed; those of events whose rows were not written

@@ -13,7 +13,7 @@ pub type Row = (Vec<u8>, Vec<u8>);
 
 /// Every held record.
 pub fn load(store: &Store) -> Result<Vec<Row>, StoreError> {
-    let txn = store.db().begin_read()?;
+    let txn = store.db()?.begin_read()?;
     let table = match txn.open_table(RECORDS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),

@@ -271,13 +271,15 @@ impl Tasks {
     }
 
     fn insert(&mut self, task: Task) {
+        // The old copy's index first: the new copy may have the same deadline.
+        if let Some(old) = self.tasks.remove(&task.task_id) {
+            self.forget_index(&old);
+        }
         self.bytes += task.size();
         if let (false, Some(d)) = (task.state.is_terminal(), task.deadline_ms) {
             self.deadlines.insert((d, task.task_id.clone()));
         }
-        if let Some(old) = self.tasks.insert(task.task_id.clone(), task) {
-            self.forget_index(&old);
-        }
+        self.tasks.insert(task.task_id.clone(), task);
     }
 
     fn forget_index(&mut self, old: &Task) {

@@ -9,7 +9,7 @@ const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 
 /// Every stored task.
 pub fn load(store: &Store) -> Result<Vec<Task>, StoreError> {
-    let txn = store.db().begin_read()?;
+    let txn = store.db()?.begin_read()?;
     let table = match txn.open_table(TASKS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
