@@ -3,9 +3,9 @@
 //! with SIGKILL while it works on a task, starts again on the same data
 //! directory, still has the task and finishes it; then the delegator A is
 //! killed while B works, B completes the task meanwhile, and A gets the
-//! result once it is back. A delegator whose database cannot grow (a file
-//! size limit, as a full disk) refuses the task it cannot store and never
-//! sends it; tasks of more than a chunk go in one envelope.
+//! result once it is back. A node whose database cannot grow (a file size
+//! limit, as a full disk) refuses the task or result it cannot store, undoes
+//! it and never sends it; tasks of more than a chunk go in one envelope.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -226,17 +226,6 @@ fn task_ids(list: &Value) -> Vec<String> {
         .collect()
 }
 
-/// `GET path`: the status and the answer's text, whatever they are.
-fn get_raw(api: &Api, path: &str) -> (u16, String) {
-    let resp = api
-        .http
-        .get(format!("{}{path}", api.base))
-        .bearer_auth(&api.token)
-        .send()
-        .unwrap_or_else(|e| api.node.fail(&format!("{path}: {e}")));
-    (resp.status().as_u16(), resp.text().unwrap_or_default())
-}
-
 /// `POST path` with `body`: the status and the answer's text, whatever they are.
 fn post_raw(api: &Api, path: &str, body: &Value) -> (u16, String) {
     let resp = api
@@ -257,7 +246,6 @@ fn a_task_that_cannot_be_stored_is_refused_and_never_reaches_the_peer() {
     let b = Node::start(root.path(), "b", |_| {});
     offer_summarise(&b, root.path());
     let (b_id, b_addr) = b.id_and_addr();
-    let (a_id, _) = a.id_and_addr();
     let api_a = Api::new(&a);
     let api_b = Api::new(&b);
     connect(&api_a, &b_addr, &b_id);
@@ -279,26 +267,16 @@ fn a_task_that_cannot_be_stored_is_refused_and_never_reaches_the_peer() {
     assert!(answer.contains("STORAGE_FAILED"), "{answer}");
     assert!(!stored.is_empty(), "the first task was refused: {answer}");
 
-    // A keeps the refused task in memory only, and tells B nothing of it: a
-    // change goes to the peer once it is stored.
-    let at_a = api_a.get("/v1/tasks?role=delegator");
-    assert_eq!(
-        at_a["tasks"].as_array().map(Vec::len),
-        Some(stored.len() + 1)
-    );
-    let refused: Vec<String> = task_ids(&at_a)
-        .into_iter()
-        .filter(|id| !stored.contains(id))
-        .collect();
-    assert_eq!(refused.len(), 1, "{:?}", task_ids(&at_a));
-    // A message to A now is refused at once, not left waiting for an answer.
-    let message = json!({"to": a_id, "msg_type": "message", "payload": {"n": 1}});
-    let (status, answer) = post_raw(&api_b, "/v1/messages", &message);
-    assert_eq!(status, 422, "{answer}");
-    assert!(answer.contains("UNAVAILABLE"), "{answer}");
+    // A forgot the task it could not store (nothing of it is left in memory
+    // to reach B later) and kept the others.
+    let mut at_a = task_ids(&api_a.get("/v1/tasks?role=delegator"));
+    let mut kept = stored.clone();
+    at_a.sort();
+    kept.sort();
+    assert_eq!(at_a, kept, "A holds the tasks it stored, and only those");
 
     // Restarted without the limit, A has what it stored and sends B every
-    // task B does not have yet; the refused task is gone and never reaches B.
+    // task B does not have yet; the refused task never reaches B.
     drop(a);
     let a = Node::start(root.path(), "a", |_| {});
     let api_a = Api::new(&a);
@@ -308,8 +286,7 @@ fn a_task_that_cannot_be_stored_is_refused_and_never_reaches_the_peer() {
     for id in &stored {
         task_in(&api_b, id, "submitted");
     }
-    // Had A sent the refused task, it would have been before the restart:
-    // B would hold it by now.
+    // Had A sent the refused task, B would hold it by now.
     std::thread::sleep(Duration::from_millis(500));
     let at_b = task_ids(&api_b.get("/v1/tasks?role=assignee"));
     assert_eq!(
@@ -317,7 +294,37 @@ fn a_task_that_cannot_be_stored_is_refused_and_never_reaches_the_peer() {
         stored.len(),
         "B: {at_b:?}, A stored: {stored:?}"
     );
-    let path = format!("/v1/tasks/{}", refused[0]);
-    let (status, _) = get_raw(&api_b, &path);
-    assert_eq!(status, 404, "B has the task A could not store");
+}
+
+#[test]
+fn a_result_that_cannot_be_stored_leaves_the_task_as_it_was() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a = Node::start(root.path(), "a", |_| {});
+    let b_dir = root.path().join("b");
+    let b = Node::start_command(root.path(), "b", run_with_file_limit(&b_dir, 4096));
+    offer_summarise(&b, root.path());
+    let (b_id, b_addr) = b.id_and_addr();
+    let api_a = Api::new(&a);
+    let api_b = Api::new(&b);
+    connect(&api_a, &b_addr, &b_id);
+    let id = delegate(&api_a, &b_id, "a short text");
+    task_in(&api_b, &id, "submitted");
+
+    // An output of 8 MiB does not fit under B's 4 MiB limit: B's agent is
+    // refused, and the task is what it was, at B and at A.
+    let output = json!({"summary": "y".repeat(8 << 20)});
+    let path = format!("/v1/tasks/{id}/result");
+    let (status, answer) = post_raw(&api_b, &path, &json!({ "output": output }));
+    assert_eq!(status, 500, "{answer}");
+    assert!(answer.contains("STORAGE_FAILED"), "{answer}");
+    let at_b = api_b.get(&format!("/v1/tasks/{id}"));
+    assert_eq!(at_b["state"], "submitted");
+    assert!(at_b["output"].is_null());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(api_a.get(&format!("/v1/tasks/{id}"))["state"], "submitted");
+
+    // A result that fits is stored and reaches A.
+    api_b.post(&path, &json!({"output": {"summary": "short"}}));
+    let done = task_in(&api_a, &id, "completed");
+    assert_eq!(done["output"], json!({"summary": "short"}));
 }

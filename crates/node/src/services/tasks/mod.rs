@@ -16,6 +16,7 @@ mod store;
 pub mod task;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use peer_core::rate::Class;
 use peer_core::{EntityId, ErrorCode, Rejection};
@@ -117,19 +118,24 @@ struct Syncing {
 
 /// A task's write on its way to the database.
 struct Write {
-    task_id: String,
+    /// The task as written (shared with the write itself, which lets go of
+    /// it before this is told: no second copy of a large result).
+    task: Arc<Task>,
     /// The API call answered once it is stored.
     reply: Option<Answerer<Task>>,
 }
 
 /// A task whose latest change is not known to be stored: it is not sent to
-/// its peer until it is, so a peer never learns a change this node may lose.
-#[derive(Debug, Default)]
+/// its peer until it is, so a peer never learns a change this node may lose;
+/// if its last write fails, the task goes back to what the database holds.
+#[derive(Debug)]
 struct Unstored {
     /// Its writes on their way.
     writes: u32,
     /// Whether the last one finished failed.
     failed: bool,
+    /// The copy the database holds (`None`: none).
+    on_disk: Option<Task>,
 }
 
 /// The tasks of both roles, and the changes on their way to peers.
@@ -293,12 +299,7 @@ impl Tasks {
     /// once it is stored, `reply` is answered and the peer told of the change
     /// ([`Tasks::on_persisted`]).
     fn save(&mut self, cx: &mut Context<'_>, task: Task, reply: Option<Answerer<Task>>) {
-        let token = self.token();
-        let task_id = task.task_id.clone();
-        self.unstored.entry(task_id.clone()).or_default().writes += 1;
-        self.waiting.insert(token, Write { task_id, reply });
-        let to_store = task.clone();
-        cx.persist(Box::new(move |txn| store::put(txn, &to_store)), Some(token));
+        self.write(cx, &task, reply);
         let event = Event::TaskUpdate {
             event_id: None,
             task: Box::new(task.clone()),
@@ -443,9 +444,49 @@ impl Tasks {
     /// Stores a task whose change the agent need not hear of again (it was
     /// only marked told).
     fn save_quietly(&mut self, cx: &mut Context<'_>, task: Task) {
-        let to_store = task.clone();
-        cx.persist(Box::new(move |txn| store::put(txn, &to_store)), None);
+        self.write(cx, &task, None);
         self.insert(task);
+    }
+
+    /// Queues the write of `task`; [`Tasks::on_persisted`] hears how it went.
+    fn write(&mut self, cx: &mut Context<'_>, task: &Task, reply: Option<Answerer<Task>>) {
+        let token = self.token();
+        let on_disk = self.tasks.get(&task.task_id);
+        self.unstored
+            .entry(task.task_id.clone())
+            .or_insert_with(|| Unstored {
+                writes: 0,
+                failed: false,
+                // With no write on its way or failed, memory is what is stored.
+                on_disk: on_disk.cloned(),
+            })
+            .writes += 1;
+        let task = Arc::new(task.clone());
+        let to_store = Arc::clone(&task);
+        cx.persist(Box::new(move |txn| store::put(txn, &to_store)), Some(token));
+        self.waiting.insert(token, Write { task, reply });
+    }
+
+    /// A task whose last write failed goes back to the copy the database
+    /// holds, or is forgotten if it holds none, so that memory, disk and the
+    /// peer agree; the agent hears of the copy it goes back to.
+    fn revert(&mut self, cx: &mut Context<'_>, task_id: &str, on_disk: Option<Task>) {
+        match on_disk {
+            Some(task) => {
+                let event = Event::TaskUpdate {
+                    event_id: None,
+                    task: Box::new(task.clone()),
+                };
+                _ = cx.deliver(event);
+                self.insert(task);
+            }
+            None => {
+                if let Some(old) = self.tasks.remove(task_id) {
+                    self.forget_index(&old);
+                }
+            }
+        }
+        self.rearm(cx);
     }
 
     /// Sets the timer: the earliest deadline, and the next resend while a
@@ -969,20 +1010,26 @@ impl Service for Tasks {
     }
 
     fn on_persisted(&mut self, cx: &mut Context<'_>, token: u64, result: Result<(), String>) {
-        let Some(Write { task_id, reply }) = self.waiting.remove(&token) else {
+        let Some(Write { task, reply }) = self.waiting.remove(&token) else {
             return;
         };
+        let task_id = task.task_id.clone();
         // Writes finish in the order they were queued: the last one decides.
-        let stored = match self.unstored.get_mut(&task_id) {
+        let last = match self.unstored.get_mut(&task_id) {
             Some(u) => {
                 u.writes = u.writes.saturating_sub(1);
                 u.failed = result.is_err();
-                u.writes == 0 && !u.failed
+                if result.is_ok() {
+                    u.on_disk = Some(Arc::unwrap_or_clone(task));
+                }
+                u.writes == 0
             }
             None => false,
         };
-        if stored {
-            self.unstored.remove(&task_id);
+        if last && let Some(u) = self.unstored.remove(&task_id) {
+            if u.failed {
+                self.revert(cx, &task_id, u.on_disk);
+            }
             self.sync(cx, &task_id);
         }
         if let Some(reply) = reply {
