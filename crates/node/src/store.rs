@@ -192,18 +192,21 @@ impl Store {
     pub(crate) fn db(&self) -> Result<Arc<Database>, StoreError> {
         let slot = self.db.read().unwrap_or_else(PoisonError::into_inner);
         slot.clone().ok_or_else(|| {
-            StoreError("the database could not be reopened after an I/O error".into())
+            StoreError("the database is closed after a failed write, until it is reopened".into())
         })
     }
 
     /// Closes the database and opens it again: after an I/O error redb
     /// refuses every operation ("Previous I/O error occurred") until then.
-    /// Waits up to [`REOPEN_WAIT`] for the transactions still open to end.
+    /// Meanwhile [`Store::db`] answers an error at once; the close waits up to
+    /// [`REOPEN_WAIT`] for the transactions still open to end. If the open
+    /// fails, there is no database until a reopen succeeds.
     pub(crate) fn reopen(&self) -> Result<(), StoreError> {
-        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
         let deadline = Instant::now() + REOPEN_WAIT;
-        if let Some(mut db) = slot.take() {
-            // Other threads hold a clone only while they begin a transaction.
+        let slot = || self.db.write().unwrap_or_else(PoisonError::into_inner);
+        let taken = slot().take();
+        if let Some(mut db) = taken {
+            // Others hold a clone only while they begin a transaction.
             loop {
                 match Arc::try_unwrap(db) {
                     Ok(db) => break drop(db),
@@ -212,7 +215,7 @@ impl Store {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     Err(held) => {
-                        *slot = Some(held);
+                        *slot() = Some(held);
                         return Err(StoreError("the database is in use; not reopened".into()));
                     }
                 }
@@ -230,7 +233,7 @@ impl Store {
                 other => break other?,
             }
         };
-        *slot = Some(Arc::new(db));
+        *slot() = Some(Arc::new(db));
         Ok(())
     }
 

@@ -19,7 +19,7 @@
 mod files;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -553,7 +553,24 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: &Receiver<Entry>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            // While the database waits to be reopened, it is tried again
+            // every `REOPEN_EVERY` even if nothing comes to write.
+            let first = if self.reopen {
+                match rx.recv_timeout(REOPEN_EVERY) {
+                    Ok(entry) => entry,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.reopen_if_due();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(entry) => entry,
+                    Err(_) => return,
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < self.max_batch
                 && let Ok(entry) = rx.try_recv()
@@ -568,13 +585,7 @@ impl Writer {
     /// Every entry's waiter is answered and every reserved room accounted for,
     /// those of entries after one that failed too: a failed batch fails whole.
     fn write(&mut self, batch: Vec<Entry>) {
-        if self.reopen && self.last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_EVERY) {
-            self.last_reopen = Some(Instant::now());
-            match self.store.reopen() {
-                Ok(()) => tracing::warn!("database reopened after a failed write"),
-                Err(e) => tracing::error!(error = %e, "cannot reopen the database"),
-            }
-        }
+        self.reopen_if_due();
         let first_id = self.next_id;
         let mut acks = Vec::new();
         let mut done = Vec::new();
@@ -727,6 +738,58 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// After a failed batch, at most every [`REOPEN_EVERY`]: reopens the
+    /// database if it refuses to begin a transaction (redb does after an I/O
+    /// error), and goes on after the last event id it holds (a commit that
+    /// failed may have landed after all).
+    fn reopen_if_due(&mut self) {
+        if !self.reopen || self.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return;
+        }
+        self.last_reopen = Some(Instant::now());
+        // A failure that left the database working (an event's own file that
+        // could not be written) does not close it.
+        let working = (|| -> Result<(), StoreError> {
+            let txn = self.store.db()?.begin_write()?;
+            txn.open_table(INBOX)?;
+            Ok(())
+        })();
+        if working.is_ok() {
+            self.reopen = false;
+            return;
+        }
+        match self
+            .store
+            .reopen()
+            .and_then(|()| stored_next_id(&self.store))
+        {
+            Ok(next_id) => {
+                self.next_id = self.next_id.max(next_id);
+                self.reopen = false;
+                tracing::warn!("database reopened after a failed write");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot reopen the database"),
+        }
+    }
+}
+
+/// The next event id by the database: after its last row and after the
+/// id it kept.
+fn stored_next_id(store: &Store) -> Result<u64, StoreError> {
+    let txn = store.db()?.begin_read()?;
+    let after_rows = txn
+        .open_table(INBOX)?
+        .last()?
+        .map_or(1, |(k, _)| k.value() + 1);
+    let kept = match txn.open_table(NEXT_ID) {
+        Ok(table) => table.get(NEXT_ID_KEY)?.map_or(1, |v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => 1,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(after_rows.max(kept))
+}
+
 /// An entry's work in the batch's transaction, its waiter set aside.
 enum Work {
     Write(StoreOp),
@@ -866,12 +929,16 @@ mod tests {
         // A first batch holds the writer, so that the entries below are
         // queued before it takes them, as one batch.
         let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, holding) = std::sync::mpsc::channel::<()>();
         let hold: StoreOp = Box::new(move |_| {
+            _ = started.send(());
             // Released, or the test ended: either way the batch goes on.
             _ = held.recv();
             Ok(())
         });
         inbox.write(hold, None);
+        // Once the writer runs it, it has taken its batch: what follows waits.
+        holding.recv().expect("the writer runs the first batch");
         // A write that fails, and an event and an acknowledgement behind it.
         let failing: StoreOp = Box::new(|_| Err(StoreError::corrupt("injected")));
         inbox.write(failing, Some((ServiceId(3), 9)));

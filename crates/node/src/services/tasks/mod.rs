@@ -126,8 +126,10 @@ struct Write {
 }
 
 /// A task whose latest change is not known to be stored: it is not sent to
-/// its peer until it is, so a peer never learns a change this node may lose;
-/// if its last write fails, the task goes back to what the database holds.
+/// its peer until it is, so a peer never learns a change this node may lose.
+/// If the last write failed, an agent's change is undone (the task goes back
+/// to what the database holds); any other change is kept and written again
+/// every `tasks.resend_secs`.
 #[derive(Debug)]
 struct Unstored {
     /// Its writes on their way.
@@ -467,9 +469,10 @@ impl Tasks {
         self.waiting.insert(token, Write { task, reply });
     }
 
-    /// A task whose last write failed goes back to the copy the database
-    /// holds, or is forgotten if it holds none, so that memory, disk and the
-    /// peer agree; the agent hears of the copy it goes back to.
+    /// A task whose agent's change failed to be stored goes back to the copy
+    /// the database holds, or is forgotten if it holds none, so that memory,
+    /// disk and the peer agree; the agent hears of the copy it goes back to.
+    /// Its peer hears of that copy, if it has not, at the next resend.
     fn revert(&mut self, cx: &mut Context<'_>, task_id: &str, on_disk: Option<Task>) {
         match on_disk {
             Some(task) => {
@@ -498,11 +501,9 @@ impl Tasks {
             .deadlines
             .first()
             .map(|(d, _)| now.saturating_add(d.saturating_sub(wall)));
-        let resend = self
-            .tasks
-            .values()
-            .any(|t| !t.peer_synced)
-            .then(|| now.saturating_add(self.config.resend_secs.saturating_mul(1000)));
+        let resend = (self.tasks.values().any(|t| !t.peer_synced)
+            || self.unstored.values().any(|u| u.failed && u.writes == 0))
+        .then(|| now.saturating_add(self.config.resend_secs.saturating_mul(1000)));
         self.tick_at = match (deadline, resend) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -820,6 +821,16 @@ impl Tasks {
                 self.save(cx, task, None);
             }
         }
+        // Kept changes whose write failed: written again.
+        let unwritten: Vec<Task> = self
+            .unstored
+            .iter()
+            .filter(|(_, u)| u.failed && u.writes == 0)
+            .filter_map(|(id, _)| self.tasks.get(id).cloned())
+            .collect();
+        for task in unwritten {
+            self.write(cx, &task, None);
+        }
         let unsynced: Vec<String> = self
             .tasks
             .values()
@@ -1014,6 +1025,16 @@ impl Service for Tasks {
             return;
         };
         let task_id = task.task_id.clone();
+        // The agent's change is answered with the copy it wrote.
+        let answer = reply.map(|reply| {
+            let answer = match &result {
+                Ok(()) => Ok(Task::clone(&task)),
+                Err(e) => Err(NodeError::Storage(format!(
+                    "the task could not be stored: {e}"
+                ))),
+            };
+            (reply, answer)
+        });
         // Writes finish in the order they were queued: the last one decides.
         let last = match self.unstored.get_mut(&task_id) {
             Some(u) => {
@@ -1026,23 +1047,24 @@ impl Service for Tasks {
             }
             None => false,
         };
-        if last && let Some(u) = self.unstored.remove(&task_id) {
-            if u.failed {
-                self.revert(cx, &task_id, u.on_disk);
+        match (last, result.is_ok()) {
+            (true, true) => {
+                self.unstored.remove(&task_id);
+                self.sync(cx, &task_id);
             }
-            self.sync(cx, &task_id);
+            // The agent is told it failed: its change is undone.
+            (true, false) if answer.is_some() => {
+                if let Some(u) = self.unstored.remove(&task_id) {
+                    self.revert(cx, &task_id, u.on_disk);
+                }
+            }
+            // A peer's change (answered as its event was stored), a deadline
+            // or a peer's acknowledgement: kept, and written again by the
+            // timer until it is stored.
+            (true, false) => self.rearm(cx),
+            (false, _) => {}
         }
-        if let Some(reply) = reply {
-            let answer = match result {
-                Ok(()) => self
-                    .tasks
-                    .get(&task_id)
-                    .cloned()
-                    .ok_or_else(|| not_found(&task_id)),
-                Err(e) => Err(NodeError::Storage(format!(
-                    "the task could not be stored: {e}"
-                ))),
-            };
+        if let Some((reply, answer)) = answer {
             _ = reply.send(answer);
         }
     }
