@@ -400,58 +400,9 @@ async fn the_event_stream_starts_with_what_waits_and_resumes_after_last_event_id
     assert_eq!(bad.status(), axum::http::StatusCode::BAD_REQUEST);
 }
 
-/// A tmpfs of a few MiB (a small disk) mounted on a directory of its own for
-/// the test's life. Mounting needs root, as the tests on network namespaces do.
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn mount(mib: u32) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs (this test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(dir)
-    }
-
-    fn path(&self) -> &std::path::Path {
-        self.0.path()
-    }
-
-    /// Fills the disk with the file `filler`, to the last block.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(self.path().join("filler")).expect("filler");
-        for block in [1 << 20, 4096] {
-            let zeros = vec![0u8; block];
-            while filler.write_all(&zeros).is_ok() {}
-        }
-    }
-
-    /// Room again.
-    fn free(&self) {
-        std::fs::remove_file(self.path().join("filler")).expect("remove the filler");
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.path())
-            .status();
-    }
-}
-
 #[tokio::test]
 async fn a_node_whose_disk_filled_up_takes_messages_again_once_there_is_room() {
-    let disk = SmallDisk::mount(16);
+    let disk = common::SmallDisk::mount(16);
     let dir = tempfile::tempdir_in(disk.path()).expect("a data directory on the small disk");
     let b = common::start_node_in(dir, TCP, no_rate_limits, |b| b).await;
     let a = start_node_with(TCP, no_rate_limits).await;

@@ -570,3 +570,70 @@ async fn result_after_absence(output: serde_json::Value) {
     assert!(got.output == Some(output), "the output arrived intact");
     wait_task(&b, &id, |t| t.peer_synced).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
+    let tune = |c: &mut peer_node::Config| {
+        tune(c);
+        c.rate_limits.enabled = false;
+    };
+    let disk = common::SmallDisk::mount(16);
+    let dir = tempfile::tempdir_in(disk.path()).expect("a data directory on the small disk");
+    let b = common::start_node_in(dir, TCP, tune, |b| b).await;
+    let a = start_node_with(TCP, tune).await;
+    a.handle.connect(b.addr.clone()).await.expect("connect");
+    wait_connected(&b.handle, a.handle.entity_id()).await;
+    // B's disk is full, and so is its database: messages until one is refused.
+    disk.fill();
+    let text = "x".repeat(20_000);
+    for n in 0..2_000 {
+        let payload = json!({ "n": n, "text": text }).to_string();
+        if a.handle
+            .send(
+                b.handle.entity_id(),
+                "message".parse().expect("type"),
+                payload,
+            )
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut new = new_task(&b, "summarise");
+    new.input = json!({"text": "y".repeat(20_000)});
+    let id = a.handle.delegate(new).await.expect("stored at A").task_id;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // B's agent works on whatever B holds: a change B cannot store is undone
+    // back to the task as B had it, not to nothing.
+    let working = TaskChange::Status {
+        task_id: id.clone(),
+        state: State::Working,
+        message: None,
+    };
+    match b.handle.change_task(working).await {
+        Err(NodeError::Storage(_)) => {
+            let held = b.handle.task(id.clone()).await;
+            assert!(held.is_ok(), "B forgot the task it took: {held:?}");
+        }
+        Err(NodeError::NotFound(_)) | Ok(_) => {}
+        Err(e) => panic!("{e}"),
+    }
+
+    // With room again, B stores what it kept and A hears of it; what A was
+    // told B has, B still has after a restart.
+    disk.free();
+    let synced = wait_task(&a, &id, |t| t.peer_synced).await;
+    assert_eq!(synced.role, Role::Delegator);
+    let b = restart(b, TCP, tune).await;
+    let held = b
+        .handle
+        .task(id.clone())
+        .await
+        .expect("B kept the task it answered for");
+    assert!(
+        matches!(held.state, State::Submitted | State::Working),
+        "{held:?}"
+    );
+}

@@ -755,19 +755,17 @@ impl Writer {
             txn.open_table(INBOX)?;
             Ok(())
         })();
-        if working.is_ok() {
-            self.reopen = false;
-            return;
-        }
-        match self
-            .store
-            .reopen()
-            .and_then(|()| stored_next_id(&self.store))
-        {
+        let ready = match working {
+            Ok(()) => Ok(()),
+            Err(_) => self.store.reopen().inspect(|()| {
+                tracing::warn!("database reopened after a failed write");
+            }),
+        };
+        // Ids go on after the last one the database holds.
+        match ready.and_then(|()| stored_next_id(&self.store)) {
             Ok(next_id) => {
                 self.next_id = self.next_id.max(next_id);
                 self.reopen = false;
-                tracing::warn!("database reopened after a failed write");
             }
             Err(e) => tracing::error!(error = %e, "cannot reopen the database"),
         }

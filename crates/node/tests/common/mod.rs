@@ -541,3 +541,52 @@ pub async fn pair(listen: &str, tune: impl Fn(&mut Config) + Copy) -> (TestNode,
     wait_connected(&b.handle, a.handle.entity_id()).await;
     (a, b)
 }
+
+/// A tmpfs of a few MiB (a small disk) mounted on a directory of its own for
+/// the test's life. Mounting needs root, as the tests on network namespaces do.
+pub struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    pub fn mount(mib: u32) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+
+    /// Fills the disk with the file `filler`, to the last block.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.path().join("filler")).expect("filler");
+        for block in [1 << 20, 4096] {
+            let zeros = vec![0u8; block];
+            while filler.write_all(&zeros).is_ok() {}
+        }
+    }
+
+    /// Room again.
+    pub fn free(&self) {
+        std::fs::remove_file(self.path().join("filler")).expect("remove the filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.path())
+            .status();
+    }
+}

@@ -138,6 +138,10 @@ struct Unstored {
     failed: bool,
     /// The copy the database holds (`None`: none).
     on_disk: Option<Task>,
+    /// The latest change that is kept even if its write fails (a peer's, a
+    /// deadline's, an acknowledgement): what an agent's failed change goes
+    /// back to, rather than [`Unstored::on_disk`].
+    kept: Option<Task>,
 }
 
 /// The tasks of both roles, and the changes on their way to peers.
@@ -324,7 +328,9 @@ impl Tasks {
         let mut done: Vec<(u64, String)> = self
             .tasks
             .values()
-            .filter(|t| t.state.is_terminal() && t.peer_synced)
+            .filter(|t| {
+                t.state.is_terminal() && t.peer_synced && !self.unstored.contains_key(&t.task_id)
+            })
             .map(|t| (t.updated_ms, t.task_id.clone()))
             .collect();
         done.sort();
@@ -454,15 +460,20 @@ impl Tasks {
     fn write(&mut self, cx: &mut Context<'_>, task: &Task, reply: Option<Answerer<Task>>) {
         let token = self.token();
         let on_disk = self.tasks.get(&task.task_id);
-        self.unstored
+        let u = self
+            .unstored
             .entry(task.task_id.clone())
             .or_insert_with(|| Unstored {
                 writes: 0,
                 failed: false,
                 // With no write on its way or failed, memory is what is stored.
                 on_disk: on_disk.cloned(),
-            })
-            .writes += 1;
+                kept: None,
+            });
+        u.writes += 1;
+        if reply.is_none() {
+            u.kept = Some(task.clone());
+        }
         let task = Arc::new(task.clone());
         let to_store = Arc::clone(&task);
         cx.persist(Box::new(move |txn| store::put(txn, &to_store)), Some(token));
@@ -504,10 +515,9 @@ impl Tasks {
         let resend = (self.tasks.values().any(|t| !t.peer_synced)
             || self.unstored.values().any(|u| u.failed && u.writes == 0))
         .then(|| now.saturating_add(self.config.resend_secs.saturating_mul(1000)));
-        self.tick_at = match (deadline, resend) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // An earlier tick still pending stays: activity must not keep
+        // pushing the resends back.
+        self.tick_at = [self.tick_at, deadline, resend].into_iter().flatten().min();
     }
 
     fn task_of(&self, task_id: &str, role: Role, peer: EntityId) -> Result<&Task, Refused> {
@@ -542,9 +552,32 @@ impl Tasks {
                 self.save(cx, task, None);
                 Answer::Accepted
             }
-            Ok(Applied::Same) => Answer::Accepted,
+            Ok(Applied::Same) => match self.not_stored_yet(task_id) {
+                Some(refused) => refused,
+                None => Answer::Accepted,
+            },
             Err(r) => r.into(),
         }
+    }
+
+    /// `UNAVAILABLE` with `tasks.retry_after_secs`, to a peer's repeat about
+    /// a task whose latest change is not stored yet: answering it from memory
+    /// would promise what this node may lose.
+    fn not_stored_yet(&self, task_id: &str) -> Option<Answer> {
+        self.unstored.contains_key(task_id).then(|| {
+            let wait = std::time::Duration::from_secs(self.config.retry_after_secs);
+            Refused {
+                rejection: Rejection::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "task {task_id} is not stored yet; retry after {} ms",
+                        wait.as_millis()
+                    ),
+                ),
+                retry_after: Some(wait),
+            }
+            .into()
+        })
     }
 
     fn on_delegate(&mut self, cx: &mut Context<'_>, from: EntityId, payload: &[u8]) -> Answer {
@@ -579,6 +612,9 @@ impl Tasks {
         };
         if let Some(held) = self.tasks.get(&d.task_id) {
             if held.role == Role::Assignee && held.peer == from {
+                if let Some(refused) = self.not_stored_yet(&d.task_id) {
+                    return refused;
+                }
                 // A repeat: the task it made, as it is now (with its result,
                 // if it is completed).
                 if held.state == State::Completed {
@@ -797,6 +833,7 @@ impl Tasks {
     /// Expires the tasks whose deadline passed, and offers unsynced changes
     /// to connected peers again.
     fn tick(&mut self, cx: &mut Context<'_>) {
+        self.tick_at = None;
         let wall = cx.wall_ms();
         let due: Vec<String> = self
             .deadlines
@@ -829,7 +866,8 @@ impl Tasks {
             .filter_map(|(id, _)| self.tasks.get(id).cloned())
             .collect();
         for task in unwritten {
-            self.write(cx, &task, None);
+            // With its event: the agent likely missed the one that failed.
+            self.save(cx, task, None);
         }
         let unsynced: Vec<String> = self
             .tasks
@@ -1041,7 +1079,11 @@ impl Service for Tasks {
                 u.writes = u.writes.saturating_sub(1);
                 u.failed = result.is_err();
                 if result.is_ok() {
-                    u.on_disk = Some(Arc::unwrap_or_clone(task));
+                    let written = Arc::unwrap_or_clone(task);
+                    if u.kept.as_ref() == Some(&written) {
+                        u.kept = None;
+                    }
+                    u.on_disk = Some(written);
                 }
                 u.writes == 0
             }
@@ -1052,10 +1094,17 @@ impl Service for Tasks {
                 self.unstored.remove(&task_id);
                 self.sync(cx, &task_id);
             }
-            // The agent is told it failed: its change is undone.
+            // The agent is told it failed: its change is undone, back to
+            // the copy stored, or to a kept change still to be written.
             (true, false) if answer.is_some() => {
-                if let Some(u) = self.unstored.remove(&task_id) {
-                    self.revert(cx, &task_id, u.on_disk);
+                match self.unstored.get(&task_id).and_then(|u| u.kept.clone()) {
+                    // Its entry stays, failed: the timer writes it again.
+                    Some(kept) => self.revert(cx, &task_id, Some(kept)),
+                    None => {
+                        if let Some(u) = self.unstored.remove(&task_id) {
+                            self.revert(cx, &task_id, u.on_disk);
+                        }
+                    }
                 }
             }
             // A peer's change (answered as its event was stored), a deadline
