@@ -402,12 +402,7 @@ async fn the_event_stream_starts_with_what_waits_and_resumes_after_last_event_id
 
 #[tokio::test]
 async fn a_node_whose_disk_filled_up_takes_messages_again_once_there_is_room() {
-    let disk = common::SmallDisk::mount(16);
-    let dir = tempfile::tempdir_in(disk.path()).expect("a data directory on the small disk");
-    let b = common::start_node_in(dir, TCP, no_rate_limits, |b| b).await;
-    let a = start_node_with(TCP, no_rate_limits).await;
-    a.handle.connect(b.addr.clone()).await.expect("connect");
-    wait_connected(&b.handle, a.handle.entity_id()).await;
+    let (disk, b, a) = common::on_small_disk(16, no_rate_limits).await;
     send_all(&a, &b, 0..1).await;
 
     // Messages of 20 KB until B cannot store one: it refuses it UNAVAILABLE,

@@ -577,12 +577,7 @@ async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
         tune(c);
         c.rate_limits.enabled = false;
     };
-    let disk = common::SmallDisk::mount(16);
-    let dir = tempfile::tempdir_in(disk.path()).expect("a data directory on the small disk");
-    let b = common::start_node_in(dir, TCP, tune, |b| b).await;
-    let a = start_node_with(TCP, tune).await;
-    a.handle.connect(b.addr.clone()).await.expect("connect");
-    wait_connected(&b.handle, a.handle.entity_id()).await;
+    let (disk, b, a) = common::on_small_disk(16, tune).await;
     // B's disk is full, and so is its database: messages until one is refused.
     disk.fill();
     let text = "x".repeat(20_000);

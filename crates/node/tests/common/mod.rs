@@ -590,3 +590,23 @@ impl Drop for SmallDisk {
             .status();
     }
 }
+
+/// A node on a small disk of `mib` MiB (see [`SmallDisk`]) and a node
+/// connected to it, both with `tune` applied: (the disk, the node on it, the
+/// other node).
+pub async fn on_small_disk(
+    mib: u32,
+    tune: impl Fn(&mut Config) + Copy,
+) -> (SmallDisk, TestNode, TestNode) {
+    let disk = SmallDisk::mount(mib);
+    let dir = tempfile::tempdir_in(disk.path()).expect("a data directory on the small disk");
+    let on_disk = start_node_in(dir, "/ip4/127.0.0.1/tcp/0", tune, |b| b).await;
+    let other = start_node_with("/ip4/127.0.0.1/tcp/0", tune).await;
+    other
+        .handle
+        .connect(on_disk.addr.clone())
+        .await
+        .expect("connect");
+    wait_connected(&on_disk.handle, other.handle.entity_id()).await;
+    (disk, on_disk, other)
+}
