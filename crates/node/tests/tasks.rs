@@ -607,14 +607,14 @@ async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
         state: State::Working,
         message: None,
     };
-    match b.handle.change_task(working).await {
-        Err(NodeError::Storage(_)) => {
-            let held = b.handle.task(id.clone()).await;
-            assert!(held.is_ok(), "B forgot the task it took: {held:?}");
-        }
-        Err(NodeError::NotFound(_)) | Ok(_) => {}
-        Err(e) => panic!("{e}"),
-    }
+    let refused = b.handle.change_task(working).await;
+    assert!(
+        matches!(refused, Err(NodeError::Storage(_))),
+        "B's full disk stored the change: {:?}",
+        refused.map(|t| t.state)
+    );
+    let held = b.handle.task(id.clone()).await;
+    assert!(held.is_ok(), "B forgot the task it took: {held:?}");
 
     // With room again, B stores what it kept and A hears of it; what A was
     // told B has, B still has after a restart.

@@ -288,6 +288,7 @@ impl Inbox {
             max_batch: config.max_batch,
             reopen: false,
             last_reopen: None,
+            resync_ids: false,
         };
         std::thread::Builder::new()
             .name("peer-inbox".into())
@@ -549,6 +550,9 @@ struct Writer {
     /// after an I/O error until it is reopened).
     reopen: bool,
     last_reopen: Option<Instant>,
+    /// Whether a commit failed: it may have landed after all, so the next
+    /// batch first takes its ids after the last one the database holds.
+    resync_ids: bool,
 }
 
 impl Writer {
@@ -586,6 +590,12 @@ impl Writer {
     /// those of entries after one that failed too: a failed batch fails whole.
     fn write(&mut self, batch: Vec<Entry>) {
         self.reopen_if_due();
+        if self.resync_ids
+            && let Ok(next_id) = stored_next_id(&self.store)
+        {
+            self.next_id = self.next_id.max(next_id);
+            self.resync_ids = false;
+        }
         let first_id = self.next_id;
         let mut acks = Vec::new();
         let mut done = Vec::new();
@@ -674,6 +684,7 @@ impl Writer {
             Ok(())
         })();
         self.reopen = result.is_err();
+        self.resync_ids |= result.is_err() && committing;
         let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
         // Files to remove: those of acknowledged events once their rows'
         // removal is committed; those of events whose rows were not written
@@ -741,8 +752,7 @@ impl Writer {
 impl Writer {
     /// After a failed batch, at most every [`REOPEN_EVERY`]: reopens the
     /// database if it refuses to begin a transaction (redb does after an I/O
-    /// error), and goes on after the last event id it holds (a commit that
-    /// failed may have landed after all).
+    /// error).
     fn reopen_if_due(&mut self) {
         if !self.reopen || self.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
             return;
@@ -761,12 +771,8 @@ impl Writer {
                 tracing::warn!("database reopened after a failed write");
             }),
         };
-        // Ids go on after the last one the database holds.
-        match ready.and_then(|()| stored_next_id(&self.store)) {
-            Ok(next_id) => {
-                self.next_id = self.next_id.max(next_id);
-                self.reopen = false;
-            }
+        match ready {
+            Ok(()) => self.reopen = false,
             Err(e) => tracing::error!(error = %e, "cannot reopen the database"),
         }
     }

@@ -139,9 +139,10 @@ struct Unstored {
     /// The copy the database holds (`None`: none).
     on_disk: Option<Task>,
     /// The latest change that is kept even if its write fails (a peer's, a
-    /// deadline's, an acknowledgement): what an agent's failed change goes
-    /// back to, rather than [`Unstored::on_disk`].
-    kept: Option<Task>,
+    /// deadline's, an acknowledgement), with its write's token: what an
+    /// agent's failed change goes back to, rather than [`Unstored::on_disk`].
+    /// Shared with its write; gone once it or a later write is stored.
+    kept: Option<(u64, Arc<Task>)>,
 }
 
 /// The tasks of both roles, and the changes on their way to peers.
@@ -471,10 +472,10 @@ impl Tasks {
                 kept: None,
             });
         u.writes += 1;
-        if reply.is_none() {
-            u.kept = Some(task.clone());
-        }
         let task = Arc::new(task.clone());
+        if reply.is_none() {
+            u.kept = Some((token, Arc::clone(&task)));
+        }
         let to_store = Arc::clone(&task);
         cx.persist(Box::new(move |txn| store::put(txn, &to_store)), Some(token));
         self.waiting.insert(token, Write { task, reply });
@@ -1079,11 +1080,12 @@ impl Service for Tasks {
                 u.writes = u.writes.saturating_sub(1);
                 u.failed = result.is_err();
                 if result.is_ok() {
-                    let written = Arc::unwrap_or_clone(task);
-                    if u.kept.as_ref() == Some(&written) {
+                    // Writes finish in order, and a later one was made on top
+                    // of the kept change: stored, it holds that change too.
+                    if u.kept.as_ref().is_some_and(|(kept, _)| *kept <= token) {
                         u.kept = None;
                     }
-                    u.on_disk = Some(written);
+                    u.on_disk = Some(Arc::unwrap_or_clone(task));
                 }
                 u.writes == 0
             }
@@ -1097,7 +1099,8 @@ impl Service for Tasks {
             // The agent is told it failed: its change is undone, back to
             // the copy stored, or to a kept change still to be written.
             (true, false) if answer.is_some() => {
-                match self.unstored.get(&task_id).and_then(|u| u.kept.clone()) {
+                let kept = self.unstored.get(&task_id).and_then(|u| u.kept.as_ref());
+                match kept.map(|(_, kept)| Task::clone(kept)) {
                     // Its entry stays, failed: the timer writes it again.
                     Some(kept) => self.revert(cx, &task_id, Some(kept)),
                     None => {
