@@ -578,23 +578,9 @@ async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
         c.rate_limits.enabled = false;
     };
     let (disk, b, a) = common::on_small_disk(16, tune).await;
-    // B's disk is full, and so is its database: messages until one is refused.
+    // B's disk is full, and so is its database.
     disk.fill();
-    let text = "x".repeat(20_000);
-    for n in 0..2_000 {
-        let payload = json!({ "n": n, "text": text }).to_string();
-        if a.handle
-            .send(
-                b.handle.entity_id(),
-                "message".parse().expect("type"),
-                payload,
-            )
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
+    fill_database(&a, &b).await;
     let mut new = new_task(&b, "summarise");
     new.input = json!({"text": "y".repeat(20_000)});
     let id = a.handle.delegate(new).await.expect("stored at A").task_id;
@@ -631,4 +617,62 @@ async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
         matches!(held.state, State::Submitted | State::Working),
         "{held:?}"
     );
+}
+
+/// Messages of 20 KB from `from` to `to`, whose disk is full, until one is
+/// refused: `to`'s database has no free page left either.
+async fn fill_database(from: &TestNode, to: &TestNode) {
+    let text = "x".repeat(20_000);
+    for n in 0..2_000 {
+        let payload = json!({ "n": n, "text": text }).to_string();
+        let message = "message".parse().expect("type");
+        if from
+            .handle
+            .send(to.handle.entity_id(), message, payload)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    panic!("2,000 messages of 20 KB fitted on a full disk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_that_cannot_be_stored_is_kept_and_stored_once_there_is_room() {
+    let tune = |c: &mut peer_node::Config| {
+        tune(c);
+        c.rate_limits.enabled = false;
+    };
+    let (disk, b, a) = common::on_small_disk(16, tune).await;
+    let mut new = new_task(&b, "summarise");
+    new.deadline_s = Some(3);
+    let id = a.handle.delegate(new).await.expect("stored at A").task_id;
+    in_state(&b, &id, State::Submitted).await;
+    disk.fill();
+    fill_database(&a, &b).await;
+
+    // The deadline passes on a full disk: B keeps the expiry it cannot store.
+    let expired = in_state(&b, &id, State::Failed).await;
+    assert_eq!(expired.message.as_deref(), Some("the deadline passed"));
+    let mut events = b.handle.subscribe();
+
+    // With room again, B writes it again and its agent hears of it once it
+    // is stored; it is there after a restart.
+    disk.free();
+    let stored = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Ok(Event::TaskUpdate { task, .. }) if task.task_id == id => break task,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("the kept expiry is stored within 10 s");
+    assert_eq!(stored.state, State::Failed);
+    let b = restart(b, TCP, tune).await;
+    let held = b.handle.task(id).await.expect("B stored the task");
+    assert_eq!(held.state, State::Failed);
 }
