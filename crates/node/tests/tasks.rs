@@ -573,11 +573,7 @@ async fn result_after_absence(output: serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
-    let tune = |c: &mut peer_node::Config| {
-        tune(c);
-        c.rate_limits.enabled = false;
-    };
-    let (disk, b, a) = common::on_small_disk(16, tune).await;
+    let (disk, b, a) = common::on_small_disk(16, unlimited).await;
     // B's disk is full, and so is its database.
     disk.fill();
     fill_database(&a, &b).await;
@@ -607,7 +603,7 @@ async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
     disk.free();
     let synced = wait_task(&a, &id, |t| t.peer_synced).await;
     assert_eq!(synced.role, Role::Delegator);
-    let b = restart(b, TCP, tune).await;
+    let b = restart(b, TCP, unlimited).await;
     let held = b
         .handle
         .task(id.clone())
@@ -617,6 +613,12 @@ async fn an_assignee_whose_disk_is_full_promises_nothing_it_has_not_stored() {
         matches!(held.state, State::Submitted | State::Working),
         "{held:?}"
     );
+}
+
+/// [`tune`] without rate limits: the full-disk tests send until refused.
+fn unlimited(c: &mut peer_node::Config) {
+    tune(c);
+    c.rate_limits.enabled = false;
 }
 
 /// Messages of 20 KB from `from` to `to`, whose disk is full, until one is
@@ -640,11 +642,7 @@ async fn fill_database(from: &TestNode, to: &TestNode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expiry_that_cannot_be_stored_is_kept_and_stored_once_there_is_room() {
-    let tune = |c: &mut peer_node::Config| {
-        tune(c);
-        c.rate_limits.enabled = false;
-    };
-    let (disk, b, a) = common::on_small_disk(16, tune).await;
+    let (disk, b, a) = common::on_small_disk(16, unlimited).await;
     let mut new = new_task(&b, "summarise");
     new.deadline_s = Some(3);
     let id = a.handle.delegate(new).await.expect("stored at A").task_id;
@@ -672,7 +670,7 @@ async fn an_expiry_that_cannot_be_stored_is_kept_and_stored_once_there_is_room()
     .await
     .expect("the kept expiry is stored within 10 s");
     assert_eq!(stored.state, State::Failed);
-    let b = restart(b, TCP, tune).await;
+    let b = restart(b, TCP, unlimited).await;
     let held = b.handle.task(id).await.expect("B stored the task");
     assert_eq!(held.state, State::Failed);
 }
