@@ -140,7 +140,8 @@ impl StoreConfig {
 /// inbox writer does before its next batch.
 #[derive(Debug)]
 pub struct Store {
-    /// The open database; `None` while a reopen failed.
+    /// The open database; `None` while it is being reopened, or a reopen
+    /// failed.
     db: RwLock<Option<Arc<Database>>>,
     path: PathBuf,
     cache_bytes: usize,
@@ -157,9 +158,7 @@ impl Store {
     /// Opens (or creates) the database file at `path` and its tables. A
     /// database written before the peer index existed gets it built here, once.
     pub fn open_with(path: &Path, config: &StoreConfig) -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(config.cache_bytes)
-            .create(path)?;
+        let db = create(path, config.cache_bytes)?;
         let txn = db.begin_write()?;
         txn.open_table(META)?;
         {
@@ -223,10 +222,7 @@ impl Store {
         }
         // A transaction begun before still holds the file until it ends.
         let db = loop {
-            match Database::builder()
-                .set_cache_size(self.cache_bytes)
-                .create(&self.path)
-            {
+            match create(&self.path, self.cache_bytes) {
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -306,6 +302,12 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Opens (or creates) the database file at `path` with a page cache of
+/// `cache_bytes`.
+fn create(path: &Path, cache_bytes: usize) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(cache_bytes).create(path)
 }
 
 fn upsert(
